@@ -1,0 +1,37 @@
+# Two commands do everything: `make run` and `make test`. Each installs what it needs on first use.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTAMP := $(VENV)/.system-packages
+ARGS ?=
+
+.PHONY: setup run test test-fast offline train-tiny bench clean
+
+setup: $(STAMP) $(SYSTAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Speech synthesis and a headless browser for the tests (Debian packages).
+$(SYSTAMP):
+	@mkdir -p $(VENV)
+	@if command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null; then :; else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng sox chromium >/dev/null; \
+	fi
+	touch $@
+
+run: $(STAMP)
+	$(VPY) run_server.py $(ARGS)
+
+test: setup
+	$(VPY) -m pytest -q $(ARGS)
+
+offline: $(STAMP)
+	$(VPY) run_server.py offline $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache artifacts

@@ -1,0 +1,380 @@
+"""Typed configuration: one YAML preset in `configs/`, validated once into frozen dataclasses.
+
+Why one loader for everything: every key of every section can be overridden from the command
+line (`--sample_steps 2` or `--sampler.sample_steps 2`), and a bad value is rejected with a
+message that names the flag, before any model or socket is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Sizes of the audio-conditioned DiT (Wan2.2-S2V family); `docs/model.md` cites each number."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    audio_dim: int = 1024
+    audio_inject_layers: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+    num_audio_layers: int = 25
+    cond_dim: int = 16
+    num_frames_per_block: int = 3
+    kv_cache_blocks: int = 4
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan2.1 VAE (diffusers `AutoencoderKLWan`) sizes: 16 latent channels, 4x time, 8x space."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True)
+class AudioEncoderConfig:
+    """wav2vec2 encoder; `hidden_size` and `num_hidden_layers` mirror wav2vec2-large-xlsr-53."""
+
+    sample_rate_hz: int = 16000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
+    context_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """umT5 encoder (transformers `UMT5EncoderModel`); the 14B model uses umT5-XXL."""
+
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build and from which weights."""
+
+    preset: str = "tiny"
+    checkpoint: str | None = None
+    lora: str | None = None
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Output video: `size` is width*height as in the reference CLI (`704*384`)."""
+
+    size: str = "704*384"
+    fps: float = 16.0
+    infer_frames: int = 48
+
+    @property
+    def width(self) -> int:
+        return int(self.size.split("*")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.size.split("*")[1])
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Few-step flow matching; `sample_steps` may change between clips."""
+
+    sample_steps: int = 4
+    shift: float = 3.0
+    num_train_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the model runs."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 42
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """GPU group layout (see `model/parallel.py`)."""
+
+    mode: str = "ulysses"
+    vae_rank: bool = False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The network face: where to listen, who may connect, how many sessions at once."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    reference: str | None = None
+    prompt: str = "A person talking to the camera, natural light, looking at the viewer."
+    max_sessions: int = 2
+    token: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    ice_servers: tuple[str, ...] = ()
+    max_message_bytes: int = 262144
+    max_messages_per_s: float = 20.0
+    stats_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything one preset holds."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @property
+    def audio_sample_rate_hz(self) -> int:
+        return self.model.audio_encoder.sample_rate_hz
+
+
+# ----------------------------------------------------------------------------- checks
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_PARALLEL_MODES = ("ulysses", "tpp")
+
+
+def _check(cfg: AppConfig) -> None:
+    """Range checks that types alone cannot express."""
+    dit = cfg.model.dit
+    _require(dit.dim > 0 and dit.dim % dit.num_heads == 0, "model.dit.dim",
+             f"must be a positive multiple of model.dit.num_heads ({dit.num_heads}), got {dit.dim}")
+    _require((dit.dim // dit.num_heads) % 2 == 0, "model.dit.dim",
+             f"head size {dit.dim // dit.num_heads} must be even for rotary embeddings")
+    _require(all(0 <= i < dit.num_layers for i in dit.audio_inject_layers), "model.dit.audio_inject_layers",
+             f"every layer must be in 0..{dit.num_layers - 1}, got {list(dit.audio_inject_layers)}")
+    _require(dit.num_frames_per_block >= 1, "model.dit.num_frames_per_block", "must be >= 1")
+    _require(dit.kv_cache_blocks >= 1, "model.dit.kv_cache_blocks", "must be >= 1")
+    size = cfg.video.size
+    parts = size.split("*")
+    _require(len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts), "video.size",
+             f"must look like WIDTH*HEIGHT (e.g. 704*384), got {size!r}")
+    w, h = int(parts[0]), int(parts[1])
+    _require(w % 16 == 0 and h % 16 == 0, "video.size",
+             f"width and height must be multiples of 16 (VAE 8x and patch 2x), got {size}")
+    _require(cfg.video.fps > 0, "video.fps", f"must be > 0, got {cfg.video.fps}")
+    _require(cfg.video.infer_frames >= 4 and cfg.video.infer_frames % 4 == 0, "video.infer_frames",
+             f"must be a positive multiple of 4 (the VAE's time stride), got {cfg.video.infer_frames}")
+    latent_frames = cfg.video.infer_frames // 4
+    _require(latent_frames % dit.num_frames_per_block == 0, "video.infer_frames",
+             f"{cfg.video.infer_frames} frames = {latent_frames} latent frames, not a multiple of "
+             f"model.dit.num_frames_per_block ({dit.num_frames_per_block})")
+    _require(1 <= cfg.sampler.sample_steps <= 8, "sampler.sample_steps",
+             f"must be in 1..8, got {cfg.sampler.sample_steps}")
+    _require(cfg.sampler.shift > 0, "sampler.shift", f"must be > 0, got {cfg.sampler.shift}")
+    _require(cfg.runtime.dtype in _DTYPES, "runtime.dtype", f"must be one of {_DTYPES}, got {cfg.runtime.dtype!r}")
+    dev = cfg.runtime.device
+    _require(dev == "cpu" or dev == "cuda" or dev.startswith("cuda:"), "runtime.device",
+             f"must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+    _require(cfg.parallel.mode in _PARALLEL_MODES, "parallel.mode",
+             f"must be one of {_PARALLEL_MODES}, got {cfg.parallel.mode!r}")
+    _require(0 <= cfg.server.port <= 65535, "server.port", f"must be in 0..65535, got {cfg.server.port}")
+    _require(cfg.server.max_sessions >= 1, "server.max_sessions", f"must be >= 1, got {cfg.server.max_sessions}")
+    _require(cfg.audio_sample_rate_hz > 0, "model.audio_encoder.sample_rate_hz", "must be > 0")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{key}: {message}")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"--{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip() != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"--{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"--{key}: expected {len(args)} values, got {list(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"--{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"--{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"--{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_keys(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, tp
+
+
+def leaf_keys() -> dict[str, Any]:
+    """Every settable key, dotted (`sampler.sample_steps`), with its type."""
+    return dict(_leaf_keys(AppConfig))
+
+
+def short_names() -> dict[str, str]:
+    """Unique last components (`sample_steps`) mapped to their dotted key."""
+    counts: dict[str, list[str]] = {}
+    for dotted in leaf_keys():
+        counts.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+    return {short: full[0] for short, full in counts.items() if len(full) == 1}
+
+
+def resolve_key(name: str) -> str:
+    """Map a flag name (short or dotted, `-` or `_`) to its dotted key, or raise naming it."""
+    name = name.replace("-", "_")
+    keys = leaf_keys()
+    if name in keys:
+        return name
+    shorts = short_names()
+    if name in shorts:
+        return shorts[name]
+    raise ConfigError(f"--{name}: unknown option (see --help for the list)")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: parent {p!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Read a preset, apply `overrides` (flag name -> value), validate, return typed config."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+    for name, value in (overrides or {}).items():
+        dotted = resolve_key(name)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value != "" else value
+        _set_dotted(data, dotted, value)
+    cfg = _build(AppConfig, data)
+    _check(cfg)
+    return cfg
+
+
+def replace_key(cfg: AppConfig, dotted: str, value: Any) -> AppConfig:
+    """Return `cfg` with one dotted key changed (validated again)."""
+    return load_config_from_dict(_set_in(dataclasses.asdict(cfg), dotted, value))
+
+
+def _set_in(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    _set_dotted(tree, resolve_key(dotted), value)
+    return tree
+
+
+def load_config_from_dict(data: dict[str, Any]) -> AppConfig:
+    """Validate an in-memory mapping (tests and tools build configs this way)."""
+    cfg = _build(AppConfig, data)
+    _check(cfg)
+    return cfg
+

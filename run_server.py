@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Start the live avatar server, or render a long video offline.
+
+    python run_server.py [serve] [--config configs/tiny.yaml] [--host H] [--port P] [--KEY VALUE ...]
+    python run_server.py offline --audio speech.wav --image ref.png --out out.mp4 [--num_clip N] [--KEY VALUE ...]
+
+Every config key is a flag: `--sample_steps 2`, `--sampler.sample_steps 2`, `--video.size 256*256`.
+Under `torchrun --nproc-per-node N`, rank 0 serves and the other ranks run the DiT.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from model.config import AppConfig, ConfigError, leaf_keys, load_config, resolve_key
+
+COMMANDS = ("serve", "offline")
+
+
+def split_overrides(extra: Sequence[str]) -> dict[str, Any]:
+    """Turn leftover `--key value` / `--key=value` pairs into config overrides (names checked)."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: options look like --KEY VALUE")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"--{name}: needs a value")
+            value = extra[i + 1]
+            i += 1
+        overrides[resolve_key(name)] = value
+        i += 1
+    return overrides
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """Flags that are not config keys (file paths of one run), plus --config."""
+    keys = "\n  ".join(f"--{k}" for k in leaf_keys())
+    parser = argparse.ArgumentParser(
+        prog=f"run_server.py {command}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config keys (each may be given as a flag):\n  {keys}",
+    )
+    parser.add_argument("--config", default=None, help="YAML preset (default: configs/tiny.yaml)")
+    if command == "offline":
+        parser.add_argument("--audio", required=True, help="speech file (wav/mp3/...) driving the avatar")
+        parser.add_argument("--image", required=True, help="reference image (the avatar's identity)")
+        parser.add_argument("--out", required=True, help="output .mp4")
+        parser.add_argument("--num_clip", type=int, default=None, help="stop after N clips (default: whole audio)")
+        parser.add_argument("--prompt_text", default=None, help="text prompt (default: server.prompt)")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace, AppConfig]:
+    """Parse the command line into (command, run flags, validated config)."""
+    argv = list(argv)
+    command = "serve"
+    if argv and argv[0] in COMMANDS:
+        command = argv.pop(0)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    cfg = load_config(args.config, split_overrides(extra))
+    return command, args, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        command, args, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if command == "offline":
+        from model.offline import run_offline
+
+        return run_offline(cfg, args)
+    from server.app import serve
+
+    return serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
