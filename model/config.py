@@ -328,6 +328,9 @@ def resolve_key(name: str) -> str:
     shorts = short_names()
     if name in shorts:
         return shorts[name]
+    candidates = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    if candidates:
+        raise ConfigError(f"--{name}: ambiguous, use one of " + ", ".join(f"--{c}" for c in candidates))
     raise ConfigError(f"--{name}: unknown option (see --help for the list)")
 
 
