@@ -1,0 +1,328 @@
+"""The GPU group: process-group start-up, rank roles, and Ulysses sequence parallelism.
+
+The only module that knows about `torch.distributed`. A group is launched with
+`torchrun --nproc-per-node N run_server.py ...`: rank 0 hosts the server and is also a DiT rank,
+the other DiT ranks follow rank 0's clip jobs, and an optional last rank only decodes with the VAE.
+Sequence parallelism is Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509): every DiT rank holds 1/N of
+the tokens, and around each self-attention call an all-to-all trades that for all tokens of 1/N of
+the heads. One process (N=1) runs exactly the same code, where every exchange is the identity.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+ROLE_SERVER_DIT = "server+dit"  # rank 0: asyncio server, engine, and a share of the DiT
+ROLE_DIT = "dit"  # follows rank 0's clip jobs, runs its share of the DiT
+ROLE_VAE = "vae"  # only decodes latents handed over by rank 0
+
+
+class LaunchError(RuntimeError):
+    """The process group cannot start as launched; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- layout (pure)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Who does what in a group of `world_size` processes; pure data, checked at construction."""
+
+    world_size: int
+    rank: int
+    sp_size: int  # DiT ranks sharing one sequence (Ulysses degree)
+    vae_rank: int | None  # the decode-only rank, or None when DiT ranks decode themselves
+
+    @property
+    def role(self) -> str:
+        if self.rank == self.vae_rank:
+            return ROLE_VAE
+        return ROLE_SERVER_DIT if self.rank == 0 else ROLE_DIT
+
+    @property
+    def dit_ranks(self) -> tuple[int, ...]:
+        return tuple(range(self.sp_size))
+
+    @property
+    def is_dit_rank(self) -> bool:
+        return self.rank < self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's index inside the sequence-parallel group (its token shard)."""
+        return self.rank if self.is_dit_rank else 0
+
+
+def plan_layout(world_size: int, rank: int, num_heads: int, vae_rank: bool) -> GroupLayout:
+    """Split `world_size` processes into DiT ranks (+ one VAE rank); reject launches that cannot work."""
+    if world_size < 1:
+        raise LaunchError(f"WORLD_SIZE must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise LaunchError(f"RANK {rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size})")
+    sp_size = world_size - 1 if vae_rank else world_size
+    if sp_size < 1:
+        raise LaunchError(
+            "--parallel.vae_rank true needs at least 2 processes (one DiT rank and one VAE rank); "
+            f"launched with {world_size}. Use torchrun --nproc-per-node 2 or set --parallel.vae_rank false."
+        )
+    if num_heads % sp_size != 0:
+        divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        extra = " plus 1 VAE rank" if vae_rank else ""
+        raise LaunchError(
+            f"{sp_size} DiT ranks do not divide the DiT's {num_heads} attention heads; Ulysses sequence "
+            f"parallelism needs a DiT rank count in {divisors}{extra} (set torchrun --nproc-per-node)."
+        )
+    return GroupLayout(world_size=world_size, rank=rank, sp_size=sp_size,
+                       vae_rank=world_size - 1 if vae_rank else None)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What torchrun put in the environment (or the single-process defaults)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launched: bool  # True under torchrun (a rendezvous address is set)
+
+
+def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK; missing means one process. Inconsistent values are errors."""
+    env = os.environ if env is None else env
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    present = [n for n in names if n in env]
+    if present and len(present) != len(names):
+        missing = [n for n in names if n not in env]
+        raise LaunchError(f"environment sets {present} but not {missing}; start the group with torchrun "
+                          "--nproc-per-node N, which sets all of them")
+    values = {}
+    for name in names + ("LOCAL_WORLD_SIZE",):
+        raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise LaunchError(f"{name}={raw!r} is not an integer") from None
+    world_size = values.get("WORLD_SIZE", 1)
+    rank = values.get("RANK", 0)
+    local_rank = values.get("LOCAL_RANK", 0)
+    local_world_size = values.get("LOCAL_WORLD_SIZE", world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LaunchError(f"RANK={rank} must be in 0..WORLD_SIZE-1 with WORLD_SIZE={world_size} >= 1")
+    if not 0 <= local_rank < max(local_world_size, 1):
+        raise LaunchError(f"LOCAL_RANK={local_rank} must be in 0..LOCAL_WORLD_SIZE-1 ({local_world_size})")
+    return LaunchEnv(rank=rank, world_size=world_size, local_rank=local_rank,
+                     local_world_size=local_world_size, launched=bool(present) and world_size > 1)
+
+
+def pick_device_and_backend(device: str, local_rank: int, world_size: int,
+                            cuda_count: int | None = None) -> tuple[torch.device, str]:
+    """One GPU per process under NCCL, gloo on the CPU; refuse launches with too few GPUs."""
+    if device == "cpu":
+        return torch.device("cpu"), "gloo"
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if count == 0:
+        raise LaunchError(f"--runtime.device {device} but no CUDA GPU is visible; run on a GPU machine or "
+                          "pass --runtime.device cpu (the group then uses gloo)")
+    if world_size > 1 and device.startswith("cuda:"):
+        raise LaunchError(f"--runtime.device {device} pins one GPU, but a group of {world_size} processes needs "
+                          "one GPU each; pass --runtime.device cuda and each rank takes cuda:LOCAL_RANK")
+    index = int(device.split(":")[1]) if ":" in device else local_rank
+    if index >= count:
+        raise LaunchError(f"process with LOCAL_RANK {local_rank} needs cuda:{index}, but only {count} GPU(s) are "
+                          f"visible; launch at most {count} processes per node")
+    return torch.device("cuda", index), "nccl"
+
+
+# ----------------------------------------------------------------------------- the running group
+
+
+class ParallelGroup:
+    """A started group (or the single process): shards tokens and exchanges heads around attention."""
+
+    def __init__(self, layout: GroupLayout, device: torch.device, backend: str | None,
+                 sp_group: Any = None, control_group: Any = None) -> None:
+        self.layout = layout
+        self.device = device
+        self.backend = backend  # None: no process group (one process)
+        self.sp_group = sp_group  # DiT ranks (NCCL on GPUs)
+        self.control_group = control_group  # every rank, on the CPU (gloo): clip jobs travel here
+
+    # ---- facts
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def sp_size(self) -> int:
+        return self.layout.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.layout.sp_rank
+
+    @property
+    def role(self) -> str:
+        return self.layout.role
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    # ---- sequence sharding (call around the DiT's block stack)
+    def shard_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's contiguous 1/N of the tokens along `dim`; the length must split evenly."""
+        n = self.sp_size
+        if n == 1:
+            return x
+        length = x.shape[dim]
+        if length % n != 0:
+            raise LaunchError(
+                f"a sequence of {length} tokens does not split over {n} DiT ranks; pick a resolution and "
+                f"frames whose token count per latent frame is a multiple of {n}, or use fewer GPUs")
+        return x.narrow(dim, self.sp_rank * (length // n), length // n)
+
+    def gather_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Concatenate every DiT rank's token shard along `dim`, in rank order (inverse of shard_tokens)."""
+        if self.sp_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.sp_size)]
+        dist.all_gather(parts, x, group=self.sp_group)
+        return torch.cat(parts, dim=dim)
+
+    # ---- Ulysses attention
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        """Self-attention over the whole sequence for token-sharded q/k/v [B, S/N, H, D].
+
+        All-to-all turns each into [B, S, H/N, D], `attend` runs on full sequences of this rank's heads,
+        and the result goes back to [B, S/N, H, D]. Keys may be longer than queries (a KV cache), as
+        long as keys and values are sharded the same way; attention ignores key order, so shards of a
+        cache kept per rank gather into a permutation of the full keys, which gives the same result.
+        """
+        n = self.sp_size
+        if n == 1:
+            return attend(q, k, v)
+        heads = q.shape[2]
+        if heads % n != 0 or k.shape[2] % n != 0:
+            raise LaunchError(f"{heads} query / {k.shape[2]} key heads do not split over {n} DiT ranks")
+        if q.shape == k.shape == v.shape:
+            q, k, v = _seq_to_heads(torch.stack((q, k, v)), n, self.sp_group).unbind(0)
+        else:
+            q = _seq_to_heads(q.unsqueeze(0), n, self.sp_group)[0]
+            k, v = _seq_to_heads(torch.stack((k, v)), n, self.sp_group).unbind(0)
+        out = attend(q, k, v)
+        return _heads_to_seq(out.unsqueeze(0), n, self.sp_group)[0]
+
+    # ---- control plane: rank 0 hands jobs to the followers
+    def broadcast_job(self, job: Any) -> Any:
+        """Rank 0 sends `job` (any picklable object) to every other rank; the others get it back."""
+        if not self.distributed:
+            return job
+        box = [job if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        return box[0]
+
+    def send_to_rank(self, tensor: torch.Tensor, dst: int) -> None:
+        """Hand a tensor to one rank (latents to the VAE rank, frames back)."""
+        dist.send(tensor.contiguous(), dst=dst)
+
+    def recv_from_rank(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(out, src=src)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.control_group)
+
+    def shutdown(self) -> None:
+        """Leave the group; safe to call twice."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        self.backend = None
+
+
+def _seq_to_heads(x: torch.Tensor, n: int, group: Any) -> torch.Tensor:
+    """[T, B, S/n, H, D] (T stacked tensors) -> [T, B, S, H/n, D] by one all-to-all."""
+    t, b, s, h, d = x.shape
+    send = x.reshape(t, b, s, n, h // n, d).permute(3, 0, 1, 2, 4, 5).contiguous()  # [n, T, B, s, h/n, D]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[j]: rank j's tokens, this rank's heads
+    return recv.permute(1, 2, 0, 3, 4, 5).reshape(t, b, n * s, h // n, d)
+
+
+def _heads_to_seq(x: torch.Tensor, n: int, group: Any) -> torch.Tensor:
+    """[T, B, S, H/n, D] -> [T, B, S/n, H, D], the inverse of `_seq_to_heads`."""
+    t, b, s_full, hn, d = x.shape
+    s = s_full // n
+    send = x.reshape(t, b, n, s, hn, d).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, T, B, s, h/n, D]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[j]: this rank's tokens, rank j's heads
+    return recv.permute(1, 2, 3, 0, 4, 5).reshape(t, b, s, n * hn, d)
+
+
+# ----------------------------------------------------------------------------- start-up and the current group
+
+_SINGLE = ParallelGroup(GroupLayout(world_size=1, rank=0, sp_size=1, vae_rank=None), torch.device("cpu"), None)
+_current: ParallelGroup = _SINGLE
+
+
+def current() -> ParallelGroup:
+    """The group this process belongs to (a one-process group until `start_group` runs)."""
+    return _current
+
+
+def set_current(group: ParallelGroup) -> ParallelGroup:
+    """Make `group` the one the DiT's attention uses; returns the previous one (tests restore it)."""
+    global _current
+    previous, _current = _current, group
+    return previous
+
+
+def start_group(device: str, num_heads: int, vae_rank: bool = False,
+                env: Mapping[str, str] | None = None, timeout_s: float = 600.0) -> ParallelGroup:
+    """Join the group torchrun launched (or stay a single process) and make it current."""
+    launch = read_launch_env(env)
+    layout = plan_layout(launch.world_size, launch.rank, num_heads, vae_rank)
+    torch_device, backend = pick_device_and_backend(device, launch.local_rank, launch.world_size)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if launch.world_size == 1:
+        set_current(ParallelGroup(layout, torch_device, None))
+        return current()
+    if dist.is_initialized():
+        if dist.get_world_size() != launch.world_size:
+            raise LaunchError(f"a process group of {dist.get_world_size()} is already running, but WORLD_SIZE is "
+                              f"{launch.world_size}")
+    else:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise LaunchError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are unset; start the group with "
+                              "torchrun --nproc-per-node N, which sets them")
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = torch_device
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    sp_group = dist.new_group(list(layout.dit_ranks), backend=backend)
+    control_group = dist.new_group(list(range(launch.world_size)), backend="gloo")
+    set_current(ParallelGroup(layout, torch_device, backend, sp_group, control_group))
+    return current()
+
+
+def start_group_from_config(cfg: Any, env: Mapping[str, str] | None = None) -> ParallelGroup:
+    """`start_group` with the device, head count and VAE-rank switch taken from an AppConfig."""
+    return start_group(cfg.runtime.device, cfg.model.dit.num_heads, cfg.parallel.vae_rank, env)
