@@ -162,6 +162,8 @@ class ServerConfig:
     max_message_bytes: int = 262144
     max_messages_per_s: float = 20.0
     stats_interval_s: float = 1.0
+    max_pending_clips: int = 2  # windows queued per session beyond the one in work; older ones are dropped
+    playout_margin_s: float = 0.15  # slack added to the measured generation latency before playback
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,12 @@ def _check(cfg: AppConfig) -> None:
              f"must be one of {_PARALLEL_MODES}, got {cfg.parallel.mode!r}")
     _require(0 <= cfg.server.port <= 65535, "server.port", f"must be in 0..65535, got {cfg.server.port}")
     _require(cfg.server.max_sessions >= 1, "server.max_sessions", f"must be >= 1, got {cfg.server.max_sessions}")
+    _require(cfg.server.max_pending_clips >= 1, "server.max_pending_clips",
+             f"must be >= 1, got {cfg.server.max_pending_clips}")
+    _require(0 <= cfg.server.playout_margin_s <= 10, "server.playout_margin_s",
+             f"must be in 0..10 seconds, got {cfg.server.playout_margin_s}")
+    _require(cfg.server.stats_interval_s > 0, "server.stats_interval_s",
+             f"must be > 0, got {cfg.server.stats_interval_s}")
     _require(cfg.audio_sample_rate_hz > 0, "model.audio_encoder.sample_rate_hz", "must be > 0")
 
 
