@@ -250,10 +250,12 @@ class ParallelGroup:
             dist.barrier(group=self.control_group)
 
     def shutdown(self) -> None:
-        """Leave the group; safe to call twice."""
+        """Leave the group and hand the DiT back to single-process attention; safe to call twice."""
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
         self.backend = None
+        if current() is self:
+            set_current(_SINGLE)
 
 
 def _seq_to_heads(x: torch.Tensor, n: int, group: Any) -> torch.Tensor:
@@ -287,9 +289,12 @@ def current() -> ParallelGroup:
 
 
 def set_current(group: ParallelGroup) -> ParallelGroup:
-    """Make `group` the one the DiT's attention uses; returns the previous one (tests restore it)."""
+    """Make `group` the one the DiT's attention and token sharding use; returns the previous one."""
+    from model import attention  # the DiT's hook; imported here so this module loads without the model
+
     global _current
     previous, _current = _current, group
+    attention.set_sequence_parallel(group)
     return previous
 
 
