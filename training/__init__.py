@@ -1,0 +1,1 @@
+"""Training the embedded tiny avatar: synthetic talking-face data, the training loop, the bundle it writes."""
