@@ -1,0 +1,112 @@
+"""wav2vec2 speech features, one row per video frame, for the audio-conditioned DiT.
+
+As in Wan2.2-S2V (`wan/modules/s2v/audio_encoder.py`): run wav2vec2 over the audio, keep the hidden
+states of every layer (the embedding output plus each transformer layer; the DiT mixes them with
+learned weights), and sample them at the video frame times. Here the audio comes as one clip window
+at a time: the left context gives the transformer something to attend to, and only the rows of the
+clip's new frames are returned.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+from model.config import AudioEncoderConfig
+from model.io_types import AudioWindow
+
+FEATURE_RATE_HZ = 50.0  # wav2vec2's conv stack strides 320 samples at 16 kHz: one hidden row per 20 ms
+
+
+def wav2vec2_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:
+    """A config of the wav2vec2-large-xlsr-53 family (layer-norm conv stack, pre-norm transformer) at cfg's size."""
+    return Wav2Vec2Config(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        conv_dim=list(cfg.conv_dim),
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        conv_bias=True,
+        mask_time_prob=0.0,
+    )
+
+
+def frame_feature_positions(window_start_s: float, fps: float, num_frames: int) -> np.ndarray:
+    """Fractional wav2vec2 row index of each video frame: frame k plays at window_start_s + k / fps.
+
+    The reference takes row i as time i / 50 s and frame k as time k / fps (it passes through a 30 Hz
+    grid on the way, a resampling step we skip: it moves a frame's audio by at most 1/60 s).
+    """
+    frame_times_s = window_start_s + np.arange(num_frames) / fps
+    return frame_times_s * FEATURE_RATE_HZ
+
+
+def sample_rows(hidden: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of hidden [T, ...] at fractional row positions (clamped to the last row)."""
+    pos = torch.as_tensor(positions, dtype=torch.float32, device=hidden.device).clamp(0, hidden.shape[0] - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=hidden.shape[0] - 1)
+    frac = (pos - lo).view(-1, *([1] * (hidden.ndim - 1))).to(hidden.dtype)
+    return hidden[lo] * (1 - frac) + hidden[hi] * frac
+
+
+class AudioEncoder:
+    """Shared wav2vec2 weights; turns one clip window into per-frame features [frames, layers + 1, hidden]."""
+
+    def __init__(self, model: Wav2Vec2Model, sample_rate_hz: int) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.sample_rate_hz = sample_rate_hz
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.num_layers = model.config.num_hidden_layers + 1  # + the embedding output, as the reference
+        self.hidden_size = model.config.hidden_size
+        self.min_samples = _receptive_field(model.config)
+
+    @classmethod
+    def build(cls, cfg: AudioEncoderConfig) -> "AudioEncoder":
+        """Random weights of the configured size (the tiny model, or before a checkpoint is loaded)."""
+        return cls(Wav2Vec2Model(wav2vec2_config(cfg)), cfg.sample_rate_hz)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, cfg: AudioEncoderConfig) -> "AudioEncoder":
+        """A published wav2vec2 folder (config.json + weights), e.g. `wav2vec2-large-xlsr-53-english`; never downloads."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no wav2vec2 checkpoint at {folder} (expected config.json and weights there)")
+        model = Wav2Vec2Model.from_pretrained(str(folder), local_files_only=True)
+        if model.config.hidden_size != cfg.hidden_size or model.config.num_hidden_layers != cfg.num_hidden_layers:
+            raise ValueError(
+                f"{folder} holds wav2vec2 with hidden_size {model.config.hidden_size} and "
+                f"{model.config.num_hidden_layers} layers, but the config says model.audio_encoder.hidden_size "
+                f"{cfg.hidden_size} and num_hidden_layers {cfg.num_hidden_layers}")
+        return cls(model, cfg.sample_rate_hz)
+
+    @torch.inference_mode()
+    def encode_window(self, window: AudioWindow, fps: float, num_frames: int) -> torch.Tensor:
+        """Features of the window's new frames: [num_frames, layers + 1, hidden], row k for video frame k."""
+        samples = np.asarray(window.samples, dtype=np.float32)
+        if len(samples) < self.min_samples:
+            raise ValueError(f"audio window of {len(samples)} samples is shorter than wav2vec2's "
+                             f"receptive field ({self.min_samples}); give the windower more context")
+        audio = torch.from_numpy(_zero_mean_unit_var(samples)).to(self.device, self.dtype)[None]
+        out = self.model(audio, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states, dim=2)[0]  # [rows, layers + 1, hidden]
+        positions = frame_feature_positions(window.new_from / self.sample_rate_hz, fps, num_frames)
+        return sample_rows(hidden, positions)
+
+
+def _zero_mean_unit_var(samples: np.ndarray) -> np.ndarray:
+    # What Wav2Vec2FeatureExtractor(do_normalize=True) does for the xlsr-53 checkpoints.
+    return (samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)
+
+
+def _receptive_field(config: Wav2Vec2Config) -> int:
+    samples = 1
+    for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
+        samples = (samples - 1) * stride + kernel
+    return samples
