@@ -86,6 +86,7 @@ class TextEncoderConfig:
     num_layers: int = 24
     num_heads: int = 64
     text_len: int = 512
+    tokenizer: str = "google/umt5-xxl"  # folder (relative to model.checkpoint) or "bytes" (tiny model)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,21 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.server.stats_interval_s > 0, "server.stats_interval_s",
              f"must be > 0, got {cfg.server.stats_interval_s}")
     _require(cfg.audio_sample_rate_hz > 0, "model.audio_encoder.sample_rate_hz", "must be > 0")
+    clip_samples = cfg.video.infer_frames / cfg.video.fps * cfg.audio_sample_rate_hz
+    _require(clip_samples.is_integer(), "video.fps",
+             f"{cfg.video.infer_frames} frames at {cfg.video.fps} fps is {clip_samples} audio samples at "
+             f"{cfg.audio_sample_rate_hz} Hz, not a whole number; pick fps/infer_frames that divide evenly")
+    audio = cfg.model.audio_encoder
+    _require(dit.audio_dim == audio.hidden_size, "model.dit.audio_dim",
+             f"must equal model.audio_encoder.hidden_size ({audio.hidden_size}), got {dit.audio_dim}")
+    _require(dit.num_audio_layers == audio.num_hidden_layers + 1, "model.dit.num_audio_layers",
+             f"must be model.audio_encoder.num_hidden_layers + 1 ({audio.num_hidden_layers + 1}: every layer "
+             f"plus the embedding output), got {dit.num_audio_layers}")
+    text = cfg.model.text_encoder
+    _require(dit.text_dim == text.d_model, "model.dit.text_dim",
+             f"must equal model.text_encoder.d_model ({text.d_model}), got {dit.text_dim}")
+    _require(text.text_len <= dit.text_len, "model.text_encoder.text_len",
+             f"must be <= model.dit.text_len ({dit.text_len}), got {text.text_len}")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
