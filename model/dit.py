@@ -28,3 +28,414 @@ Sequence parallelism hook: every self-attention call goes through `model.attenti
 `model/parallel.py` wraps it (Ulysses all-to-all heads<->sequence) via
 `model.attention.set_sequence_parallel(...)` without touching the layers (see that module).
 """
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
+
+from model.attention import attention, local_attention, sequence_parallel
+from model.config import DiTConfig
+from model.dit_audio import AudioInjector, CausalAudioEncoder
+from model.dit_motion import MOTION_LATENT_FRAMES, FramePackMotioner
+from model.rope import apply_rope, grid_positions, rope_tables
+
+# The reference places the reference-image sink at latent frame 30 (Wan2.2 model_s2v.py ref_grid_sizes
+# [30, 0, 0]) and LiveAvatar rolls it forward with the stream so it stays 4..30 frames (random per call)
+# ahead of the block being denoised (causal_model_s2v.py `relative_dist`). We keep it a fixed 30 frames
+# ahead: in the trained range, deterministic, and identical to the reference for the first block.
+REF_FRAME_OFFSET = 30
+NUM_AUDIO_TOKENS = 4  # Wan2.2 WanModel_S2V num_audio_token default
+COND_MASK_NOISY, COND_MASK_REF, COND_MASK_MOTION = 0, 1, 2  # rows of `trainable_cond_mask`
+SINK_KIND_REF, SINK_KIND_MOTION = 0, 1
+
+
+class StreamStateError(ValueError):
+    """The streaming calls came in an order or with shapes the cache cannot serve; the message says which."""
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class StreamCache:
+    """K/V of one stream: text (fixed), sink (ref + motion, fixed) and a ring of committed blocks.
+
+    Buffers are allocated once at the first `prefill` and never grow: `kv_k`/`kv_v` hold
+    [layers, B, sink_tokens + slots * block_tokens, heads, head_dim], keys un-rotated.
+    """
+
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    num_slots: int
+    text_k: torch.Tensor | None = None  # [L, B, text_len, H, D]
+    text_v: torch.Tensor | None = None
+    kv_k: torch.Tensor | None = None  # [L, B, sink + slots*block, H, D]
+    kv_v: torch.Tensor | None = None
+    sink_tokens: int = 0
+    block_tokens: int = 0
+    latent_hw: tuple[int, int] | None = None
+    sink_positions: torch.Tensor | None = None  # [sink_tokens, 3] before the per-call offsets
+    sink_kind: torch.Tensor | None = None  # [sink_tokens] SINK_KIND_*
+    block_positions: torch.Tensor | None = None  # [block_tokens, 3] of a block starting at frame 0
+    slot_frame_start: list[int | None] = field(default_factory=list)
+    next_slot: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.kv_k is not None
+
+    @property
+    def filled_slots(self) -> int:
+        return sum(s is not None for s in self.slot_frame_start)
+
+    @property
+    def last_committed_frame(self) -> int | None:
+        starts = [s for s in self.slot_frame_start if s is not None]
+        return max(starts) if starts else None
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (constant after the first prefill)."""
+        tensors = (self.text_k, self.text_v, self.kv_k, self.kv_v)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def clear(self) -> None:
+        """Drop every buffer (the session ended)."""
+        self.text_k = self.text_v = self.kv_k = self.kv_v = None
+        self.slot_frame_start = [None] * self.num_slots
+        self.next_slot = 0
+
+
+# ----------------------------------------------------------------------------- attention processors
+
+
+@dataclass
+class SelfAttentionCall:
+    """What one block's self-attention needs this call: query RoPE, the cached memory, where to store K/V."""
+
+    cos: torch.Tensor  # [S, D/2] for this call's tokens
+    sin: torch.Tensor
+    memory_k: torch.Tensor | None = None  # un-rotated [B, M, H, D]
+    memory_v: torch.Tensor | None = None
+    memory_cos: torch.Tensor | None = None  # [M, D/2]
+    memory_sin: torch.Tensor | None = None
+    store: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # gets this call's un-rotated K, V
+
+
+@dataclass
+class TextKV:
+    """A block's cached text keys/values [B, text_len, H, D], computed once per session at prefill."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class StreamingSelfAttnProcessor:
+    """diffusers WanAttention processor for self-attention over sink + window + this block.
+
+    The block passes our `SelfAttentionCall` through the `rotary_emb` argument of
+    `WanTransformerBlock.forward`, so the diffusers block runs unchanged.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb: SelfAttentionCall | None = None) -> torch.Tensor:
+        call = rotary_emb
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        keys, values = apply_rope(k, call.cos, call.sin), v
+        if call.memory_k is not None:
+            past_k = apply_rope(call.memory_k.to(k.dtype), call.memory_cos, call.memory_sin)
+            keys = torch.cat([past_k, keys], dim=1)
+            values = torch.cat([call.memory_v.to(v.dtype), values], dim=1)
+        out = attention(apply_rope(q, call.cos, call.sin), keys, values)
+        if call.store is not None:
+            call.store(k, v)
+        out = out.flatten(2).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CachedTextCrossAttnProcessor:
+    """diffusers WanAttention processor for text cross-attention with K/V cached at prefill.
+
+    `WanTransformerBlock.forward` hands `encoder_hidden_states` straight to this processor: we pass `TextKV`.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states: TextKV | None = None,
+                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+        text = encoder_hidden_states
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        out = local_attention(q, text.k.to(q.dtype), text.v.to(q.dtype)).flatten(2).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class AvatarDiT(nn.Module):
+    """Wan2.x DiT backbone (diffusers blocks) + S2V audio/reference/motion conditioning, streamed block-wise."""
+
+    # Modulation and time embedding stay float32 at any weight dtype (Wan asserts float32 there).
+    FP32_PARAM_MARKERS = ("scale_shift_table", "condition_embedder.time_embedder", "condition_embedder.time_proj")
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, heads = cfg.dim, cfg.num_heads
+        self.head_dim = dim // heads
+        patch = tuple(cfg.patch_size)
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=dim, time_freq_dim=cfg.freq_dim, time_proj_dim=6 * dim, text_embed_dim=cfg.text_dim)
+        self.blocks = nn.ModuleList([
+            WanTransformerBlock(dim, cfg.ffn_dim, heads, "rms_norm_across_heads", cfg.cross_attn_norm, cfg.eps)
+            for _ in range(cfg.num_layers)])
+        for block in self.blocks:
+            block.attn1.set_processor(StreamingSelfAttnProcessor())
+            block.attn2.set_processor(CachedTextCrossAttnProcessor())
+        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(patch))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+        # S2V conditioning (Wan2.2 model_s2v.py): pose encoder (we feed no pose: only its bias reaches the
+        # tokens), token-type embedding, audio encoder + injectors, FramePack motion tokens.
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, dim, kernel_size=patch, stride=patch)
+        self.trainable_cond_mask = nn.Embedding(3, dim)
+        self.casual_audio_encoder = CausalAudioEncoder(cfg.audio_dim, cfg.num_audio_layers, dim, NUM_AUDIO_TOKENS)
+        self.audio_injector = AudioInjector(dim, heads, tuple(cfg.audio_inject_layers), cfg.eps)
+        self.frame_packer = FramePackMotioner(cfg.in_channels, dim)
+
+    # ---- dtype
+
+    @classmethod
+    def keeps_fp32(cls, param_name: str) -> bool:
+        """Whether a parameter stays float32 when the model runs in bf16/fp16."""
+        return any(marker in param_name for marker in cls.FP32_PARAM_MARKERS)
+
+    def cast(self, dtype: torch.dtype) -> "AvatarDiT":
+        """Cast to `dtype`, keeping the modulation/time-embedding parameters float32."""
+        for name, param in self.named_parameters():
+            param.data = param.data.to(torch.float32 if self.keeps_fp32(name) else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # ---- streaming API
+
+    def new_cache(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> StreamCache:
+        """An empty cache for one stream; buffers are allocated by the first `prefill`."""
+        slots = self.cfg.kv_cache_blocks - 1
+        return StreamCache(batch_size, torch.device(device), dtype, slots, slot_frame_start=[None] * slots)
+
+    @torch.no_grad()
+    def prefill(self, cache: StreamCache, ref_latent: torch.Tensor, text_context: torch.Tensor,
+                motion_latents: torch.Tensor | None = None) -> None:
+        """Cache the text K/V and the sink (reference latent + FramePack motion) K/V of every layer."""
+        b, c, f, h, w = ref_latent.shape
+        self._check_latent_hw(h, w, "ref_latent")
+        if b != cache.batch_size or c != self.cfg.in_channels or f != 1:
+            raise StreamStateError(
+                f"ref_latent must be [{cache.batch_size}, {self.cfg.in_channels}, 1, h, w], got {list(ref_latent.shape)}")
+        if cache.ready and cache.latent_hw != (h, w):
+            raise StreamStateError(f"ref_latent is {h}x{w} latents but this stream runs at "
+                                   f"{cache.latent_hw[0]}x{cache.latent_hw[1]}; start a new cache for a new size")
+        if motion_latents is None:
+            motion_latents = ref_latent.expand(-1, -1, MOTION_LATENT_FRAMES, -1, -1)
+        sp = sequence_parallel()
+        text_k, text_v = self._text_kv(text_context.to(self.device), b)
+        ref = self.patch_embedding(ref_latent.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
+        motion = self.frame_packer(motion_latents.to(self.device, self.dtype))
+        ref = ref + self.trainable_cond_mask.weight[COND_MASK_REF]
+        motion = motion + self.trainable_cond_mask.weight[COND_MASK_MOTION]
+        hp, wp = h // self.cfg.patch_size[1], w // self.cfg.patch_size[2]
+        ref_pos = grid_positions([0], range(hp), range(wp))
+        motion_pos = FramePackMotioner.positions(h, w)
+        kind = torch.cat([torch.full((len(ref_pos),), SINK_KIND_REF), torch.full((len(motion_pos),), SINK_KIND_MOTION)])
+        x = sp.shard_tokens(torch.cat([ref, motion], dim=1))
+        positions = sp.shard_tokens(torch.cat([ref_pos, motion_pos])[None])[0]
+        kind = sp.shard_tokens(kind[None])[0]
+        block_pos = grid_positions(range(self.cfg.num_frames_per_block), range(hp), range(wp))
+        block_pos = sp.shard_tokens(block_pos[None])[0]
+        if not cache.ready:
+            self._allocate(cache, x.shape[1], block_pos.shape[0], (h, w))
+        cache.text_k.copy_(text_k)
+        cache.text_v.copy_(text_v)
+        cache.sink_positions, cache.sink_kind, cache.block_positions = positions, kind, block_pos
+        # The sink's own pass places it as the reference does at the stream's start (frame_start 0).
+        cos, sin = rope_tables(self._sink_positions_at(cache, 0), self.head_dim, self.device)
+        _, proj = self._time_embedding(torch.zeros(b, device=self.device))
+        for layer, block in enumerate(self.blocks):
+            call = SelfAttentionCall(cos, sin, store=self._sink_writer(cache, layer))
+            x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
+
+    @torch.no_grad()
+    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor, cache: StreamCache,
+                frame_start: int) -> torch.Tensor:
+        """Flow velocity [B,16,F,h,w] (float32) for one noisy block; reads the cache, never writes it."""
+        self._check_block(cache, noisy, audio, frame_start, committing=False)
+        hidden, temb = self._run_block(cache, noisy, timestep, audio, frame_start, commit=False)
+        return self._head(hidden, temb, noisy.shape)
+
+    @torch.no_grad()
+    def commit(self, cache: StreamCache, clean: torch.Tensor, audio: torch.Tensor, frame_start: int) -> None:
+        """Append the clean block's K/V (timestep 0) to the rolling window, evicting the oldest block."""
+        self._check_block(cache, clean, audio, frame_start, committing=True)
+        if cache.num_slots == 0:
+            return
+        self._run_block(cache, clean, torch.zeros(clean.shape[0]), audio, frame_start, commit=True)
+        cache.slot_frame_start[cache.next_slot] = frame_start
+        cache.next_slot = (cache.next_slot + 1) % cache.num_slots
+
+    # ---- pieces
+
+    def _run_block(self, cache: StreamCache, latents: torch.Tensor, timestep: torch.Tensor | float,
+                   audio: torch.Tensor, frame_start: int, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's tokens through every layer: self-attn over sink + window + itself, text, audio."""
+        sp = sequence_parallel()
+        b = latents.shape[0]
+        latents = latents.to(self.device, self.dtype)
+        x = self.patch_embedding(latents)
+        x = x + self.cond_encoder.bias.view(1, -1, 1, 1, 1)  # pose encoder of an all-zero pose map
+        x = x.flatten(2).transpose(1, 2) + self.trainable_cond_mask.weight[COND_MASK_NOISY]
+        x = sp.shard_tokens(x)
+        timestep = torch.as_tensor(timestep, device=self.device, dtype=torch.float32).reshape(-1).expand(b)
+        temb, proj = self._time_embedding(timestep)
+        audio_global, audio_local = self.casual_audio_encoder(audio.to(self.device, self.dtype))
+        memory = self._memory_tables(cache, frame_start)
+        cos, sin = rope_tables(cache.block_positions, self.head_dim, self.device)
+        slot = cache.next_slot
+        for layer, block in enumerate(self.blocks):
+            mem_len = memory[0]
+            call = SelfAttentionCall(
+                cos, sin, cache.kv_k[layer, :, :mem_len], cache.kv_v[layer, :, :mem_len], memory[1], memory[2],
+                store=self._slot_writer(cache, layer, slot) if commit else None)
+            x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
+            if layer in self.audio_injector.injected_block_id:
+                full = self.audio_injector(layer, sp.gather_tokens(x), audio_global, audio_local)
+                x = sp.shard_tokens(full)
+        return x, temb
+
+    def _time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """temb [B, C] (head) and the 6-way block modulation [B, 6, C], float32."""
+        ce = self.condition_embedder
+        freq = ce.timesteps_proj(timestep.float())
+        temb = ce.time_embedder(freq.to(ce.time_embedder.linear_1.weight.dtype))
+        proj = ce.time_proj(ce.act_fn(temb).to(ce.time_proj.weight.dtype))
+        return temb.float(), proj.float().unflatten(1, (6, -1))
+
+    def _text_kv(self, text_context: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-pad to text_len as the reference does, project, then K/V [L, B, text_len, H, D] of every layer."""
+        b, length, dim = text_context.shape
+        if b != batch_size or dim != self.cfg.text_dim or length > self.cfg.text_len:
+            raise StreamStateError(f"text_context must be [{batch_size}, <= {self.cfg.text_len}, {self.cfg.text_dim}], "
+                                   f"got {list(text_context.shape)}")
+        padded = text_context.new_zeros(b, self.cfg.text_len, dim)
+        padded[:, :length] = text_context
+        context = self.condition_embedder.text_embedder(padded.to(self.dtype))
+        ks, vs = [], []
+        for block in self.blocks:
+            ks.append(block.attn2.norm_k(block.attn2.to_k(context)).unflatten(2, (block.attn2.heads, -1)))
+            vs.append(block.attn2.to_v(context).unflatten(2, (block.attn2.heads, -1)))
+        return torch.stack(ks), torch.stack(vs)
+
+    def _allocate(self, cache: StreamCache, sink_tokens: int, block_tokens: int, latent_hw: tuple[int, int]) -> None:
+        layers, heads = self.cfg.num_layers, self.cfg.num_heads
+        total = sink_tokens + cache.num_slots * block_tokens
+        kv_shape = (layers, cache.batch_size, total, heads, self.head_dim)
+        text_shape = (layers, cache.batch_size, self.cfg.text_len, heads, self.head_dim)
+        cache.kv_k = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
+        cache.kv_v = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
+        cache.text_k = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
+        cache.text_v = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
+        cache.sink_tokens, cache.block_tokens, cache.latent_hw = sink_tokens, block_tokens, latent_hw
+
+    @staticmethod
+    def _sink_writer(cache: StreamCache, layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        def write(k: torch.Tensor, v: torch.Tensor) -> None:
+            cache.kv_k[layer, :, :cache.sink_tokens] = k
+            cache.kv_v[layer, :, :cache.sink_tokens] = v
+        return write
+
+    @staticmethod
+    def _slot_writer(cache: StreamCache, layer: int, slot: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        start = cache.sink_tokens + slot * cache.block_tokens
+
+        def write(k: torch.Tensor, v: torch.Tensor) -> None:
+            cache.kv_k[layer, :, start:start + cache.block_tokens] = k
+            cache.kv_v[layer, :, start:start + cache.block_tokens] = v
+        return write
+
+    def _sink_positions_at(self, cache: StreamCache, frame_start: int) -> torch.Tensor:
+        """Sink positions relative to a block starting at `frame_start` (bounded for any frame_start).
+
+        Reference sink: REF_FRAME_OFFSET frames ahead. Motion tokens: the reference keeps them at fixed
+        absolute frames (-1 .. -19), which drift ever further behind a long stream; we let them follow the
+        window instead, never further back than just behind its oldest committed block.
+        """
+        window_frames = cache.num_slots * self.cfg.num_frames_per_block
+        motion_shift = -min(frame_start, window_frames)
+        shift = torch.where(cache.sink_kind == SINK_KIND_REF, REF_FRAME_OFFSET, motion_shift).to(torch.float64)
+        positions = cache.sink_positions.clone()
+        positions[:, 0] += shift
+        return positions
+
+    def _memory_tables(self, cache: StreamCache, frame_start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(tokens in use, cos, sin) of sink + filled slots, positions relative to `frame_start`."""
+        parts = [self._sink_positions_at(cache, frame_start)]
+        for slot_start in cache.slot_frame_start[:cache.filled_slots]:
+            pos = cache.block_positions.clone()
+            pos[:, 0] += slot_start - frame_start
+            parts.append(pos)
+        positions = torch.cat(parts)
+        cos, sin = rope_tables(positions, self.head_dim, self.device)
+        return positions.shape[0], cos, sin
+
+    def _head(self, hidden: torch.Tensor, temb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Modulated norm + projection, then un-patchify to [B, C, F, h, w] float32."""
+        hidden = sequence_parallel().gather_tokens(hidden)
+        shift, scale = (self.scale_shift_table.float() + temb[:, None]).chunk(2, dim=1)
+        hidden = self.norm_out(hidden.float()) * (1 + scale) + shift
+        out = self.proj_out(hidden.to(self.proj_out.weight.dtype)).float()
+        b, _, f, h, w = shape
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, self.cfg.out_channels)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.cfg.out_channels, f, h, w)
+
+    # ---- checks
+
+    def _check_latent_hw(self, h: int, w: int, what: str) -> None:
+        # FramePack's 4x bucket patches 8x8 latents, so the latent grid must split by 8.
+        if h % 8 or w % 8:
+            raise StreamStateError(f"{what} latent size {h}x{w} must be a multiple of 8 "
+                                   f"(video size a multiple of 64); got {h}x{w}")
+
+    def _check_block(self, cache: StreamCache, latents: torch.Tensor, audio: torch.Tensor, frame_start: int,
+                     committing: bool) -> None:
+        cfg = self.cfg
+        if not cache.ready:
+            raise StreamStateError("the cache has no sink yet: call dit.prefill(cache, ref_latent, text) first")
+        b, c, f, h, w = latents.shape
+        expected = [cache.batch_size, cfg.in_channels, cfg.num_frames_per_block, *cache.latent_hw]
+        if [b, c, f, h, w] != expected:
+            raise StreamStateError(f"block latents must be {expected} (B, channels, num_frames_per_block, h, w), "
+                                   f"got {list(latents.shape)}")
+        audio_expected = [b, 4 * f, cfg.num_audio_layers, cfg.audio_dim]
+        if list(audio.shape) != audio_expected:
+            raise StreamStateError(f"audio must be {audio_expected} (B, 4 video frames per latent frame, "
+                                   f"wav2vec2 layers, feature dim), got {list(audio.shape)}")
+        last = cache.last_committed_frame
+        if frame_start < 0 or (last is not None and frame_start < last + f):
+            raise StreamStateError(
+                f"frame_start {frame_start} is not after the last committed block (frames {last}..{last + f - 1 if last is not None else ''}); "
+                "blocks must be denoised and committed in stream order")
