@@ -1,11 +1,49 @@
 """The seam between the streaming server and whatever makes the video (`ClipGenerator`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from model.io_types import AudioWindow, VideoClip
+
+
+class EngineBusy(RuntimeError):
+    """Every session slot is taken; the message says how many and what to do."""
+
+
+class SessionClosed(RuntimeError):
+    """The session was stopped (or never started); its work is cancelled."""
+
+
+class ClipDropped(RuntimeError):
+    """A queued window was dropped because the session fell behind (newer audio took its place)."""
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """The shape of the stream a generator makes: what the windower cuts and the tracks send."""
+
+    fps: float
+    frames_per_clip: int
+    frame_size: tuple[int, int]  # (height, width)
+    sample_rate_hz: int
+    clip_samples: int  # new audio per clip
+    context_samples: int  # left context before it
+
+
+@dataclass(frozen=True)
+class GeneratorStats:
+    """What one session's generator reports: its queue and the last clip it made."""
+
+    queue_depth: int  # windows waiting or in work
+    sample_steps: int  # used by the next clip to start
+    clips_done: int
+    clips_dropped: int
+    last_clip_index: int | None
+    last_clip_sample_steps: int | None
+    last_generation_s: float | None
 
 
 class ClipGenerator(Protocol):
@@ -16,3 +54,10 @@ class ClipGenerator(Protocol):
     async def submit(self, session_id: str, window: AudioWindow) -> VideoClip: ...
 
     async def stop(self, session_id: str) -> None: ...
+
+    def set_sample_steps(self, session_id: str, sample_steps: int) -> None: ...
+
+    def stats(self, session_id: str) -> GeneratorStats: ...
+
+    @property
+    def stream_format(self) -> "StreamFormat": ...

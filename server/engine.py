@@ -1,0 +1,263 @@
+"""`ModelEngine`: the bridge between asyncio and the model, one model shared by a few sessions.
+
+The weights are loaded once; every model call runs on one worker thread (the loop never blocks),
+each session has its own queue of windows, sessions take turns clip by clip, and a session that
+leaves has its queued work cancelled and its caches freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from model.config import AppConfig
+from model.io_types import AudioWindow, VideoClip
+from server.seam import ClipDropped, EngineBusy, GeneratorStats, SessionClosed, StreamFormat
+
+log = logging.getLogger(__name__)
+
+SAMPLE_STEPS_RANGE = (1, 8)  # the same bounds `model.config` enforces on sampler.sample_steps
+
+
+def check_sample_steps(value: Any) -> int:
+    """Return `value` as a step count, or raise a ValueError saying what is allowed."""
+    lo, hi = SAMPLE_STEPS_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+            or not lo <= int(value) <= hi:
+        raise ValueError(f"sample_steps must be an integer in {lo}..{hi}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class _Job:
+    window: AudioWindow
+    future: asyncio.Future
+
+
+@dataclass
+class _Slot:
+    """One session's state inside the engine."""
+
+    sample_steps: int
+    avatar: Any = None  # model.pipeline.StreamingAvatar once started
+    queue: deque[_Job] = field(default_factory=deque)
+    running: bool = False
+    closed: bool = False
+    clips_done: int = 0
+    clips_dropped: int = 0
+    last_clip_index: int | None = None
+    last_clip_sample_steps: int | None = None
+    last_generation_s: float | None = None
+
+
+class ModelEngine:
+    """Implements the `ClipGenerator` seam on `model.pipeline.StreamingAvatar` (see server/seam.py)."""
+
+    def __init__(self, cfg: AppConfig, models: Any = None) -> None:
+        self._cfg = cfg
+        self._models = models
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+        self._slots: dict[str, _Slot] = {}
+        self._turns: deque[str] = deque()  # round-robin order of sessions
+        self._wakeup = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self._format: StreamFormat | None = None
+        self.max_sessions = cfg.server.max_sessions
+        self.max_pending_clips = cfg.server.max_pending_clips
+
+    # ------------------------------------------------------------------ life of the engine
+
+    async def load(self) -> None:
+        """Load the weights (once) and start taking work; call before the first session."""
+        if self._scheduler is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._format = await loop.run_in_executor(self._executor, self._load_in_worker)
+        self._scheduler = asyncio.create_task(self._schedule(), name="model-engine-scheduler")
+
+    def _load_in_worker(self) -> StreamFormat:
+        import torch
+
+        from model.pipeline import AvatarModels, StreamingAvatar
+
+        if self._cfg.runtime.num_threads > 0:
+            torch.set_num_threads(self._cfg.runtime.num_threads)
+        if self._models is None:
+            t0 = time.monotonic()
+            self._models = AvatarModels.load(self._cfg)
+            log.info("model loaded in %.1f s", time.monotonic() - t0)
+        probe = StreamingAvatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
+        try:
+            return StreamFormat(fps=float(probe.fps), frames_per_clip=probe.frames_per_clip,
+                                frame_size=tuple(probe.frame_size), sample_rate_hz=probe.sample_rate_hz,
+                                clip_samples=probe.clip_samples, context_samples=probe.context_samples)
+        finally:
+            probe.close()
+
+    async def close(self) -> None:
+        """Stop every session, then the worker thread."""
+        for session_id in list(self._slots):
+            await self.stop(session_id)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+            self._scheduler = None
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+
+    @property
+    def stream_format(self) -> StreamFormat:
+        if self._format is None:
+            raise RuntimeError("ModelEngine.load() must finish before sessions start")
+        return self._format
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._slots)
+
+    # ------------------------------------------------------------------ the ClipGenerator seam
+
+    async def start(self, session_id: str, reference_image: np.ndarray, prompt: str,
+                    sample_steps: int | None = None) -> None:
+        """Admit a session (or raise EngineBusy) and prepare its avatar from the reference image."""
+        if session_id in self._slots:
+            raise ValueError(f"session {session_id!r} is already started")
+        if len(self._slots) >= self.max_sessions:
+            raise EngineBusy(f"server busy: all {self.max_sessions} session slots are in use; "
+                             "try again when someone leaves (or start the server with a larger "
+                             "--max_sessions)")
+        steps = check_sample_steps(self._cfg.sampler.sample_steps if sample_steps is None else sample_steps)
+        slot = _Slot(sample_steps=steps)
+        self._slots[session_id] = slot  # reserved before the first await, so admission cannot race
+        self._turns.append(session_id)
+        try:
+            avatar = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._new_avatar, reference_image, prompt)
+        except BaseException:
+            self._forget(session_id)
+            raise
+        if slot.closed:  # stopped while the avatar was being prepared
+            await asyncio.get_running_loop().run_in_executor(self._executor, avatar.close)
+            raise SessionClosed(f"session {session_id!r} was stopped while starting")
+        slot.avatar = avatar
+
+    def _new_avatar(self, reference_image: np.ndarray, prompt: str) -> Any:
+        import torch
+
+        from model.pipeline import StreamingAvatar
+
+        avatar = StreamingAvatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
+        with torch.inference_mode():
+            avatar.start(reference_image, prompt)
+        return avatar
+
+    async def submit(self, session_id: str, window: AudioWindow) -> VideoClip:
+        """Queue a window; resolve to its clip (ClipDropped if newer audio pushed it out of the queue)."""
+        slot = self._live_slot(session_id)
+        job = _Job(window, asyncio.get_running_loop().create_future())
+        slot.queue.append(job)
+        while len(slot.queue) > self.max_pending_clips:
+            stale = slot.queue.popleft()
+            if not stale.future.done():
+                slot.clips_dropped += 1
+                stale.future.set_exception(ClipDropped(
+                    f"clip {stale.window.clip_index} dropped: generation is slower than real time, "
+                    f"{self.max_pending_clips} newer windows were waiting"))
+        self._wakeup.set()
+        return await job.future
+
+    def set_sample_steps(self, session_id: str, sample_steps: int) -> None:
+        """Denoising steps for this session's next clip to start (fewer = faster, rougher)."""
+        self._live_slot(session_id).sample_steps = check_sample_steps(sample_steps)
+
+    def stats(self, session_id: str) -> GeneratorStats:
+        slot = self._live_slot(session_id)
+        waiting = sum(1 for job in slot.queue if not job.future.done())
+        return GeneratorStats(queue_depth=waiting + int(slot.running), sample_steps=slot.sample_steps,
+                              clips_done=slot.clips_done, clips_dropped=slot.clips_dropped,
+                              last_clip_index=slot.last_clip_index,
+                              last_clip_sample_steps=slot.last_clip_sample_steps,
+                              last_generation_s=slot.last_generation_s)
+
+    async def stop(self, session_id: str) -> None:
+        """Cancel the session's queued work and free its caches (after a clip already in work)."""
+        slot = self._slots.get(session_id)
+        if slot is None:
+            return
+        slot.closed = True
+        self._forget(session_id)
+        for job in slot.queue:
+            job.future.cancel()
+        slot.queue.clear()
+        if slot.avatar is not None:
+            avatar, slot.avatar = slot.avatar, None
+            # the single worker runs this after any clip of this session already in work
+            await asyncio.get_running_loop().run_in_executor(self._executor, avatar.close)
+
+    # ------------------------------------------------------------------ internals
+
+    def _live_slot(self, session_id: str) -> _Slot:
+        slot = self._slots.get(session_id)
+        if slot is None or slot.closed:
+            raise SessionClosed(f"session {session_id!r} is not running (stopped or never started)")
+        return slot
+
+    def _forget(self, session_id: str) -> None:
+        self._slots.pop(session_id, None)
+        try:
+            self._turns.remove(session_id)
+        except ValueError:
+            pass
+
+    def _next_job(self) -> tuple[_Slot, _Job] | None:
+        """The next window to run, taking sessions in turn so one busy session cannot starve others."""
+        for _ in range(len(self._turns)):
+            session_id = self._turns[0]
+            self._turns.rotate(-1)
+            slot = self._slots[session_id]
+            while slot.queue and slot.queue[0].future.done():
+                slot.queue.popleft()  # cancelled by its caller
+            if slot.queue and slot.avatar is not None:
+                return slot, slot.queue.popleft()
+        return None
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            picked = self._next_job()
+            if picked is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            slot, job = picked
+            steps = slot.sample_steps
+            slot.running = True
+            started_s = time.monotonic()
+            try:
+                clip = await loop.run_in_executor(self._executor, _next_clip, slot.avatar, job.window, steps)
+            except Exception as exc:  # a model failure ends this clip, not the engine
+                log.exception("clip %d failed", job.window.clip_index)
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                continue
+            finally:
+                slot.running = False
+            slot.clips_done += 1
+            slot.last_clip_index = clip.clip_index
+            slot.last_clip_sample_steps = steps
+            slot.last_generation_s = time.monotonic() - started_s
+            if not job.future.done():
+                job.future.set_result(clip)
+
+
+def _next_clip(avatar: Any, window: AudioWindow, sample_steps: int) -> VideoClip:
+    """Runs on the worker thread; grad mode is per thread, so inference mode is set here."""
+    import torch
+
+    with torch.inference_mode():
+        return avatar.next_clip(window, sample_steps=sample_steps)

@@ -1,0 +1,190 @@
+"""One browser's live session: its peer connection, audio in, clips through the engine, tracks out.
+
+A session is closed exactly once, by whoever notices first (Stop, the websocket closing, ICE failing):
+its tasks end, its queued model work is cancelled and its peer connection is released.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from model.config import AppConfig
+from model.io_types import AudioWindow
+from server.audio_window import AudioWindowCutter, frame_stream_time_s
+from server.playout import PlayoutClock
+from server.reference_image import resize_rgb
+from server.seam import ClipDropped, ClipGenerator, SessionClosed
+from server.tracks import AvatarVideoTrack, SyncedAudioTrack
+
+log = logging.getLogger(__name__)
+
+
+class OfferError(ValueError):
+    """The browser's offer cannot be served (e.g. no audio to listen to); the message says why."""
+
+
+def ice_configuration(cfg: AppConfig) -> RTCConfiguration:
+    """STUN/TURN servers from the config (none by default: host candidates suffice on a LAN)."""
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in cfg.server.ice_servers])
+
+
+class Session:
+    """Wires one peer connection: mic -> windows -> engine -> avatar video + synced voice."""
+
+    def __init__(self, cfg: AppConfig, engine: ClipGenerator, reference_rgb: np.ndarray,
+                 on_error: Callable[[str], Any] | None = None) -> None:
+        self.session_id = uuid.uuid4().hex[:12]
+        self._cfg = cfg
+        self._engine = engine
+        fmt = engine.stream_format
+        self.format = fmt
+        self.clock = PlayoutClock(margin_s=cfg.server.playout_margin_s)
+        frame_h, frame_w = fmt.frame_size
+        self.reference_rgb = resize_rgb(reference_rgb, frame_h, frame_w)
+        self.video_track = AvatarVideoTrack(self.clock, self.reference_rgb, fmt.fps)
+        self.audio_track = SyncedAudioTrack(self.clock)
+        self._cutter = AudioWindowCutter(fmt.sample_rate_hz, fmt.clip_samples, fmt.context_samples)
+        self._pc = RTCPeerConnection(ice_configuration(cfg))
+        self._tasks: set[asyncio.Task] = set()
+        self._on_error = on_error
+        self._closing: asyncio.Task | None = None
+        self.closed = asyncio.Event()
+        self.clips_played = 0
+        self.clips_failed = 0
+        self.started_s = time.monotonic()
+
+        @self._pc.on("connectionstatechange")
+        async def on_connection_state() -> None:
+            log.info("session %s: connection %s", self.session_id, self._pc.connectionState)
+            if self._pc.connectionState in ("failed", "closed"):
+                self.close_soon()
+
+        @self._pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self._spawn(self._pump_audio(track), "audio-in")
+
+    @property
+    def connection_state(self) -> str:
+        return self._pc.connectionState
+
+    async def start(self, reference_image: np.ndarray, prompt: str, sample_steps: int | None = None) -> None:
+        """Take a slot in the engine (EngineBusy if none is free) and prepare the avatar."""
+        await self._engine.start(self.session_id, reference_image, prompt)
+        if sample_steps is not None:
+            self._engine.set_sample_steps(self.session_id, sample_steps)
+
+    async def accept(self, sdp: str, sdp_type: str = "offer") -> RTCSessionDescription:
+        """Answer the browser's offer: its mic comes in, the avatar and the delayed voice go out."""
+        if sdp_type != "offer":
+            raise OfferError(f"expected an SDP of type 'offer', got {sdp_type!r}")
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except (ValueError, TypeError) as exc:
+            raise OfferError(f"the offer's SDP could not be parsed: {exc}") from None
+        kinds = [t.kind for t in self._pc.getTransceivers()]
+        if "audio" not in kinds:
+            raise OfferError("the offer has no audio track; the avatar needs the microphone "
+                             "(add an audio track or transceiver)")
+        if "video" not in kinds:
+            raise OfferError("the offer cannot receive video; add a recvonly video transceiver")
+        self._pc.addTrack(self.audio_track)
+        self._pc.addTrack(self.video_track)
+        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        return self._pc.localDescription
+
+    def set_sample_steps(self, sample_steps: int) -> None:
+        """Live tuning from the page; takes effect at the next clip to start."""
+        self._engine.set_sample_steps(self.session_id, sample_steps)
+
+    def stats(self) -> dict[str, Any]:
+        """What the page's readout shows; sent about once a second."""
+        gen = self._engine.stats(self.session_id)
+        delay_s = self.clock.delay_s
+        return {
+            "frames_sent": self.video_track.frames_sent,
+            "clip_frames_sent": self.video_track.clip_frames_sent,
+            "idle_frames_sent": self.video_track.idle_frames_sent,
+            "queue_depth": gen.queue_depth,
+            "clips_done": gen.clips_done,
+            "clips_dropped": gen.clips_dropped,
+            "clips_played": self.clips_played,
+            "clip_index": gen.last_clip_index,
+            "clip_sample_steps": gen.last_clip_sample_steps,
+            "generation_ms": None if gen.last_generation_s is None else round(gen.last_generation_s * 1000, 1),
+            "clip_ms": round(self.format.frames_per_clip / self.format.fps * 1000, 1),
+            "latency_ms": None if delay_s is None else round(delay_s * 1000, 1),
+            "sample_steps": gen.sample_steps,
+        }
+
+    # ------------------------------------------------------------------ the live path
+
+    async def _pump_audio(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return  # the browser stopped sending
+            arrival_s = time.monotonic()
+            self.clock.note_audio(frame_stream_time_s(frame) + frame.samples / frame.sample_rate, arrival_s)
+            self.audio_track.push(frame)
+            for window in self._cutter.push(frame):
+                self._spawn(self._make_clip(window), f"clip-{window.clip_index}")
+
+    async def _make_clip(self, window: AudioWindow) -> None:
+        try:
+            clip = await self._engine.submit(self.session_id, window)
+        except (ClipDropped, SessionClosed):
+            return
+        except Exception as exc:  # the model failed on this clip; the session goes on with idle frames
+            self.clips_failed += 1
+            log.exception("session %s: clip %d failed", self.session_id, window.clip_index)
+            self._report(f"clip {window.clip_index} could not be generated: {exc}")
+            return
+        self.clock.note_clip_ready(clip.t0, time.monotonic())
+        self.video_track.add_clip(clip)
+        self.clips_played += 1
+
+    def _report(self, message: str) -> None:
+        if self._on_error is not None:
+            self._on_error(message)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        if self.closed.is_set() or self._closing is not None:
+            coro.close()
+            return
+        task = asyncio.create_task(coro, name=f"session-{self.session_id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ teardown
+
+    def close_soon(self) -> None:
+        """Start closing without waiting (safe from callbacks)."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(), name=f"session-{self.session_id}-close")
+
+    async def close(self) -> None:
+        """Close everything this session holds; returns when it is all released."""
+        self.close_soon()
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._engine.stop(self.session_id)
+            self.video_track.stop()
+            self.audio_track.stop()
+            await self._pc.close()
+        finally:
+            self.closed.set()
+            log.info("session %s closed after %.1f s", self.session_id, time.monotonic() - self.started_s)

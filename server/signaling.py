@@ -1,0 +1,244 @@
+"""Offer/answer and live control: the `/ws` websocket (offer, set, stop; stats and errors back) and `POST /offer`.
+
+Every message from the network is checked here; anything refused gets `{"type": "error", "code", "message"}`
+naming what was wrong, and the connection (and the server) carries on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from model.config import AppConfig
+from server.engine import check_sample_steps
+from server.reference_image import ReferenceImageError, image_from_data_url
+from server.seam import ClipGenerator, EngineBusy
+from server.session import OfferError, Session
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 1000
+MAX_SDP_CHARS = 100_000
+
+
+class RequestError(ValueError):
+    """A client message was refused; `code` is machine-readable, the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServerState:
+    """What every request handler shares: config, the engine, the default avatar, live sessions."""
+
+    cfg: AppConfig
+    engine: ClipGenerator
+    default_reference: np.ndarray
+    sessions: set[Session] = field(default_factory=set)
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self.sessions)), return_exceptions=True)
+
+
+STATE_KEY = web.AppKey("state", ServerState)
+
+
+def error_message(code: str, message: str) -> dict[str, str]:
+    return {"type": "error", "code": code, "message": message}
+
+
+def parse_offer(payload: dict[str, Any], state: ServerState) -> tuple[str, np.ndarray, str, int | None]:
+    """Check an offer and its config: (sdp, reference image, prompt, sample_steps)."""
+    sdp = payload.get("sdp")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise RequestError("bad_offer", "offer needs an 'sdp' string (from RTCPeerConnection.createOffer)")
+    if len(sdp) > MAX_SDP_CHARS:
+        raise RequestError("bad_offer", f"offer SDP is {len(sdp)} characters; the limit is {MAX_SDP_CHARS}")
+    config = payload.get("config") or {}
+    if not isinstance(config, dict):
+        raise RequestError("bad_config", "offer 'config' must be an object")
+    unknown = sorted(set(config) - {"reference_image", "prompt", "sample_steps"})
+    if unknown:
+        raise RequestError("bad_config", f"unknown config key {unknown[0]!r}; known: prompt, reference_image, "
+                                         "sample_steps")
+    reference = state.default_reference
+    if config.get("reference_image"):
+        try:
+            reference = image_from_data_url(config["reference_image"], state.cfg.server.max_message_bytes)
+        except ReferenceImageError as exc:
+            raise RequestError("bad_reference_image", str(exc)) from None
+    prompt = config.get("prompt", state.cfg.server.prompt)
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError("bad_config", f"prompt must be a string of at most {MAX_PROMPT_CHARS} characters")
+    sample_steps = None
+    if config.get("sample_steps") is not None:
+        sample_steps = parse_sample_steps(config["sample_steps"])
+    return sdp, reference, prompt, sample_steps
+
+
+def parse_sample_steps(value: Any) -> int:
+    try:
+        return check_sample_steps(value)
+    except ValueError as exc:
+        raise RequestError("bad_sample_steps", str(exc)) from None
+
+
+async def open_session(state: ServerState, sdp: str, sdp_type: str, reference: np.ndarray, prompt: str,
+                       sample_steps: int | None, on_error: Any = None) -> tuple[Session, Any]:
+    """Admit a session and answer its offer; on any failure everything it took is released."""
+    session = Session(state.cfg, state.engine, reference, on_error=on_error)
+    try:
+        await session.start(reference, prompt, sample_steps)
+        answer = await session.accept(sdp, sdp_type)
+    except EngineBusy as exc:
+        await session.close()
+        raise RequestError("busy", str(exc)) from None
+    except OfferError as exc:
+        await session.close()
+        raise RequestError("bad_offer", str(exc)) from None
+    except BaseException:
+        await session.close()
+        raise
+    state.sessions.add(session)
+    asyncio.get_running_loop().create_task(_forget_when_closed(state, session))
+    return session, answer
+
+
+async def _forget_when_closed(state: ServerState, session: Session) -> None:
+    await session.closed.wait()
+    state.sessions.discard(session)
+
+
+class WebSocketConnection:
+    """One page's websocket: at most one live session, its stats loop, and its controls."""
+
+    def __init__(self, ws: web.WebSocketResponse, state: ServerState) -> None:
+        self._ws = ws
+        self._state = state
+        self.session: Session | None = None
+        self._stats_task: asyncio.Task | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if not self._ws.closed:
+            try:
+                await self._ws.send_json(message)
+            except (ConnectionError, RuntimeError):
+                pass  # the page went away; the read loop will notice
+
+    def _send_soon(self, message: dict[str, Any]) -> None:
+        asyncio.get_running_loop().create_task(self.send(message))
+
+    async def handle_text(self, text: str) -> None:
+        try:
+            await self._dispatch(text)
+        except RequestError as exc:
+            await self.send(error_message(exc.code, str(exc)))
+
+    async def _dispatch(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RequestError("bad_json", f"message is not valid JSON ({exc.msg} at {exc.pos})") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise RequestError("bad_message", 'message must be a JSON object with a "type" string')
+        kind = message["type"]
+        if kind == "offer":
+            await self._offer(message)
+        elif kind == "set":
+            await self._set(message)
+        elif kind == "stop":
+            await self.close_session()
+            await self.send({"type": "stopped"})
+        else:
+            raise RequestError("unknown_type", f"unknown message type {kind!r}; expected offer, set or stop")
+
+    async def _offer(self, message: dict[str, Any]) -> None:
+        if self.session is not None:
+            raise RequestError("session_exists", 'this connection already has a session; send {"type":"stop"} '
+                                                 "first")
+        sdp, reference, prompt, steps = parse_offer(message, self._state)
+        session, answer = await open_session(
+            self._state, sdp, "offer", reference, prompt, steps,
+            on_error=lambda text: self._send_soon(error_message("clip_failed", text)))
+        self.session = session
+        await self.send({"type": "answer", "sdp": answer.sdp, "session_id": session.session_id})
+        self._stats_task = asyncio.create_task(self._stats_loop(session))
+
+    async def _set(self, message: dict[str, Any]) -> None:
+        if self.session is None:
+            raise RequestError("no_session", "nothing to set: start a session with an offer first")
+        unknown = sorted(set(message) - {"type", "sample_steps"})
+        if unknown or "sample_steps" not in message:
+            raise RequestError("bad_message", 'set takes {"type":"set","sample_steps":N}')
+        self.session.set_sample_steps(parse_sample_steps(message["sample_steps"]))
+
+    async def _stats_loop(self, session: Session) -> None:
+        interval_s = self._state.cfg.server.stats_interval_s
+        while not session.closed.is_set():
+            try:
+                await asyncio.wait_for(session.closed.wait(), timeout=interval_s)
+            except asyncio.TimeoutError:
+                await self.send({"type": "stats", **session.stats()})
+        if self.session is session:  # it ended by itself (ICE failure, the browser left)
+            self.session = None
+            await self.send(error_message("connection_lost", "the media connection closed; start again"))
+
+    async def close_session(self) -> None:
+        session, self.session = self.session, None
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            await asyncio.gather(self._stats_task, return_exceptions=True)
+            self._stats_task = None
+        if session is not None:
+            await session.close()
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """`/ws`: the page's control channel for the life of its session."""
+    state = request.app[STATE_KEY]
+    ws = web.WebSocketResponse(max_msg_size=state.cfg.server.max_message_bytes, heartbeat=20.0)
+    await ws.prepare(request)
+    connection = WebSocketConnection(ws, state)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await connection.handle_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await connection.send(error_message("bad_message", "binary messages are not accepted; send JSON text"))
+            elif msg.type == WSMsgType.ERROR:
+                log.info("websocket closed with error: %s", ws.exception())
+                break
+    finally:
+        await connection.close_session()
+    return ws
+
+
+async def offer_handler(request: web.Request) -> web.Response:
+    """`POST /offer` `{sdp, type, config?}` -> `{sdp, type}`: the plain-HTTP offer of aiortc's examples."""
+    state = request.app[STATE_KEY]
+    try:
+        if request.content_length is not None and request.content_length > state.cfg.server.max_message_bytes:
+            raise RequestError("too_large", f"request is {request.content_length} bytes; the limit is "
+                                            f"{state.cfg.server.max_message_bytes}")
+        try:
+            payload = json.loads(await request.text())
+        except json.JSONDecodeError as exc:
+            raise RequestError("bad_json", f"body is not valid JSON ({exc.msg} at {exc.pos})") from None
+        if not isinstance(payload, dict):
+            raise RequestError("bad_message", "body must be a JSON object {sdp, type}")
+        sdp_type = payload.get("type", "offer")
+        if sdp_type != "offer":
+            raise RequestError("bad_offer", f"expected an SDP of type 'offer', got {sdp_type!r}")
+        sdp, reference, prompt, steps = parse_offer(payload, state)
+        _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
+    except RequestError as exc:
+        status = 503 if exc.code == "busy" else 400
+        return web.json_response(error_message(exc.code, str(exc)), status=status)
+    return web.json_response({"sdp": answer.sdp, "type": answer.type})

@@ -1,0 +1,191 @@
+"""Outgoing media: the avatar video paced at the model's fps, and the user's voice delayed to match it.
+
+Both tracks pick what to send by asking the session's `PlayoutClock` which stream time plays now;
+pacing lives here and nowhere else. Nothing in `recv` waits on the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from collections import deque
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from model.io_types import VideoClip
+from server.playout import PlayoutClock
+
+VIDEO_CLOCK_RATE = 90000
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+AUDIO_OUT_RATE_HZ = 48000
+AUDIO_PTIME_S = 0.020
+MAX_LAG_S = 0.5  # further behind schedule than this (a stalled loop), skip ahead instead of bursting
+
+
+class _Pacer:
+    """Wall-clock schedule of a track's frames: tick n is due at start + n * period."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self.index = -1
+        self._start_s = 0.0
+
+    async def next_tick(self) -> float:
+        """Sleep until the next frame is due; return its scheduled wall time (monotonic seconds)."""
+        now = time.monotonic()
+        if self.index < 0:
+            self._start_s = now
+            self.index = 0
+            return now
+        self.index += 1
+        due = self._start_s + self.index * self.period_s
+        if now - due > MAX_LAG_S:
+            skipped = int((now - due) / self.period_s)
+            self.index += skipped
+            due = self._start_s + self.index * self.period_s
+        if due > now:
+            await asyncio.sleep(due - now)
+        return due
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    """The avatar: clip frames at the stream time the clock says plays now, idle frames otherwise."""
+
+    kind = "video"
+
+    def __init__(self, clock: PlayoutClock, reference_rgb: np.ndarray, fps: float,
+                 breath_period_s: float = 4.0, breath_depth: float = 0.04) -> None:
+        super().__init__()
+        self._clock = clock
+        self._idle_base = reference_rgb.astype(np.float32)
+        self.fps = fps
+        self.frame_size = reference_rgb.shape[:2]  # (height, width)
+        self._pacer = _Pacer(1.0 / fps)
+        self._clips: deque[VideoClip] = deque()
+        self._breath_period_s = breath_period_s
+        self._breath_depth = breath_depth
+        self.frames_sent = 0
+        self.clip_frames_sent = 0
+        self.idle_frames_sent = 0
+
+    def add_clip(self, clip: VideoClip) -> None:
+        """Queue a finished clip; clips arrive in stream order."""
+        if clip.frames.shape[1:3] != self.frame_size:
+            raise ValueError(f"clip frames are {clip.frames.shape[1:3]}, the track sends {self.frame_size}")
+        self._clips.append(clip)
+
+    @property
+    def queued_clips(self) -> int:
+        return len(self._clips)
+
+    def _clip_frame_at(self, stream_t: float) -> np.ndarray | None:
+        while self._clips and self._clips[0].t0 + self._clips[0].duration_s <= stream_t:
+            self._clips.popleft()  # already played (or too late to show)
+        if not self._clips or self._clips[0].t0 > stream_t:
+            return None
+        clip = self._clips[0]
+        index = min(int((stream_t - clip.t0) * clip.fps + 1e-6), len(clip.frames) - 1)
+        return clip.frames[index]
+
+    def idle_frame(self, wall_s: float) -> np.ndarray:
+        """The reference image, slowly brightening and dimming, so a waiting avatar looks alive."""
+        gain = 1.0 + self._breath_depth * math.sin(2 * math.pi * wall_s / self._breath_period_s)
+        return np.clip(self._idle_base * gain, 0, 255).astype(np.uint8)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        wall_s = await self._pacer.next_tick()
+        stream_t = self._clock.stream_time_at(wall_s)
+        rgb = self._clip_frame_at(stream_t) if stream_t is not None else None
+        if rgb is None:
+            rgb = self.idle_frame(wall_s)
+            self.idle_frames_sent += 1
+        else:
+            self.clip_frames_sent += 1
+        self.frames_sent += 1
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = round(self._pacer.index * VIDEO_CLOCK_RATE / self.fps)
+        frame.time_base = VIDEO_TIME_BASE
+        return frame
+
+
+class SyncedAudioTrack(MediaStreamTrack):
+    """The user's own voice sent back, read at the clock's stream time so it lands with its frames.
+
+    When the delay grows the read position waits (silence is sent); when it shrinks the read position
+    skips ahead, so the returned voice never drifts from the video by more than `tolerance_s`.
+    """
+
+    kind = "audio"
+
+    def __init__(self, clock: PlayoutClock, buffer_s: float = 30.0, tolerance_s: float = 0.005) -> None:
+        super().__init__()
+        self._clock = clock
+        self._rate_hz = AUDIO_OUT_RATE_HZ
+        self._frame_samples = int(AUDIO_PTIME_S * self._rate_hz)
+        self._pacer = _Pacer(AUDIO_PTIME_S)
+        self._ring = np.zeros(int(buffer_s * self._rate_hz), dtype=np.int16)
+        self._written_until = 0  # stream sample index one past the newest sample stored
+        self._cursor: int | None = None  # next stream sample to send
+        self._tolerance = int(tolerance_s * self._rate_hz)
+        self._mixdown = av.AudioResampler(format="s16", layout="mono", rate=self._rate_hz)
+        self.frames_sent = 0
+
+    def push(self, frame: av.AudioFrame) -> None:
+        """Store an incoming frame (any rate/layout) at its stream time."""
+        for out in self._mixdown.resample(frame):
+            pcm = out.to_ndarray().reshape(-1)
+            start = round(float(out.pts * out.time_base) * self._rate_hz) if out.pts is not None \
+                else self._written_until
+            self._write(start, pcm)
+
+    def _write(self, start: int, pcm: np.ndarray) -> None:
+        size = len(self._ring)
+        if start > self._written_until:  # a gap in the stream: clear what the ring held there
+            gap = min(start - self._written_until, size)
+            idx = np.arange(start - gap, start) % size
+            self._ring[idx] = 0
+        if len(pcm) > size:
+            start, pcm = start + len(pcm) - size, pcm[-size:]
+        idx = np.arange(start, start + len(pcm)) % size
+        self._ring[idx] = pcm
+        self._written_until = max(self._written_until, start + len(pcm))
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        out = np.zeros(count, dtype=np.int16)
+        lo = max(start, self._written_until - len(self._ring), 0)
+        hi = min(start + count, self._written_until)
+        if hi > lo:
+            out[lo - start:hi - start] = self._ring[np.arange(lo, hi) % len(self._ring)]
+        return out
+
+    def _next_samples(self, wall_s: float) -> np.ndarray:
+        stream_t = self._clock.stream_time_at(wall_s)
+        n = self._frame_samples
+        if stream_t is None:
+            return np.zeros(n, dtype=np.int16)
+        wanted = round(stream_t * self._rate_hz)
+        if self._cursor is None or wanted - self._cursor > self._tolerance:
+            self._cursor = wanted  # first audio, or the delay shrank: skip ahead
+        lead = self._cursor - wanted
+        silence = min(lead, n) if lead > self._tolerance else 0  # the delay grew: wait in silence
+        pcm = np.zeros(n, dtype=np.int16)
+        pcm[silence:] = self._read(self._cursor, n - silence)
+        self._cursor += n - silence
+        return pcm
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        wall_s = await self._pacer.next_tick()
+        pcm = self._next_samples(wall_s)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self._rate_hz
+        frame.pts = self._pacer.index * self._frame_samples
+        frame.time_base = fractions.Fraction(1, self._rate_hz)
+        self.frames_sent += 1
+        return frame
