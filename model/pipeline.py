@@ -1,0 +1,252 @@
+"""The streaming avatar: one reference image and prompt, then one video clip per audio window, forever.
+
+`AvatarModels` holds the weights (loaded once per process); `StreamingAvatar` is one session: its
+noise generator, the DiT's KV cache, the motion context and the VAE's causal cache. A clip is
+audio features -> for each block: noise, a few sampler steps, commit to the cache -> online decode.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import UMT5EncoderModel, Wav2Vec2Model
+
+from model.audio_encoder import AudioEncoder, wav2vec2_config
+from model.config import AppConfig
+from model.dit import AvatarDiT, StreamCache
+from model.dit_motion import MOTION_LATENT_FRAMES
+from model.io_types import AudioWindow, VideoClip
+from model.sampler import FlowMatchSchedule, denoise_block
+from model.text_encoder import TextEncoder, make_tokenizer, umt5_config
+from model.vae import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass
+class AvatarModels:
+    """Every network the avatar needs, on one device in one dtype; shared read-only by all sessions."""
+
+    dit: AvatarDiT
+    vae: AvatarVAE
+    audio_encoder: AudioEncoder
+    text_encoder: TextEncoder
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, cfg: AppConfig) -> "AvatarModels":
+        """Random weights under runtime.seed (checkpoint null), the tiny bundle (.safetensors) or a published folder."""
+        device, dtype = torch.device(cfg.runtime.device), _DTYPES[cfg.runtime.dtype]
+        if cfg.runtime.num_threads > 0:
+            torch.set_num_threads(cfg.runtime.num_threads)
+        checkpoint = cfg.model.checkpoint
+        if checkpoint is not None and not Path(checkpoint).exists():
+            raise FileNotFoundError(f"--model.checkpoint {checkpoint!r} does not exist; give a .safetensors file, "
+                                    "a checkpoint folder, or null for random weights")
+        checkpoint_dir = checkpoint if checkpoint is not None and Path(checkpoint).is_dir() else None
+        torch.manual_seed(cfg.runtime.seed)
+        with torch.device(device):  # random init happens on the target device, never a CPU copy first
+            dit = AvatarDiT(cfg.model.dit)
+            vae = build_vae(cfg.model.vae)
+            wav2vec2 = Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder))
+            umt5 = UMT5EncoderModel(umt5_config(cfg.model.text_encoder))
+        if checkpoint is not None:
+            _load_checkpoint(cfg, Path(checkpoint), dit=dit, vae=vae, audio_encoder=wav2vec2, text_encoder=umt5)
+        dit.cast(dtype).eval().requires_grad_(False)
+        return cls(
+            dit=dit,
+            vae=AvatarVAE(vae if dtype == torch.float32 else vae.to(dtype)),
+            audio_encoder=AudioEncoder(wav2vec2.to(dtype), cfg.audio_sample_rate_hz),
+            text_encoder=TextEncoder(umt5.to(dtype), make_tokenizer(cfg.model.text_encoder, checkpoint_dir),
+                                     cfg.model.text_encoder.text_len),
+            device=device,
+            dtype=dtype,
+        )
+
+
+def _load_checkpoint(cfg: AppConfig, path: Path, **modules: torch.nn.Module) -> None:
+    """Weights from disk into the modules just built (model/weights.py knows the layouts)."""
+    from model import weights
+
+    if path.is_file():
+        weights.load_bundle(path, **modules)
+    else:
+        weights.load_published(path, cfg, **modules)
+
+
+# ----------------------------------------------------------------------------- image helpers
+
+
+def fit_reference_image(image: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """Scale the image to cover (height, width), then crop the centre: uint8 [H, W, 3]."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"reference image must be uint8 [H, W, 3] (RGB), got {image.dtype} {list(image.shape)}")
+    height, width = frame_size
+    pil = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    scale = max(height / pil.height, width / pil.width)
+    resized = pil.resize((max(width, math.ceil(pil.width * scale)), max(height, math.ceil(pil.height * scale))),
+                         Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [1, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def video_to_frames(video: torch.Tensor) -> np.ndarray:
+    """float [1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    frames = ((video[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- one session
+
+
+@dataclass
+class _Session:
+    """What `start` sets up and every clip reads and advances."""
+
+    ref_latent: torch.Tensor  # [1, 16, 1, h, w]
+    text_context: torch.Tensor  # [1, text_len, text_dim]
+    dit_cache: StreamCache
+    decoder: StreamingDecoder
+    motion_latents: torch.Tensor  # [1, 16, MOTION_LATENT_FRAMES, h, w], newest last
+    generator: torch.Generator
+    next_frame: int = 0  # latent frame index of the next block in the stream
+
+
+class StreamingAvatar:
+    """One live session: `start(reference_image, prompt)`, then `next_clip(window)` as often as audio comes."""
+
+    def __init__(self, models: AvatarModels, cfg: AppConfig, seed: int | None = None) -> None:
+        self._models = models
+        self._cfg = cfg
+        self._seed = cfg.runtime.seed if seed is None else seed
+        self._session: _Session | None = None
+        self.denoiser_calls = 0
+        self.frames_per_block = cfg.model.dit.num_frames_per_block
+        self.latent_frames_per_clip = cfg.video.infer_frames // TIME_STRIDE
+
+    # ---- what the server reads
+
+    @property
+    def fps(self) -> float:
+        return self._cfg.video.fps
+
+    @property
+    def frames_per_clip(self) -> int:
+        return self._cfg.video.infer_frames
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return self._cfg.audio_sample_rate_hz
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.frames_per_clip / self.fps * self.sample_rate_hz)
+
+    @property
+    def context_samples(self) -> int:
+        return round(self._cfg.model.audio_encoder.context_s * self.sample_rate_hz)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self._cfg.video.height, self._cfg.video.width
+
+    # ---- the session
+
+    @torch.inference_mode()
+    def start(self, reference_image: np.ndarray, prompt: str) -> None:
+        """Encode identity and prompt, fill the DiT's sink and prime the decoder; drops any earlier session."""
+        self.close()
+        models = self._models
+        image = fit_reference_image(reference_image, self.frame_size)
+        ref_latent = models.vae.encode_reference(image_to_tensor(image)).to(models.device, models.dtype)
+        text_context = models.text_encoder.encode(prompt)
+        cache = models.dit.new_cache(1, models.device, models.dtype)
+        motion_latents = ref_latent.expand(-1, -1, MOTION_LATENT_FRAMES, -1, -1).clone()
+        models.dit.prefill(cache, ref_latent, text_context, motion_latents)
+        generator = torch.Generator(models.device).manual_seed(self._seed)
+        self._session = _Session(ref_latent, text_context, cache, models.vae.new_decoder(ref_latent),
+                                 motion_latents, generator)
+
+    @torch.inference_mode()
+    def next_clip(self, window: AudioWindow, sample_steps: int | None = None) -> VideoClip:
+        """Denoise the window's clip block by block, carry the motion context, decode it: `frames_per_clip` frames."""
+        session = self._require_session()
+        steps = self._check_steps(sample_steps)
+        self._check_window(window)
+        audio = self._models.audio_encoder.encode_window(window, self.fps, self.frames_per_clip)[None]
+        blocks = []
+        video_frames_per_block = TIME_STRIDE * self.frames_per_block
+        for i in range(self.latent_frames_per_clip // self.frames_per_block):
+            block_audio = audio[:, i * video_frames_per_block:(i + 1) * video_frames_per_block]
+            blocks.append(self._generate_block(session, block_audio, steps))
+        latents = torch.cat(blocks, dim=2)
+        self._carry_motion(session, latents)
+        frames = video_to_frames(session.decoder.decode(latents))
+        return VideoClip(frames=frames, t0=window.t0, fps=self.fps, clip_index=window.clip_index)
+
+    def close(self) -> None:
+        """Free the session's caches (the weights stay loaded)."""
+        if self._session is not None:
+            self._session.dit_cache.clear()
+            self._session.decoder.close()
+            self._session = None
+
+    # ---- steps of a clip
+
+    def _generate_block(self, session: _Session, block_audio: torch.Tensor, steps: int) -> torch.Tensor:
+        """Noise -> `steps` Euler steps with the DiT -> clean block, committed to the KV cache."""
+        dit, cache, frame_start = self._models.dit, session.dit_cache, session.next_frame
+        schedule = FlowMatchSchedule(steps, self._cfg.sampler.shift, self._cfg.sampler.num_train_timesteps)
+        block = denoise_block(lambda x, t: dit(x, t, block_audio, cache, frame_start), self._noise(session), schedule)
+        self.denoiser_calls += block.denoiser_calls
+        dit.commit(cache, block.latents, block_audio, frame_start)
+        session.next_frame += self.frames_per_block
+        return block.latents
+
+    def _noise(self, session: _Session) -> torch.Tensor:
+        _, channels, _, h, w = session.ref_latent.shape
+        shape = (1, channels, self.frames_per_block, h, w)
+        noise = torch.randn(shape, generator=session.generator, device=self._models.device, dtype=torch.float32)
+        return noise.to(self._models.dtype)
+
+    def _carry_motion(self, session: _Session, clip_latents: torch.Tensor) -> None:
+        """The newest MOTION_LATENT_FRAMES latent frames condition the next clip (re-prefill of the sink)."""
+        history = torch.cat([session.motion_latents, clip_latents.to(session.motion_latents.dtype)], dim=2)
+        session.motion_latents = history[:, :, -MOTION_LATENT_FRAMES:].clone()
+        self._models.dit.prefill(session.dit_cache, session.ref_latent, session.text_context, session.motion_latents)
+
+    # ---- checks
+
+    def _require_session(self) -> _Session:
+        if self._session is None:
+            raise RuntimeError("no session: call start(reference_image, prompt) before next_clip()")
+        return self._session
+
+    def _check_steps(self, sample_steps: int | None) -> int:
+        steps = self._cfg.sampler.sample_steps if sample_steps is None else sample_steps
+        if not isinstance(steps, int) or not 1 <= steps <= 8:
+            raise ValueError(f"sample_steps must be an integer in 1..8, got {sample_steps!r}")
+        return steps
+
+    def _check_window(self, window: AudioWindow) -> None:
+        new = len(window.samples) - window.new_from
+        if new != self.clip_samples or window.new_from < 0:
+            raise ValueError(f"audio window has {new} new samples after new_from={window.new_from}; this model "
+                             f"needs exactly {self.clip_samples} ({self.frames_per_clip} frames at {self.fps} fps, "
+                             f"{self.sample_rate_hz} Hz): cut windows with model.windowing.ClipWindower")
