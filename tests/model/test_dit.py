@@ -1,0 +1,255 @@
+"""The streaming DiT: shapes, the bounded cache, block-wise causality, determinism, sizes."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model import attention as attention_seam
+from model.config import load_config
+from model.dit import AvatarDiT, StreamCache, StreamStateError
+from model.dit_audio import CausalAudioEncoder
+
+LATENT_HW = (16, 16)  # 128*128 video
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("configs/tiny.yaml").model.dit
+
+
+@pytest.fixture(scope="module")
+def dit(cfg) -> AvatarDiT:
+    torch.manual_seed(0)
+    return AvatarDiT(cfg).eval()
+
+
+def _inputs(cfg, seed: int, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    h, w = LATENT_HW
+    ref = torch.randn(batch, 16, 1, h, w, generator=g)
+    text = torch.randn(batch, 5, cfg.text_dim, generator=g)
+    return ref, text
+
+
+def _block(cfg, seed: int, batch: int = 1):
+    g = torch.Generator().manual_seed(1000 + seed)
+    h, w = LATENT_HW
+    f = cfg.num_frames_per_block
+    latents = torch.randn(batch, 16, f, h, w, generator=g)
+    audio = torch.randn(batch, 4 * f, cfg.num_audio_layers, cfg.audio_dim, generator=g)
+    return latents, audio
+
+
+def _started(dit: AvatarDiT, cfg, seed: int = 0, batch: int = 1) -> StreamCache:
+    cache = dit.new_cache(batch, "cpu", torch.float32)
+    ref, text = _inputs(cfg, seed, batch)
+    dit.prefill(cache, ref, text)
+    return cache
+
+
+def test_velocity_has_the_block_shape_and_is_float32(dit, cfg) -> None:
+    cache = _started(dit, cfg, batch=2)
+    latents, audio = _block(cfg, 0, batch=2)
+    v = dit(latents, torch.tensor([1000.0, 500.0]), audio, cache, frame_start=0)
+    assert v.shape == latents.shape
+    assert v.dtype == torch.float32
+    assert torch.isfinite(v).all()
+
+
+def test_bfloat16_model_and_cache_give_float32_velocity_close_to_float32(cfg) -> None:
+    torch.manual_seed(0)
+    ref_model = AvatarDiT(cfg).eval()
+    low = AvatarDiT(cfg).eval()
+    low.load_state_dict(ref_model.state_dict())
+    low.cast(torch.bfloat16)
+    assert low.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert low.scale_shift_table.dtype == torch.float32  # modulation stays float32
+    outs = []
+    for model, dtype in ((ref_model, torch.float32), (low, torch.bfloat16)):
+        cache = model.new_cache(1, "cpu", dtype)
+        ref, text = _inputs(cfg, 0)
+        model.prefill(cache, ref, text)
+        assert cache.kv_k.dtype == dtype
+        latents, audio = _block(cfg, 0)
+        outs.append(model(latents, torch.tensor([700.0]), audio, cache, 0))
+    assert outs[1].dtype == torch.float32
+    rel = (outs[0] - outs[1]).norm() / outs[0].norm()
+    assert rel < 0.05
+
+
+def test_forward_does_not_modify_the_cache(dit, cfg) -> None:
+    cache = _started(dit, cfg)
+    latents, audio = _block(cfg, 0)
+    dit.commit(cache, latents, audio, 0)
+    before = (cache.kv_k.clone(), cache.kv_v.clone(), list(cache.slot_frame_start), cache.next_slot)
+    latents, audio = _block(cfg, 1)
+    dit(latents, torch.tensor([900.0]), audio, cache, cfg.num_frames_per_block)
+    assert torch.equal(cache.kv_k, before[0]) and torch.equal(cache.kv_v, before[1])
+    assert (cache.slot_frame_start, cache.next_slot) == (before[2], before[3])
+
+
+def test_cache_keeps_its_size_and_buffers_over_many_commits(dit, cfg) -> None:
+    cache = _started(dit, cfg)
+    f = cfg.num_frames_per_block
+    nbytes = cache.nbytes()
+    pointers = (cache.kv_k.data_ptr(), cache.kv_v.data_ptr(), cache.text_k.data_ptr())
+    for block in range(12):
+        latents, audio = _block(cfg, block)
+        dit.commit(cache, latents, audio, block * f)
+        assert cache.nbytes() == nbytes
+        assert cache.filled_slots == min(block + 1, cfg.kv_cache_blocks - 1)
+    assert (cache.kv_k.data_ptr(), cache.kv_v.data_ptr(), cache.text_k.data_ptr()) == pointers
+    # the window holds the newest kv_cache_blocks - 1 blocks
+    assert sorted(cache.slot_frame_start) == [f * b for b in range(12 - (cfg.kv_cache_blocks - 1), 12)]
+
+
+def test_a_block_never_sees_future_blocks(dit, cfg) -> None:
+    """Two streams share blocks 0..1 and then diverge: outputs up to block 1 must be identical."""
+    f = cfg.num_frames_per_block
+    results = []
+    for future_seed in (10, 20):
+        cache = _started(dit, cfg)
+        outs = []
+        for block in range(4):
+            latents, audio = _block(cfg, block if block < 2 else future_seed + block)
+            outs.append(dit(latents, torch.tensor([600.0]), audio, cache, block * f))
+            dit.commit(cache, latents, audio, block * f)
+        results.append(outs)
+    for block in range(2):
+        assert torch.equal(results[0][block], results[1][block])
+    assert not torch.allclose(results[0][3], results[1][3])
+
+
+def test_past_blocks_and_audio_change_the_output(dit, cfg) -> None:
+    f = cfg.num_frames_per_block
+    latents, audio = _block(cfg, 5)
+    fresh = _started(dit, cfg)
+    with_past = _started(dit, cfg)
+    past_latents, past_audio = _block(cfg, 6)
+    dit.commit(with_past, past_latents, past_audio, 0)
+    t = torch.tensor([500.0])
+    base = dit(latents, t, audio, fresh, f)
+    assert not torch.allclose(base, dit(latents, t, audio, with_past, f))
+    assert not torch.allclose(base, dit(latents, t, torch.randn_like(audio), fresh, f))
+
+
+def test_output_depends_only_on_relative_positions_so_streams_can_run_forever(dit, cfg) -> None:
+    """The same window content at frames 21..29 or 9021..9029 gives the same velocity: positions stay bounded."""
+    f = cfg.num_frames_per_block
+    outs = []
+    for offset in (30, 9030):
+        cache = _started(dit, cfg)
+        for i, block in enumerate(range(offset // f - cfg.kv_cache_blocks + 1, offset // f)):
+            latents, audio = _block(cfg, i)
+            dit.commit(cache, latents, audio, block * f)
+        latents, audio = _block(cfg, 99)
+        outs.append(dit(latents, torch.tensor([400.0]), audio, cache, offset))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-4)
+
+
+def test_same_seed_same_weights_same_output(cfg) -> None:
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = AvatarDiT(cfg).eval()
+        cache = _started(model, cfg)
+        latents, audio = _block(cfg, 3)
+        outs.append(model(latents, torch.tensor([800.0]), audio, cache, 0))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_calls_out_of_stream_order_are_refused(dit, cfg) -> None:
+    f = cfg.num_frames_per_block
+    cache = dit.new_cache(1, "cpu", torch.float32)
+    latents, audio = _block(cfg, 0)
+    with pytest.raises(StreamStateError, match="prefill"):
+        dit(latents, torch.tensor([1000.0]), audio, cache, 0)
+    ref, text = _inputs(cfg, 0)
+    dit.prefill(cache, ref, text)
+    dit.commit(cache, latents, audio, 3 * f)
+    with pytest.raises(StreamStateError, match="not after the last committed block"):
+        dit(latents, torch.tensor([1000.0]), audio, cache, 3 * f)
+    with pytest.raises(StreamStateError, match="audio must be"):
+        dit(latents, torch.tensor([1000.0]), audio[:, :-1], cache, 4 * f)
+    with pytest.raises(StreamStateError, match="block latents must be"):
+        dit(latents[:, :, :1], torch.tensor([1000.0]), audio, cache, 4 * f)
+
+
+def test_prefill_again_replaces_the_sink_and_keeps_the_window(dit, cfg) -> None:
+    cache = _started(dit, cfg)
+    latents, audio = _block(cfg, 0)
+    dit.commit(cache, latents, audio, 0)
+    window = cache.kv_k[:, :, cache.sink_tokens:].clone()
+    sink = cache.kv_k[:, :, :cache.sink_tokens].clone()
+    ref, text = _inputs(cfg, 7)
+    motion = torch.randn(1, 16, 12, *LATENT_HW)
+    dit.prefill(cache, ref, text, motion_latents=motion)
+    assert torch.equal(cache.kv_k[:, :, cache.sink_tokens:], window)
+    assert not torch.equal(cache.kv_k[:, :, :cache.sink_tokens], sink)
+    assert cache.slot_frame_start[0] == 0
+
+
+def test_every_self_attention_goes_through_the_sequence_parallel_seam(dit, cfg) -> None:
+    calls = []
+
+    class CountingGroup:
+        def shard_tokens(self, x, dim=1):
+            return x
+
+        def gather_tokens(self, x, dim=1):
+            return x
+
+        def attention(self, q, k, v, attend):
+            calls.append((q.shape[1], k.shape[1]))
+            return attend(q, k, v)
+
+    previous = attention_seam.set_sequence_parallel(CountingGroup())
+    try:
+        cache = _started(dit, cfg)
+        assert len(calls) == cfg.num_layers  # sink prefill
+        latents, audio = _block(cfg, 0)
+        dit(latents, torch.tensor([1000.0]), audio, cache, 0)
+        dit.commit(cache, latents, audio, 0)
+        assert len(calls) == 3 * cfg.num_layers
+        block_tokens = cache.block_tokens
+        assert calls[-1] == (block_tokens, cache.sink_tokens + block_tokens)
+    finally:
+        attention_seam.set_sequence_parallel(previous)
+
+
+def test_short_audio_prefix_equals_the_reference_73_frame_prefix(cfg) -> None:
+    torch.manual_seed(0)
+    encoder = CausalAudioEncoder(cfg.audio_dim, cfg.num_audio_layers, cfg.dim)
+    audio = torch.randn(2, 12, cfg.num_audio_layers, cfg.audio_dim)
+    short = encoder(audio)
+    long = encoder(audio, prefix_frames=73, drop_latents=19)  # Wan2.2: motion_frames [73, 19]
+    for a, b in zip(short, long):
+        assert a.shape[1] == 3
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_14b_config_builds_on_meta_with_wan_sizes() -> None:
+    cfg14 = load_config("configs/liveavatar_14b.yaml").model.dit
+    with torch.device("meta"):
+        model = AvatarDiT(cfg14)
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        counts[top] = counts.get(top, 0) + param.numel()
+    total = sum(counts.values())
+    backbone = sum(counts[k] for k in ("patch_embedding", "condition_embedder", "blocks", "proj_out",
+                                       "scale_shift_table"))
+    assert backbone == pytest.approx(14.29e9, rel=0.005)  # the Wan2.1/2.2 14B backbone
+    assert counts["audio_injector"] == pytest.approx(1.888e9, rel=0.005)  # 12 injectors (cross-attn + AdaLN)
+    assert total == pytest.approx(16.30e9, rel=0.005)  # Wan2.2-S2V-14B with its S2V parts
+    assert len(model.blocks) == 40 and model.blocks[0].attn1.heads == 40
+
+
+def test_head_dim_tables_cover_wan_split(cfg) -> None:
+    from model.rope import rope_split
+
+    assert rope_split(128) == (44, 42, 42)  # Wan 14B head dim 128: rope_params(1024, d - 4*(d//6)) etc.
+    small = dataclasses.replace(cfg)
+    assert sum(rope_split(small.dim // small.num_heads)) == small.dim // small.num_heads
