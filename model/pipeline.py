@@ -3,6 +3,8 @@
 `AvatarModels` holds the weights (loaded once per process); `StreamingAvatar` is one session: its
 noise generator, the DiT's KV cache, the motion context and the VAE's causal cache. A clip is
 audio features -> for each block: noise, a few sampler steps, commit to the cache -> online decode.
+`next_clip` = `decode_clip(denoise_clip(window))`; the two halves are public so a caller may run the
+decode of clip n alongside the denoising of clip n+1.
 """
 from __future__ import annotations
 
@@ -185,20 +187,31 @@ class StreamingAvatar:
 
     @torch.inference_mode()
     def next_clip(self, window: AudioWindow, sample_steps: int | None = None) -> VideoClip:
-        """Denoise the window's clip block by block, carry the motion context, decode it: `frames_per_clip` frames."""
+        """The window's clip: `frames_per_clip` frames stamped with the window's t0 and clip_index."""
+        latents = self.denoise_clip(window, sample_steps)
+        frames = self.decode_clip(latents)
+        return VideoClip(frames=frames, t0=window.t0, fps=self.fps, clip_index=window.clip_index)
+
+    @torch.inference_mode()
+    def denoise_clip(self, window: AudioWindow, sample_steps: int | None = None) -> torch.Tensor:
+        """Audio features -> each block denoised and committed -> motion carried: clean latents [1,16,L,h,w]."""
         session = self._require_session()
         steps = self._check_steps(sample_steps)
         self._check_window(window)
         audio = self._models.audio_encoder.encode_window(window, self.fps, self.frames_per_clip)[None]
+        block_video_frames = TIME_STRIDE * self.frames_per_block
         blocks = []
-        video_frames_per_block = TIME_STRIDE * self.frames_per_block
         for i in range(self.latent_frames_per_clip // self.frames_per_block):
-            block_audio = audio[:, i * video_frames_per_block:(i + 1) * video_frames_per_block]
+            block_audio = audio[:, i * block_video_frames:(i + 1) * block_video_frames]
             blocks.append(self._generate_block(session, block_audio, steps))
         latents = torch.cat(blocks, dim=2)
         self._carry_motion(session, latents)
-        frames = video_to_frames(session.decoder.decode(latents))
-        return VideoClip(frames=frames, t0=window.t0, fps=self.fps, clip_index=window.clip_index)
+        return latents
+
+    @torch.inference_mode()
+    def decode_clip(self, latents: torch.Tensor) -> np.ndarray:
+        """Online decode on the session's causal cache: uint8 frames [4L, H, W, 3], continuing the last clip."""
+        return video_to_frames(self._require_session().decoder.decode(latents))
 
     def close(self) -> None:
         """Free the session's caches (the weights stay loaded)."""
