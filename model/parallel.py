@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -226,6 +226,32 @@ class ParallelGroup:
             k, v = _seq_to_heads(torch.stack((k, v)), n, self.sp_group).unbind(0)
         out = attend(q, k, v)
         return _heads_to_seq(out.unsqueeze(0), n, self.sp_group)[0]
+
+    # ---- weights: per-layer sharding over the DiT ranks
+    def shard_layers(self, model: torch.nn.Module, layers: Iterable[torch.nn.Module],
+                     prefetch_layers: int = 1) -> torch.nn.Module:
+        """Keep 1/N of every layer's weights on each DiT rank (FSDP2 `fully_shard`).
+
+        A layer's weights are all-gathered just before it runs (the next `prefetch_layers` ahead, on
+        FSDP's own stream) and freed right after, so no rank ever holds the whole model: the peak is
+        1/N of the model plus about two layers. Call on a model built on the meta device, then
+        `model.to_empty(device=...)` and fill the weights shard by shard. Use one grad mode for every
+        forward afterwards (inference_mode throughout): FSDP2 keeps its gather buffers across calls.
+        """
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        if not self.distributed or self.sp_size == 1:
+            return model
+        mesh = DeviceMesh.from_group(self.sp_group, self.device.type)
+        layers = list(layers)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        if prefetch_layers > 0:
+            for i, layer in enumerate(layers[:-1]):
+                layer.set_modules_to_forward_prefetch(layers[i + 1:i + 1 + prefetch_layers])
+        return model
 
     # ---- control plane: rank 0 hands jobs to the followers
     def broadcast_job(self, job: Any) -> Any:

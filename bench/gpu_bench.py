@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""Streaming DiT + online VAE decode benchmark: s/clip, sustained FPS, TTFF, latency, MFU, peak memory.
+
+One process per GPU, started like the server:
+
+    python bench/gpu_bench.py --config configs/liveavatar_14b.yaml --clips 12                 # 1 GPU
+    torchrun --nproc-per-node 2 bench/gpu_bench.py --config configs/liveavatar_14b.yaml     # Ulysses SP=2
+    torchrun --nproc-per-node 2 bench/gpu_bench.py --vae_mode rank ...                      # DiT GPU + VAE GPU
+    python bench/gpu_bench.py --config configs/tiny.yaml --device cpu --clips 3             # dry run
+
+The DiT runs with random weights at the configured size, built on the meta device and filled on the
+GPU (never materialised on the CPU), and makes exactly the calls `StreamingAvatar` makes per clip:
+a sink prefill with the previous clip as motion, then per block `sample_steps` denoiser calls and one
+commit. Audio features and text context are random tensors of the real shapes (their encoders run
+once per clip / per session, off the DiT's critical path). Rank 0 prints one JSON line per run,
+prefixed `RESULT `; `bench/table.py` turns those lines into the table for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import parallel  # noqa: E402
+from model.config import AppConfig, load_config  # noqa: E402
+from model.dit import AvatarDiT  # noqa: E402
+from model.sampler import FlowMatchSchedule  # noqa: E402
+from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae  # noqa: E402
+
+H200_BF16_DENSE_TFLOPS = 989.0  # vendor datasheet, dense bf16 (MFU denominator)
+VAE_MODES = ("inline", "stream", "rank")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def materialise_random(module: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """`to_empty` on `device`, then fill every weight there: N(0, 1/fan_in) matrices, unit norms, zero biases.
+
+    Works on plain and on per-layer-sharded (DTensor) parameters: each rank fills its own shard.
+    The same seed on every rank gives identical replicated weights (the SP=1 vs SP=N check needs that).
+    """
+    module.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if param.ndim >= 2:
+                fan_in = math.prod(param.shape[1:])
+                local.normal_(0.0, fan_in ** -0.5, generator=gen)
+            elif name.endswith("bias"):
+                local.zero_()
+            elif "norm" in name:
+                local.fill_(1.0)
+            else:
+                local.normal_(0.0, 0.02, generator=gen)
+    for name, buf in module.named_buffers():
+        raise RuntimeError(f"buffer {name} would be left uninitialised by to_empty; recompute it here")
+
+
+def build_dit(cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype, shard_weights: bool) -> AvatarDiT:
+    """The DiT on the meta device, cast, optionally sharded per layer, then filled on this rank's GPU."""
+    with torch.device("meta"):
+        dit = AvatarDiT(cfg.model.dit)
+    dit.cast(dtype)
+    if shard_weights:
+        group.shard_layers(dit, dit_shard_units(dit))
+    materialise_random(dit, group.device, seed=cfg.runtime.seed)
+    return dit.eval().requires_grad_(False)
+
+
+def dit_shard_units(dit: AvatarDiT) -> list[torch.nn.Module]:
+    """The units whose weights are gathered one at a time: transformer blocks and audio injectors."""
+    units: list[torch.nn.Module] = list(dit.blocks)
+    units += list(dit.audio_injector.injector) + list(dit.audio_injector.injector_adain_layers)
+    return units
+
+
+def build_vae_on(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> AvatarVAE:
+    with torch.device(device):
+        vae = build_vae(cfg.model.vae)
+    return AvatarVAE(vae.to(device=device, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- one stream
+
+
+@dataclass
+class ClipTiming:
+    index: int
+    submit_s: float  # host time the clip's audio window was handed to the model
+    out_s: float = 0.0  # host time its frames were on the host
+    dit_s: float = 0.0  # GPU time of the DiT (events)
+    vae_s: float = 0.0  # GPU time of the decode (events, on the decoding device)
+    peak_alloc_gb: list[float] = field(default_factory=list)
+    peak_reserved_gb: list[float] = field(default_factory=list)
+
+
+class StreamDenoiser:
+    """The DiT side of one session: the same calls per clip as `StreamingAvatar`, on random conditioning."""
+
+    def __init__(self, dit: AvatarDiT, cfg: AppConfig, device: torch.device, dtype: torch.dtype, steps: int):
+        self.dit, self.cfg, self.device, self.dtype = dit, cfg, device, dtype
+        d = cfg.model.dit
+        self.block_frames = d.num_frames_per_block
+        self.latent_frames = cfg.video.infer_frames // TIME_STRIDE
+        self.latent_hw = (cfg.video.height // SPACE_STRIDE, cfg.video.width // SPACE_STRIDE)
+        self.schedule = FlowMatchSchedule(steps, cfg.sampler.shift, cfg.sampler.num_train_timesteps)
+        gen = torch.Generator(device=device).manual_seed(cfg.runtime.seed + 1)
+        self.ref_latent = torch.randn(1, d.in_channels, 1, *self.latent_hw, generator=gen, device=device).to(dtype)
+        self.text = torch.randn(1, d.text_len, d.text_dim, generator=gen, device=device).to(dtype)
+        self.cache = dit.new_cache(1, device, dtype)
+        self.frame_start = 0
+        self.motion: torch.Tensor | None = None
+        self.denoiser_calls = 0
+        dit.prefill(self.cache, self.ref_latent, self.text, None)
+
+    def clip(self, index: int) -> torch.Tensor:
+        """Latents [1, 16, L, h, w] of clip `index`; identical noise on every rank (seeded by index)."""
+        d = self.cfg.model.dit
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.runtime.seed * 1000 + index)
+        audio = torch.randn(1, TIME_STRIDE * self.latent_frames, d.num_audio_layers, d.audio_dim,
+                            generator=gen, device=self.device).to(self.dtype)
+        if self.motion is not None:
+            self.dit.prefill(self.cache, self.ref_latent, self.text, self.motion)
+        blocks = []
+        timesteps = self.schedule.timesteps.tolist()
+        sigmas = self.schedule.sigmas.tolist()
+        for b in range(self.latent_frames // self.block_frames):
+            x = torch.randn(1, d.in_channels, self.block_frames, *self.latent_hw, generator=gen,
+                            device=self.device).to(self.dtype)
+            block_audio = audio[:, b * self.block_frames * TIME_STRIDE:(b + 1) * self.block_frames * TIME_STRIDE]
+            for step, t in enumerate(timesteps):
+                timestep = torch.full((1,), t, device=self.device)
+                v = self.dit(x, timestep, block_audio, self.cache, self.frame_start)
+                x = (x.float() + (sigmas[step + 1] - sigmas[step]) * v).to(self.dtype)
+                self.denoiser_calls += 1
+            self.dit.commit(self.cache, x, block_audio, self.frame_start)
+            self.frame_start += self.block_frames
+            blocks.append(x)
+        latents = torch.cat(blocks, dim=2)
+        self.motion = latents
+        return latents
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the same device."""
+    return ((video[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+# ----------------------------------------------------------------------------- the measured loops
+
+
+class Clock:
+    """GPU-event timing without host syncs; event times map to host time through one anchor event."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.anchor = self.mark()
+            self.anchor.synchronize()
+            self.anchor_host_s = time.perf_counter()  # the GPU was idle: the anchor ran at about this time
+
+    def mark(self, stream=None):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+    def host_time(self, mark) -> float:
+        """Host clock reading of the moment the GPU reached `mark`."""
+        if not self.cuda:
+            return mark
+        mark.synchronize()
+        return self.anchor_host_s + self.anchor.elapsed_time(mark) / 1000.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def read_peak(device: torch.device) -> tuple[float, float]:
+    if device.type != "cuda":
+        return 0.0, 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+
+
+def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype) -> dict | None:
+    """Rank 0 and the other DiT ranks: denoise clip after clip; rank 0 also decodes or hands off to the VAE rank."""
+    device = group.device
+    t0 = time.perf_counter()
+    dit = build_dit(cfg, group, dtype, args.shard_weights)
+    build_s = time.perf_counter() - t0
+    decodes_here = group.rank == 0 and args.vae_mode in ("inline", "stream")
+    vae = build_vae_on(cfg, device, dtype) if decodes_here else None
+    side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # decode or frame receive
+    vae_rank = group.layout.vae_rank
+
+    with torch.inference_mode():
+        # Warm-up session (kernel selection, allocator), then FLOPs of one clip, then the measured session.
+        warm = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
+        for i in range(args.warmup_clips):
+            warm.clip(i)
+        flops = count_flops(lambda: warm.clip(args.warmup_clips))
+        del warm
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+
+        session = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
+        decoder = vae.new_decoder(session.ref_latent) if vae is not None else None
+        if group.rank == 0 and args.vae_mode == "rank":
+            group.send_to_rank(session.ref_latent, vae_rank)
+        clock = Clock(device)
+        frames_shape = (cfg.video.infer_frames, cfg.video.height, cfg.video.width, 3)
+        pinned = [torch.empty(frames_shape, dtype=torch.uint8, pin_memory=device.type == "cuda") for _ in range(3)]
+        timings: list[ClipTiming] = []
+        pending: collections.deque = collections.deque()  # clips whose frames are still on their way
+
+        def finish(item) -> None:
+            timing, done, vae_start, vae_end, dit_start, dit_end = item
+            timing.out_s = clock.host_time(done)
+            timing.dit_s = clock.seconds(dit_start, dit_end)
+            if vae_start is not None:
+                timing.vae_s = clock.seconds(vae_start, vae_end)
+            if timing.index in peak_clips:
+                alloc, reserved = read_peak(device)
+                timing.peak_alloc_gb, timing.peak_reserved_gb = [alloc], [reserved]
+
+        peak_clips = {min(10, args.clips - 1), args.clips - 1}
+        for n in range(args.clips):
+            if n in peak_clips:
+                reset_peak(device)
+            timing = ClipTiming(n, submit_s=time.perf_counter())
+            dit_start = clock.mark()
+            latents = session.clip(n)
+            dit_end = clock.mark()
+            timings.append(timing)
+            if group.rank != 0:
+                timing.out_s = clock.host_time(dit_end)
+                timing.dit_s = clock.seconds(dit_start, dit_end)
+                if n in peak_clips:
+                    timing.peak_alloc_gb, timing.peak_reserved_gb = [read_peak(device)[0]], [read_peak(device)[1]]
+                continue
+            host = pinned[n % len(pinned)]
+            if args.vae_mode == "rank":
+                group.send_to_rank(latents, vae_rank)
+                # receive on a side stream, or the next clip's DiT would queue behind the decode
+                side_stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side_stream):
+                    frames = group.recv_from_rank(frames_shape, torch.uint8, vae_rank)
+                    host.copy_(frames, non_blocking=True)
+                    done = clock.mark(side_stream)
+                pending.append((timing, done, None, None, dit_start, dit_end))
+            elif args.vae_mode == "stream":
+                side_stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side_stream):
+                    latents.record_stream(side_stream)
+                    vae_start = clock.mark(side_stream)
+                    frames = to_uint8_frames(decoder.decode(latents))
+                    vae_end = clock.mark(side_stream)
+                    host.copy_(frames, non_blocking=True)
+                    done = clock.mark(side_stream)
+                pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
+            else:
+                vae_start = clock.mark()
+                frames = to_uint8_frames(decoder.decode(latents)) if decoder else latents
+                vae_end = clock.mark()
+                if decoder:
+                    host.copy_(frames, non_blocking=True)
+                done = clock.mark()
+                pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
+            # Keep at most one clip in flight behind the DiT: that is the overlap, and it bounds memory.
+            while len(pending) > (1 if args.vae_mode != "inline" else 0):
+                finish(pending.popleft())
+        while pending:
+            finish(pending.popleft())
+
+    return summarise(args, cfg, group, timings, flops, build_s, session.denoiser_calls)
+
+
+def run_vae_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype) -> dict:
+    """The decode-only rank: receive a clip's latents from rank 0, decode, send its frames back."""
+    device = group.device
+    vae = build_vae_on(cfg, device, dtype)
+    d = cfg.model.dit
+    latent_hw = (cfg.video.height // SPACE_STRIDE, cfg.video.width // SPACE_STRIDE)
+    latent_frames = cfg.video.infer_frames // TIME_STRIDE
+    clock = Clock(device)
+    vae_s = []
+    peaks = []
+    with torch.inference_mode():
+        ref = group.recv_from_rank((1, d.in_channels, 1, *latent_hw), dtype, src=0)
+        decoder = vae.new_decoder(ref)
+        for n in range(args.clips):
+            if n == args.clips - 1:
+                reset_peak(device)
+            latents = group.recv_from_rank((1, d.in_channels, latent_frames, *latent_hw), dtype, src=0)
+            start = clock.mark()
+            frames = to_uint8_frames(decoder.decode(latents))
+            end = clock.mark()
+            group.send_to_rank(frames, dst=0)
+            vae_s.append(clock.seconds(start, end))
+        peaks.append(read_peak(device))
+    return {"vae_rank_s_per_clip": statistics.median(vae_s[1:] or vae_s), "vae_rank_peak_gb": peaks[-1][0]}
+
+
+def count_flops(fn) -> float:
+    """Floating-point operations of one call of `fn` (matmuls, convolutions, attention) on this rank."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def summarise(args, cfg: AppConfig, group: parallel.ParallelGroup, timings: list[ClipTiming], flops: float,
+              build_s: float, denoiser_calls: int) -> dict:
+    steady = timings[1:] if len(timings) > 1 else timings
+    frames_per_clip = cfg.video.infer_frames
+    span_s = timings[-1].out_s - timings[0].out_s
+    fps = frames_per_clip * (len(timings) - 1) / span_s if len(timings) > 1 and span_s > 0 else float("nan")
+    dit_s = statistics.median(t.dit_s for t in steady)
+    vae_s = statistics.median(t.vae_s for t in steady)
+    peak_10 = next((t for t in timings if t.peak_alloc_gb and t.index != timings[-1].index), timings[-1])
+    return {
+        "rank": group.rank,
+        "gpus": group.world_size,
+        "sp": group.sp_size,
+        "mode": args.vae_mode + ("+fsdp" if args.shard_weights else ""),
+        "size": cfg.video.size,
+        "frames": frames_per_clip,
+        "steps": args.sample_steps,
+        "layers": cfg.model.dit.num_layers,
+        "clips": len(timings),
+        "dit_s": dit_s,
+        "vae_s": vae_s,
+        "fps": fps,
+        "ttff_s": timings[0].out_s - timings[0].submit_s,
+        "latency_s": statistics.median(t.out_s - t.submit_s for t in steady),
+        "flops_per_clip_rank": flops,
+        "mfu": flops / dit_s / (H200_BF16_DENSE_TFLOPS * 1e12) if dit_s > 0 else float("nan"),
+        "peak_gb_clip": [peak_10.index, timings[-1].index],
+        "peak_alloc_gb": [peak_10.peak_alloc_gb[0] if peak_10.peak_alloc_gb else 0.0,
+                          timings[-1].peak_alloc_gb[0] if timings[-1].peak_alloc_gb else 0.0],
+        "peak_reserved_gb": [peak_10.peak_reserved_gb[0] if peak_10.peak_reserved_gb else 0.0,
+                             timings[-1].peak_reserved_gb[0] if timings[-1].peak_reserved_gb else 0.0],
+        "denoiser_calls_per_clip": denoiser_calls / max(len(timings), 1),
+        "build_s": build_s,
+        "label": args.label,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/liveavatar_14b.yaml")
+    p.add_argument("--clips", type=int, default=12, help="measured clips (the first gives TTFF)")
+    p.add_argument("--warmup_clips", type=int, default=1)
+    p.add_argument("--sample_steps", type=int, default=None)
+    p.add_argument("--vae_mode", choices=VAE_MODES, default="stream",
+                   help="inline: decode after the DiT on one stream; stream: decode clip n on a second CUDA "
+                        "stream while the DiT runs clip n+1; rank: a separate VAE GPU (last rank)")
+    p.add_argument("--shard_weights", action="store_true", help="per-layer weight sharding over the DiT ranks")
+    p.add_argument("--mem_cap_gb", type=float, default=None, help="per-process GPU memory cap")
+    p.add_argument("--label", default="")
+    p.add_argument("--json_out", default=None)
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="config override, e.g. --set video.size 256*256 --set model.dit.num_layers 8")
+    p.add_argument("--device", default=None, help="override runtime.device (cpu for a dry run)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = dict(args.set)
+    if args.device:
+        overrides["runtime.device"] = args.device
+        if args.device == "cpu":
+            overrides.setdefault("runtime.dtype", "float32")
+    layers = overrides.get("model.dit.num_layers")
+    if layers is not None and "model.dit.audio_inject_layers" not in overrides:
+        # a shorter stack for long runs: keep the injectors that still have a layer to sit in
+        inject = [i for i in load_config(args.config).model.dit.audio_inject_layers if i < int(layers)]
+        overrides["model.dit.audio_inject_layers"] = ",".join(map(str, inject))
+    cfg = load_config(args.config, overrides)
+    args.sample_steps = args.sample_steps or cfg.sampler.sample_steps
+    if cfg.runtime.device == "cpu" and args.vae_mode == "stream":
+        args.vae_mode = "inline"  # no second stream on the CPU
+    group = parallel.start_group(cfg.runtime.device, cfg.model.dit.num_heads, vae_rank=args.vae_mode == "rank")
+    if args.mem_cap_gb and group.device.type == "cuda":
+        total = torch.cuda.get_device_properties(group.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gb * 2**30 / total), group.device)
+    dtype = getattr(torch, cfg.runtime.dtype)
+    if group.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(group.world_size, 1)))
+    try:
+        if group.role == parallel.ROLE_VAE:
+            result = run_vae_rank(args, cfg, group, dtype)
+        else:
+            result = run_dit_rank(args, cfg, group, dtype)
+        results = gather_results(group, result)
+        if group.rank == 0:
+            merged = merge(results)
+            line = json.dumps(merged)
+            print("RESULT " + line, flush=True)
+            if args.json_out:
+                with open(args.json_out, "a") as fh:
+                    fh.write(line + "\n")
+    finally:
+        group.shutdown()
+    return 0
+
+
+def gather_results(group: parallel.ParallelGroup, result: dict) -> list[dict]:
+    if not group.distributed:
+        return [result]
+    import torch.distributed as dist
+
+    out: list = [None] * group.world_size
+    dist.all_gather_object(out, result, group=group.control_group)
+    return out
+
+
+def merge(results: list[dict]) -> dict:
+    """Rank 0's row, with every rank's peak memory and the VAE rank's decode time."""
+    row = dict(results[0])
+    row["peak_alloc_gb_per_rank"] = [r.get("peak_alloc_gb", [r.get("vae_rank_peak_gb", 0.0)] * 2) for r in results]
+    row["peak_reserved_gb_per_rank"] = [r.get("peak_reserved_gb", [0.0, 0.0]) for r in results]
+    vae_rank = [r for r in results if "vae_rank_s_per_clip" in r]
+    if vae_rank:
+        row["vae_s"] = vae_rank[0]["vae_rank_s_per_clip"]
+    row["mfu"] = statistics.mean(r["mfu"] for r in results if "mfu" in r)
+    row["flops_per_clip"] = sum(r.get("flops_per_clip_rank", 0.0) for r in results)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())
