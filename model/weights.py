@@ -1,0 +1,401 @@
+"""Checkpoints: the published Wan2.2-S2V-14B layout (+ LiveAvatar LoRA merged at load), diffusers names, our bundle.
+
+Layouts
+- original: a folder of `diffusion_pytorch_model-0000i-of-0000N.safetensors` shards with
+  `diffusion_pytorch_model.safetensors.index.json` ({"metadata": {"total_size"}, "weight_map": {key: shard}}),
+  or one `diffusion_pytorch_model.safetensors`; keys are Wan2.2 `wan/modules/s2v/model_s2v.py` module names
+  (`blocks.0.self_attn.q.weight`, `head.modulation`, `casual_audio_encoder.*`, `audio_injector.injector.0.q.*`).
+- diffusers: the same files (optionally under `transformer/`) with diffusers `WanTransformer3DModel` names for
+  the backbone (diffusers scripts/convert_wan_to_diffusers.py TRANSFORMER_KEYS_RENAME_DICT). Diffusers has no
+  S2V model; its S2V parts keep the Wan2.2 names, with the audio cross-attention renamed like the backbone's
+  attention (q/k/v/o -> to_q/to_k/to_v/to_out.0). This is `AvatarDiT`'s own naming.
+- bundle: one safetensors file of prefixed state dicts (`dit.`, `vae.`, `audio_encoder.`, `text_encoder.`),
+  the AppConfig as JSON in the metadata (`save_bundle` / `load_bundle`).
+
+Every tensor is read on its own with `safe_open` straight onto the target device, cast, and assigned into a
+model built on the `meta` device, so a model is never in memory twice. Names and shapes are checked before the
+first tensor is read; a mismatch raises one `CheckpointError` naming the file and the first bad keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import AppConfig, DiTConfig, load_config_from_dict
+from model.dit import AvatarDiT
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+BUNDLE_FORMAT = "liveavatar-server-bundle/1"
+# LiveAvatar's LoRA hyper-parameters (liveavatar/configs/s2v_causal_sft.yaml: lora_rank 128, lora_alpha 64,
+# lora_target_modules "q,k,v,o,ffn.0,ffn.2"); the rank is read from the tensors, alpha from the file if it says.
+LIVEAVATAR_LORA_ALPHA = 64.0
+SHOW_KEYS = 5
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing or does not fit the model; the message names the file and keys."""
+
+
+# ----------------------------------------------------------------------------- names
+
+_ORIGINAL_TO_OURS = [
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),  # Wan's cross-attn norm is norm3, diffusers' norm2
+    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+    (r"^blocks\.(\d+)\.self_attn\.", r"blocks.\1.attn1."),
+    (r"^blocks\.(\d+)\.cross_attn\.", r"blocks.\1.attn2."),
+]
+_OURS_TO_ORIGINAL = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.attn1\.", r"blocks.\1.self_attn."),
+    (r"^blocks\.(\d+)\.attn2\.", r"blocks.\1.cross_attn."),
+]
+_ATTN_PARENT = r"((?:self_attn|cross_attn|attn1|attn2|injector\.\d+))"
+
+
+def original_to_ours(key: str) -> str:
+    """Wan2.2-S2V checkpoint name -> AvatarDiT (diffusers-style) parameter name."""
+    for pattern, repl in _ORIGINAL_TO_OURS:
+        key = re.sub(pattern, repl, key)
+    key = re.sub(_ATTN_PARENT + r"\.([qkv])\.", r"\1.to_\2.", key)
+    return re.sub(_ATTN_PARENT + r"\.o\.", r"\1.to_out.0.", key)
+
+
+def ours_to_original(key: str) -> str:
+    """AvatarDiT parameter name -> the Wan2.2-S2V checkpoint name (inverse of `original_to_ours`)."""
+    key = re.sub(_ATTN_PARENT + r"\.to_([qkv])\.", r"\1.\2.", key)
+    key = re.sub(_ATTN_PARENT + r"\.to_out\.0\.", r"\1.o.", key)
+    for pattern, repl in _OURS_TO_ORIGINAL:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _detect_renamer(keys: Iterable[str]) -> tuple[str, Callable[[str], str]]:
+    keys = list(keys)
+    if any(".attn1." in k or k.startswith("condition_embedder.") for k in keys):
+        return "diffusers", lambda k: k
+    return "original", original_to_ours
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Map every tensor name of a sharded or single-file checkpoint to the shard holding it."""
+    path = Path(path)
+    if path.is_dir() and (path / "transformer").is_dir() and not (path / INDEX_NAME).exists():
+        path = path / "transformer"  # a diffusers pipeline folder
+    if path.is_file():
+        return {k: path for k in _safetensors_keys(path)}
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist: point --model.checkpoint at the folder with "
+                              f"{INDEX_NAME} (or {SINGLE_NAME})")
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {exc}") from None
+        files = {k: path / shard for k, shard in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise CheckpointError(f"{index} lists shards that are not there: {absent[:SHOW_KEYS]}")
+        return files
+    single = path / SINGLE_NAME
+    if single.is_file():
+        return {k: single for k in _safetensors_keys(single)}
+    raise CheckpointError(f"{path} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int,
+                  metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `tensors` as Hugging Face-style shards + index (the layout the Wan repos publish)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata=metadata or {"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+    return [folder / n for n in names]
+
+
+# ----------------------------------------------------------------------------- checks and assignment
+
+
+def _check_fit(where: str, expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]],
+               source_name: dict[str, str]) -> None:
+    """One error listing the first missing, unexpected and mis-shaped keys (names as in the file)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [source_name[k] for k in found if k not in expected]
+    wrong = [f"{source_name[k]} {list(found[k])} (model wants {list(expected[k])})"
+             for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"checkpoint {where} does not fit the model:"]
+    if missing:
+        lines.append(f"  missing {len(missing)} keys, first: {missing[:SHOW_KEYS]}")
+    if unexpected:
+        lines.append(f"  unexpected {len(unexpected)} keys, first: {unexpected[:SHOW_KEYS]}")
+    if wrong:
+        lines.append(f"  wrong shape for {len(wrong)} keys, first: {wrong[:SHOW_KEYS]}")
+    lines.append("  check that the config (--model.dit.*) matches the checkpoint's size and that the file is complete")
+    raise CheckpointError("\n".join(lines))
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter/buffer `name` with `tensor` (works for modules built on the meta device)."""
+    *parents, leaf = name.split(".")
+    owner = module
+    for p in parents:
+        owner = getattr(owner, p)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _target_dtype(name: str, tensor_dtype: torch.dtype, dtype: torch.dtype, fp32: Callable[[str], bool]) -> torch.dtype:
+    if not tensor_dtype.is_floating_point:
+        return tensor_dtype
+    return torch.float32 if fp32(name) else dtype
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraPair:
+    """One low-rank update W += scale * up @ down for the parameter `target` (our naming)."""
+
+    target: str
+    down: torch.Tensor  # lora_A [r, in]
+    up: torch.Tensor  # lora_B [out, r]
+    scale: float
+
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def read_lora(path: str | Path, model_keys: set[str], alpha: float | None = None) -> list[LoraPair]:
+    """LiveAvatar's peft LoRA (`...q.lora_A[.default].weight`, optional `base_model.model.` prefix).
+
+    Module names are Wan's original ones (targets q,k,v,o,ffn.0,ffn.2) or already ours. alpha comes from
+    `alpha`, else the file's metadata `lora_alpha`, else an `adapter_config.json` beside it, else LiveAvatar's 64.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"LoRA file {path} does not exist (--model.lora)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    if alpha is None:
+        alpha = _lora_alpha(path, metadata)
+    downs: dict[str, torch.Tensor] = {}
+    ups: dict[str, torch.Tensor] = {}
+    ignored = []
+    for key, tensor in raw.items():
+        bare = key.removeprefix("base_model.model.").removeprefix("diffusion_model.")
+        match = _LORA_KEY.match(bare)
+        if not match:
+            ignored.append(key)
+            continue
+        (downs if match["which"] == "A" else ups)[match["module"]] = tensor
+    if ignored:
+        log.warning("LoRA file %s: ignoring %d non-LoRA tensors, first: %s", path, len(ignored), ignored[:SHOW_KEYS])
+    unpaired = sorted(set(downs) ^ set(ups))
+    pairs, unknown = [], []
+    for module_name in sorted(set(downs) & set(ups)):
+        weight = module_name + ".weight"
+        target = weight if weight in model_keys else original_to_ours(weight)
+        if target not in model_keys:
+            unknown.append(module_name)
+            continue
+        down, up = downs[module_name], ups[module_name]
+        pairs.append(LoraPair(target, down, up, alpha / down.shape[0]))
+    if unpaired or unknown or not pairs:
+        lines = [f"LoRA file {path} does not fit the model:"]
+        if unpaired:
+            lines.append(f"  lora_A without lora_B (or the reverse) for: {unpaired[:SHOW_KEYS]}")
+        if unknown:
+            lines.append(f"  {len(unknown)} targets name no model layer, first: {unknown[:SHOW_KEYS]}")
+        if not pairs and not unknown:
+            lines.append("  no lora_A/lora_B tensors found")
+        raise CheckpointError("\n".join(lines))
+    return pairs
+
+
+def _lora_alpha(path: Path, metadata: dict[str, str]) -> float:
+    if "lora_alpha" in metadata:
+        return float(metadata["lora_alpha"])
+    config = path.parent / "adapter_config.json"
+    if config.is_file():
+        return float(json.loads(config.read_text()).get("lora_alpha", LIVEAVATAR_LORA_ALPHA))
+    return LIVEAVATAR_LORA_ALPHA
+
+
+def merge_lora(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+    """W + alpha/rank * B @ A, computed in float32 on W's device, returned in W's dtype."""
+    if tuple(weight.shape) != (pair.up.shape[0], pair.down.shape[1]):
+        raise CheckpointError(f"LoRA for {pair.target}: B@A is {pair.up.shape[0]}x{pair.down.shape[1]}, "
+                              f"the weight is {list(weight.shape)}")
+    up = pair.up.to(weight.device, torch.float32)
+    down = pair.down.to(weight.device, torch.float32)
+    return (weight.float() + pair.scale * (up @ down)).to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- the DiT
+
+
+def load_dit(cfg: DiTConfig, checkpoint: str | Path, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, lora: str | Path | None = None) -> AvatarDiT:
+    """Build the DiT on `meta` and fill it from an original- or diffusers-layout checkpoint (+ LoRA merged)."""
+    files = checkpoint_files(checkpoint)
+    layout, rename = _detect_renamer(files)
+    with torch.device("meta"):
+        model = AvatarDiT(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    ours_files = {rename(k): f for k, f in files.items()}
+    source_name = {rename(k): k for k in files}
+    if len(ours_files) != len(files):
+        raise CheckpointError(f"checkpoint {checkpoint} ({layout} layout) has keys that map to the same parameter")
+    shapes = {rename(k): s for k, s in _shapes(files).items()}
+    _check_fit(f"{checkpoint} ({layout} layout)", expected, shapes, source_name)
+    pairs = {p.target: p for p in read_lora(lora, set(expected))} if lora else {}
+    device = torch.device(device)
+    by_file: dict[Path, list[str]] = {}
+    for ours, file in ours_files.items():
+        by_file.setdefault(file, []).append(ours)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in names:
+                tensor = f.get_tensor(source_name[name])
+                tensor = tensor.to(_target_dtype(name, tensor.dtype, dtype, AvatarDiT.keeps_fp32))
+                if name in pairs:
+                    tensor = merge_lora(tensor, pairs[name])
+                _assign(model, name, tensor)
+    return model.eval()
+
+
+def original_state_dict(model: AvatarDiT) -> dict[str, torch.Tensor]:
+    """The model's weights under Wan2.2-S2V checkpoint names (to write the published layout)."""
+    return {ours_to_original(k): v for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- the bundle
+
+
+def save_bundle(path: str | Path, modules: dict[str, nn.Module], cfg: AppConfig) -> Path:
+    """One safetensors file: each module's state dict under `name.`, the config as JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in modules.items():
+        for key, tensor in module.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            if tensor.data_ptr() in seen and tensor.numel():  # safetensors refuses shared storage
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            tensors[f"{prefix}.{key}"] = tensor
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": BUNDLE_FORMAT, "config": json.dumps(dataclasses.asdict(cfg)),
+                "modules": ",".join(modules)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def bundle_config(path: str | Path) -> AppConfig:
+    """The AppConfig a bundle was saved with (build the modules from it, then `load_bundle`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model bundle {path} does not exist (--model.checkpoint)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path} is not a model bundle (metadata format {metadata.get('format')!r}, "
+                              f"expected {BUNDLE_FORMAT!r})")
+    return load_config_from_dict(json.loads(metadata["config"]))
+
+
+def load_bundle(path: str | Path, modules: dict[str, nn.Module], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Fill `modules` (built normally or on `meta`) from a bundle, tensor by tensor, on `device` in `dtype`."""
+    path = Path(path)
+    bundle_config(path)  # format check with a clear message
+    keys = _safetensors_keys(path)
+    expected = {f"{p}.{k}": v.shape for p, m in modules.items() for k, v in m.state_dict().items()}
+    in_file = {k: path for k in keys if k.split(".", 1)[0] in modules}
+    shapes = _shapes(in_file)
+    _check_fit(str(path), expected, shapes, {k: k for k in shapes})
+    with safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
+        for key in in_file:
+            prefix, name = key.split(".", 1)
+            module = modules[prefix]
+            fp32 = module.keeps_fp32 if isinstance(module, AvatarDiT) else (lambda _: False)
+            tensor = f.get_tensor(key)
+            _assign(module, name, tensor.to(_target_dtype(name, tensor.dtype, dtype, fp32)))
+    for module in modules.values():
+        module.eval()
+    return modules
