@@ -415,10 +415,9 @@ class AvatarDiT(nn.Module):
     # ---- checks
 
     def _check_latent_hw(self, h: int, w: int, what: str) -> None:
-        # FramePack's 4x bucket patches 8x8 latents, so the latent grid must split by 8.
-        if h % 8 or w % 8:
-            raise StreamStateError(f"{what} latent size {h}x{w} must be a multiple of 8 "
-                                   f"(video size a multiple of 64); got {h}x{w}")
+        _, ph, pw = self.cfg.patch_size
+        if h % ph or w % pw:
+            raise StreamStateError(f"{what} latent size {h}x{w} must split into {ph}x{pw} patches")
 
     def _check_block(self, cache: StreamCache, latents: torch.Tensor, audio: torch.Tensor, frame_start: int,
                      committing: bool) -> None:
