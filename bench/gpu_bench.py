@@ -55,16 +55,26 @@ def materialise_random(module: torch.nn.Module, device: torch.device, seed: int)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
+            # one whole parameter at a time (never the whole model), then this rank's shard of it
+            full = torch.empty(param.shape, dtype=param.dtype, device=device)
             if param.ndim >= 2:
-                fan_in = math.prod(param.shape[1:])
-                local.normal_(0.0, fan_in ** -0.5, generator=gen)
+                full.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=gen)
             elif name.endswith("bias"):
-                local.zero_()
+                full.zero_()
             elif "norm" in name:
-                local.fill_(1.0)
+                full.fill_(1.0)
             else:
-                local.normal_(0.0, 0.02, generator=gen)
+                full.normal_(0.0, 0.02, generator=gen)
+            if hasattr(param, "to_local"):
+                local = param.to_local()
+                mesh = param.device_mesh
+                rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_coordinate()[0]
+                chunks = torch.chunk(full, mesh.size(), dim=0)
+                if local.numel():
+                    local.copy_(chunks[rank])
+            else:
+                param.copy_(full)
+            del full
     for name, buf in module.named_buffers():
         raise RuntimeError(f"buffer {name} would be left uninitialised by to_empty; recompute it here")
 

@@ -230,11 +230,13 @@ class ParallelGroup:
     # ---- weights: per-layer sharding over the DiT ranks
     def shard_layers(self, model: torch.nn.Module, layers: Iterable[torch.nn.Module],
                      prefetch_layers: int = 1) -> torch.nn.Module:
-        """Keep 1/N of every layer's weights on each DiT rank (FSDP2 `fully_shard`).
+        """Keep 1/N of each listed layer's weights on each DiT rank (FSDP2 `fully_shard` per layer).
 
         A layer's weights are all-gathered just before it runs (the next `prefetch_layers` ahead, on
         FSDP's own stream) and freed right after, so no rank ever holds the whole model: the peak is
-        1/N of the model plus about two layers. Call on a model built on the meta device, then
+        1/N of the layers plus about two of them, plus the small unlisted parts (embeddings, head),
+        which stay whole on every rank. Parameters of a minority dtype inside a layer (float32
+        modulation tables) stay whole too. Call on a model built on the meta device, then
         `model.to_empty(device=...)` and fill the weights shard by shard. Use one grad mode for every
         forward afterwards (inference_mode throughout): FSDP2 keeps its gather buffers across calls.
         """
@@ -245,12 +247,18 @@ class ParallelGroup:
             return model
         mesh = DeviceMesh.from_group(self.sp_group, self.device.type)
         layers = list(layers)
+        in_layers: set[torch.nn.Parameter] = set()
         for layer in layers:
-            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+            in_layers |= set(layer.parameters())
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True, ignored_params=_minority_dtype_params(layer))
+        # A root over the whole model (managing none of the unlisted weights) ties the layers into one
+        # FSDP state, so a layer may prefetch the next one.
+        fully_shard(model, mesh=mesh, reshard_after_forward=True,
+                    ignored_params={p for p in model.parameters() if p not in in_layers})
         if prefetch_layers > 0:
             for i, layer in enumerate(layers[:-1]):
                 layer.set_modules_to_forward_prefetch(layers[i + 1:i + 1 + prefetch_layers])
+        _gather_on_direct_calls(model, layers)
         return model
 
     # ---- control plane: rank 0 hands jobs to the followers
@@ -282,6 +290,65 @@ class ParallelGroup:
         self.backend = None
         if current() is self:
             set_current(_SINGLE)
+
+
+def _minority_dtype_params(layer: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """Parameters whose dtype differs from most of the layer's (FSDP2 gathers one dtype per layer)."""
+    params = list(layer.parameters())
+    counts: dict[torch.dtype, int] = {}
+    for p in params:
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    main = max(counts, key=counts.get) if counts else None
+    return {p for p in params if p.dtype != main}
+
+
+def _gather_on_direct_calls(root: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
+    """Let code call a sharded layer's sub-modules outside the layer's forward (the DiT does, to cache text K/V).
+
+    FSDP gathers a layer's weights only around the layer's own forward. A sub-module called on its own
+    gathers its layer here instead; the layer stays gathered until another layer is gathered this way
+    or runs its forward, so at most one extra layer is whole at a time.
+    """
+    state = {"open": None}
+    running: set[int] = set()
+
+    def close_open() -> None:
+        if state["open"] is not None:
+            state["open"].reshard()
+            state["open"] = None
+
+    def ready() -> None:
+        # FSDP sets up its streams when the root first runs forward; the model's other entry points
+        # (cache prefill, commit) call layers without going through the root
+        root._get_fsdp_state()._lazy_init()
+
+    for layer in layers:
+        def before_layer(module, args, _layer=layer):
+            ready()
+            if state["open"] is _layer:
+                state["open"] = None  # its own forward takes over (and reshards after)
+            else:
+                close_open()
+            running.add(id(_layer))
+
+        def after_layer(module, args, output, _layer=layer):
+            running.discard(id(_layer))
+
+        layer.register_forward_pre_hook(before_layer, prepend=True)
+        layer.register_forward_hook(after_layer)
+        for sub in layer.modules():
+            if sub is layer or not any(True for _ in sub.parameters(recurse=False)):
+                continue
+
+            def before_sub(module, args, _layer=layer):
+                if id(_layer) in running or state["open"] is _layer:
+                    return
+                ready()
+                close_open()
+                _layer.unshard()
+                state["open"] = _layer
+
+            sub.register_forward_pre_hook(before_sub)
 
 
 def _seq_to_heads(x: torch.Tensor, n: int, group: Any) -> torch.Tensor:
