@@ -14,9 +14,11 @@ keeps only its shard of every K/V it caches, gathers full frames around the audi
 the output tokens before the head. With no group set (the default) all three are the identity and
 `attention` is plain scaled-dot-product attention.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,9 @@ class SequenceParallel(Protocol):
 
     def gather_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor: ...
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: AttendFn) -> torch.Tensor: ...
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: AttendFn
+    ) -> torch.Tensor: ...
 
 
 class _SingleProcess:
@@ -52,7 +56,7 @@ _group: SequenceParallel = _SINGLE
 
 
 def set_sequence_parallel(group: SequenceParallel | None) -> SequenceParallel | None:
-    """Route the DiT's attention and token sharding through `group` (None: single process); returns the old one."""
+    """Route attention and token sharding through `group` (None: one process); returns the old one."""
     global _group
     previous = None if _group is _SINGLE else _group
     _group = _SINGLE if group is None else group

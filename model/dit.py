@@ -28,16 +28,17 @@ Sequence parallelism hook: every self-attention call goes through `model.attenti
 `model/parallel.py` wraps it (Ulysses all-to-all heads<->sequence) via
 `model.attention.set_sequence_parallel(...)` without touching the layers (see that module).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-import torch.nn as nn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
+from torch import nn
 
 from model.attention import attention, local_attention, sequence_parallel
 from model.config import DiTConfig
@@ -143,8 +144,14 @@ class StreamingSelfAttnProcessor:
     `WanTransformerBlock.forward`, so the diffusers block runs unchanged.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb: SelfAttentionCall | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        rotary_emb: SelfAttentionCall | None = None,
+    ) -> torch.Tensor:
         call = rotary_emb
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
@@ -167,8 +174,14 @@ class CachedTextCrossAttnProcessor:
     `WanTransformerBlock.forward` hands `encoder_hidden_states` straight to this processor: we pass `TextKV`.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states: TextKV | None = None,
-                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states: TextKV | None = None,
+        attention_mask=None,
+        rotary_emb=None,
+    ) -> torch.Tensor:
         text = encoder_hidden_states
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         out = local_attention(q, text.k.to(q.dtype), text.v.to(q.dtype)).flatten(2).type_as(q)
@@ -179,10 +192,14 @@ class CachedTextCrossAttnProcessor:
 
 
 class AvatarDiT(nn.Module):
-    """Wan2.x DiT backbone (diffusers blocks) + S2V audio/reference/motion conditioning, streamed block-wise."""
+    """Wan2.x DiT (diffusers blocks) + S2V audio/reference/motion conditioning, streamed block-wise."""
 
     # Modulation and time embedding stay float32 at any weight dtype (Wan asserts float32 there).
-    FP32_PARAM_MARKERS = ("scale_shift_table", "condition_embedder.time_embedder", "condition_embedder.time_proj")
+    FP32_PARAM_MARKERS = (
+        "scale_shift_table",
+        "condition_embedder.time_embedder",
+        "condition_embedder.time_proj",
+    )
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -192,21 +209,29 @@ class AvatarDiT(nn.Module):
         patch = tuple(cfg.patch_size)
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
         self.condition_embedder = WanTimeTextImageEmbedding(
-            dim=dim, time_freq_dim=cfg.freq_dim, time_proj_dim=6 * dim, text_embed_dim=cfg.text_dim)
-        self.blocks = nn.ModuleList([
-            WanTransformerBlock(dim, cfg.ffn_dim, heads, "rms_norm_across_heads", cfg.cross_attn_norm, cfg.eps)
-            for _ in range(cfg.num_layers)])
+            dim=dim, time_freq_dim=cfg.freq_dim, time_proj_dim=6 * dim, text_embed_dim=cfg.text_dim
+        )
+        self.blocks = nn.ModuleList(
+            [
+                WanTransformerBlock(
+                    dim, cfg.ffn_dim, heads, "rms_norm_across_heads", cfg.cross_attn_norm, cfg.eps
+                )
+                for _ in range(cfg.num_layers)
+            ]
+        )
         for block in self.blocks:
             block.attn1.set_processor(StreamingSelfAttnProcessor())
             block.attn2.set_processor(CachedTextCrossAttnProcessor())
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(patch))
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         # S2V conditioning (Wan2.2 model_s2v.py): pose encoder (we feed no pose: only its bias reaches the
         # tokens), token-type embedding, audio encoder + injectors, FramePack motion tokens.
         self.cond_encoder = nn.Conv3d(cfg.cond_dim, dim, kernel_size=patch, stride=patch)
         self.trainable_cond_mask = nn.Embedding(3, dim)
-        self.casual_audio_encoder = CausalAudioEncoder(cfg.audio_dim, cfg.num_audio_layers, dim, NUM_AUDIO_TOKENS)
+        self.casual_audio_encoder = CausalAudioEncoder(
+            cfg.audio_dim, cfg.num_audio_layers, dim, NUM_AUDIO_TOKENS
+        )
         self.audio_injector = AudioInjector(dim, heads, tuple(cfg.audio_inject_layers), cfg.eps)
         self.frame_packer = FramePackMotioner(cfg.in_channels, dim)
 
@@ -217,7 +242,7 @@ class AvatarDiT(nn.Module):
         """Whether a parameter stays float32 when the model runs in bf16/fp16."""
         return any(marker in param_name for marker in cls.FP32_PARAM_MARKERS)
 
-    def cast(self, dtype: torch.dtype) -> "AvatarDiT":
+    def cast(self, dtype: torch.dtype) -> AvatarDiT:
         """Cast to `dtype`, keeping the modulation/time-embedding parameters float32."""
         for name, param in self.named_parameters():
             param.data = param.data.to(torch.float32 if self.keeps_fp32(name) else dtype)
@@ -239,17 +264,26 @@ class AvatarDiT(nn.Module):
         return StreamCache(batch_size, torch.device(device), dtype, slots, slot_frame_start=[None] * slots)
 
     @torch.no_grad()
-    def prefill(self, cache: StreamCache, ref_latent: torch.Tensor, text_context: torch.Tensor,
-                motion_latents: torch.Tensor | None = None) -> None:
+    def prefill(
+        self,
+        cache: StreamCache,
+        ref_latent: torch.Tensor,
+        text_context: torch.Tensor,
+        motion_latents: torch.Tensor | None = None,
+    ) -> None:
         """Cache the text K/V and the sink (reference latent + FramePack motion) K/V of every layer."""
         b, c, f, h, w = ref_latent.shape
         self._check_latent_hw(h, w, "ref_latent")
         if b != cache.batch_size or c != self.cfg.in_channels or f != 1:
             raise StreamStateError(
-                f"ref_latent must be [{cache.batch_size}, {self.cfg.in_channels}, 1, h, w], got {list(ref_latent.shape)}")
+                f"ref_latent must be [{cache.batch_size}, {self.cfg.in_channels}, 1, h, w], "
+                f"got {list(ref_latent.shape)}"
+            )
         if cache.ready and cache.latent_hw != (h, w):
-            raise StreamStateError(f"ref_latent is {h}x{w} latents but this stream runs at "
-                                   f"{cache.latent_hw[0]}x{cache.latent_hw[1]}; start a new cache for a new size")
+            raise StreamStateError(
+                f"ref_latent is {h}x{w} latents but this stream runs at "
+                f"{cache.latent_hw[0]}x{cache.latent_hw[1]}; start a new cache for a new size"
+            )
         if motion_latents is None:
             motion_latents = ref_latent.expand(-1, -1, MOTION_LATENT_FRAMES, -1, -1)
         sp = sequence_parallel()
@@ -261,7 +295,9 @@ class AvatarDiT(nn.Module):
         hp, wp = h // self.cfg.patch_size[1], w // self.cfg.patch_size[2]
         ref_pos = grid_positions([0], range(hp), range(wp))
         motion_pos = FramePackMotioner.positions(h, w)
-        kind = torch.cat([torch.full((len(ref_pos),), SINK_KIND_REF), torch.full((len(motion_pos),), SINK_KIND_MOTION)])
+        kind = torch.cat(
+            [torch.full((len(ref_pos),), SINK_KIND_REF), torch.full((len(motion_pos),), SINK_KIND_MOTION)]
+        )
         x = sp.shard_tokens(torch.cat([ref, motion], dim=1))
         positions = sp.shard_tokens(torch.cat([ref_pos, motion_pos])[None])[0]
         kind = sp.shard_tokens(kind[None])[0]
@@ -280,8 +316,14 @@ class AvatarDiT(nn.Module):
             x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
 
     @torch.no_grad()
-    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor, cache: StreamCache,
-                frame_start: int) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timestep: torch.Tensor,
+        audio: torch.Tensor,
+        cache: StreamCache,
+        frame_start: int,
+    ) -> torch.Tensor:
         """Flow velocity [B,16,F,h,w] (float32) for one noisy block; reads the cache, never writes it."""
         self._check_block(cache, noisy, audio, frame_start, committing=False)
         hidden, temb = self._run_block(cache, noisy, timestep, audio, frame_start, commit=False)
@@ -299,8 +341,15 @@ class AvatarDiT(nn.Module):
 
     # ---- pieces
 
-    def _run_block(self, cache: StreamCache, latents: torch.Tensor, timestep: torch.Tensor | float,
-                   audio: torch.Tensor, frame_start: int, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_block(
+        self,
+        cache: StreamCache,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        audio: torch.Tensor,
+        frame_start: int,
+        commit: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's tokens through every layer: self-attn over sink + window + itself, text, audio."""
         sp = sequence_parallel()
         b = latents.shape[0]
@@ -318,8 +367,14 @@ class AvatarDiT(nn.Module):
         for layer, block in enumerate(self.blocks):
             mem_len = memory[0]
             call = SelfAttentionCall(
-                cos, sin, cache.kv_k[layer, :, :mem_len], cache.kv_v[layer, :, :mem_len], memory[1], memory[2],
-                store=self._slot_writer(cache, layer, slot) if commit else None)
+                cos,
+                sin,
+                cache.kv_k[layer, :, :mem_len],
+                cache.kv_v[layer, :, :mem_len],
+                memory[1],
+                memory[2],
+                store=self._slot_writer(cache, layer, slot) if commit else None,
+            )
             x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
             if layer in self.audio_injector.injected_block_id:
                 full = self.audio_injector(layer, sp.gather_tokens(x), audio_global, audio_local)
@@ -335,11 +390,13 @@ class AvatarDiT(nn.Module):
         return temb.float(), proj.float().unflatten(1, (6, -1))
 
     def _text_kv(self, text_context: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-pad to text_len as the reference does, project, then K/V [L, B, text_len, H, D] of every layer."""
+        """Zero-pad to text_len (as the reference), project, then K/V [L, B, text_len, H, D] per layer."""
         b, length, dim = text_context.shape
         if b != batch_size or dim != self.cfg.text_dim or length > self.cfg.text_len:
-            raise StreamStateError(f"text_context must be [{batch_size}, <= {self.cfg.text_len}, {self.cfg.text_dim}], "
-                                   f"got {list(text_context.shape)}")
+            raise StreamStateError(
+                f"text_context must be [{batch_size}, <= {self.cfg.text_len}, {self.cfg.text_dim}], "
+                f"got {list(text_context.shape)}"
+            )
         padded = text_context.new_zeros(b, self.cfg.text_len, dim)
         padded[:, :length] = text_context
         context = self.condition_embedder.text_embedder(padded.to(self.dtype))
@@ -349,7 +406,9 @@ class AvatarDiT(nn.Module):
             vs.append(block.attn2.to_v(context).unflatten(2, (block.attn2.heads, -1)))
         return torch.stack(ks), torch.stack(vs)
 
-    def _allocate(self, cache: StreamCache, sink_tokens: int, block_tokens: int, latent_hw: tuple[int, int]) -> None:
+    def _allocate(
+        self, cache: StreamCache, sink_tokens: int, block_tokens: int, latent_hw: tuple[int, int]
+    ) -> None:
         layers, heads = self.cfg.num_layers, self.cfg.num_heads
         total = sink_tokens + cache.num_slots * block_tokens
         kv_shape = (layers, cache.batch_size, total, heads, self.head_dim)
@@ -363,17 +422,21 @@ class AvatarDiT(nn.Module):
     @staticmethod
     def _sink_writer(cache: StreamCache, layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def write(k: torch.Tensor, v: torch.Tensor) -> None:
-            cache.kv_k[layer, :, :cache.sink_tokens] = k
-            cache.kv_v[layer, :, :cache.sink_tokens] = v
+            cache.kv_k[layer, :, : cache.sink_tokens] = k
+            cache.kv_v[layer, :, : cache.sink_tokens] = v
+
         return write
 
     @staticmethod
-    def _slot_writer(cache: StreamCache, layer: int, slot: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def _slot_writer(
+        cache: StreamCache, layer: int, slot: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
         start = cache.sink_tokens + slot * cache.block_tokens
 
         def write(k: torch.Tensor, v: torch.Tensor) -> None:
-            cache.kv_k[layer, :, start:start + cache.block_tokens] = k
-            cache.kv_v[layer, :, start:start + cache.block_tokens] = v
+            cache.kv_k[layer, :, start : start + cache.block_tokens] = k
+            cache.kv_v[layer, :, start : start + cache.block_tokens] = v
+
         return write
 
     def _sink_positions_at(self, cache: StreamCache, frame_start: int) -> torch.Tensor:
@@ -385,7 +448,9 @@ class AvatarDiT(nn.Module):
         """
         window_frames = cache.num_slots * self.cfg.num_frames_per_block
         motion_shift = -min(frame_start, window_frames)
-        shift = torch.where(cache.sink_kind == SINK_KIND_REF, REF_FRAME_OFFSET, motion_shift).to(torch.float64)
+        shift = torch.where(cache.sink_kind == SINK_KIND_REF, REF_FRAME_OFFSET, motion_shift).to(
+            torch.float64
+        )
         positions = cache.sink_positions.clone()
         positions[:, 0] += shift
         return positions
@@ -393,7 +458,7 @@ class AvatarDiT(nn.Module):
     def _memory_tables(self, cache: StreamCache, frame_start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(tokens in use, cos, sin) of sink + filled slots, positions relative to `frame_start`."""
         parts = [self._sink_positions_at(cache, frame_start)]
-        for slot_start in cache.slot_frame_start[:cache.filled_slots]:
+        for slot_start in cache.slot_frame_start[: cache.filled_slots]:
             pos = cache.block_positions.clone()
             pos[:, 0] += slot_start - frame_start
             parts.append(pos)
@@ -419,22 +484,35 @@ class AvatarDiT(nn.Module):
         if h % ph or w % pw:
             raise StreamStateError(f"{what} latent size {h}x{w} must split into {ph}x{pw} patches")
 
-    def _check_block(self, cache: StreamCache, latents: torch.Tensor, audio: torch.Tensor, frame_start: int,
-                     committing: bool) -> None:
+    def _check_block(
+        self,
+        cache: StreamCache,
+        latents: torch.Tensor,
+        audio: torch.Tensor,
+        frame_start: int,
+        committing: bool,
+    ) -> None:
         cfg = self.cfg
         if not cache.ready:
-            raise StreamStateError("the cache has no sink yet: call dit.prefill(cache, ref_latent, text) first")
+            raise StreamStateError(
+                "the cache has no sink yet: call dit.prefill(cache, ref_latent, text) first"
+            )
         b, c, f, h, w = latents.shape
         expected = [cache.batch_size, cfg.in_channels, cfg.num_frames_per_block, *cache.latent_hw]
         if [b, c, f, h, w] != expected:
-            raise StreamStateError(f"block latents must be {expected} (B, channels, num_frames_per_block, h, w), "
-                                   f"got {list(latents.shape)}")
+            raise StreamStateError(
+                f"block latents must be {expected} (B, channels, num_frames_per_block, h, w), "
+                f"got {list(latents.shape)}"
+            )
         audio_expected = [b, 4 * f, cfg.num_audio_layers, cfg.audio_dim]
         if list(audio.shape) != audio_expected:
-            raise StreamStateError(f"audio must be {audio_expected} (B, 4 video frames per latent frame, "
-                                   f"wav2vec2 layers, feature dim), got {list(audio.shape)}")
+            raise StreamStateError(
+                f"audio must be {audio_expected} (B, 4 video frames per latent frame, "
+                f"wav2vec2 layers, feature dim), got {list(audio.shape)}"
+            )
         last = cache.last_committed_frame
         if frame_start < 0 or (last is not None and frame_start < last + f):
             raise StreamStateError(
-                f"frame_start {frame_start} is not after the last committed block (frames {last}..{last + f - 1 if last is not None else ''}); "
-                "blocks must be denoised and committed in stream order")
+                f"frame_start {frame_start} is not after the last committed block (frame {last}); "
+                "blocks must be denoised and committed in stream order"
+            )

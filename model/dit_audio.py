@@ -1,16 +1,17 @@
-"""Audio conditioning of the S2V DiT: wav2vec2 layers mixed into per-latent-frame tokens, injected by cross-attention.
+"""S2V audio conditioning: wav2vec2 layers mixed into per-latent-frame tokens, injected by cross-attention.
 
 Mirrors Wan2.2 `wan/modules/s2v/audio_utils.py` (CausalAudioEncoder, AudioInjector_WAN) and
 `auxi_blocks.py` (MotionEncoder_tc); module names are the checkpoint's key names
 (`casual_audio_encoder.*`, `audio_injector.*`, spelling included).
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.normalization import AdaLayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+from torch import nn
 
 # The reference prepends `motion_frames` (73) copies of the block's first audio frame before the
 # causal convs (two stride-2 convs: 4 video frames -> 1 latent frame) and drops the first 19 outputs.
@@ -33,7 +34,7 @@ class CausalConv1d(nn.Module):
 
 
 class AudioTokenEncoder(nn.Module):
-    """Video-rate audio features [B, T, A] -> per-latent-frame tokens (local [B,T/4,n+1,C], global [B,T/4,1,C])."""
+    """Video-rate features [B, T, A] -> tokens per latent frame (local [B,T/4,n+1,C], global [B,T/4,1,C])."""
 
     def __init__(self, in_dim: int, hidden_dim: int, num_tokens: int):
         super().__init__()
@@ -75,9 +76,13 @@ class CausalAudioEncoder(nn.Module):
         self.encoder = AudioTokenEncoder(audio_dim, out_dim, num_tokens)
         self.weights = nn.Parameter(torch.full((1, num_audio_layers, 1, 1), 0.01))
 
-    def forward(self, audio: torch.Tensor, prefix_frames: int = AUDIO_PREFIX_FRAMES,
-                drop_latents: int = AUDIO_PREFIX_LATENTS) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio [B, T=4F, layers, A] -> (global [B,F,1,C], local [B,F,n+1,C]); the block's first frame pads the past."""
+    def forward(
+        self,
+        audio: torch.Tensor,
+        prefix_frames: int = AUDIO_PREFIX_FRAMES,
+        drop_latents: int = AUDIO_PREFIX_LATENTS,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [B, 4F, layers, A] -> (global [B,F,1,C], local [B,F,n+1,C]); first frame pads the past."""
         audio = torch.cat([audio[:, :1].expand(-1, prefix_frames, -1, -1), audio], dim=1)
         weights = F.silu(self.weights.float()).squeeze(-1).squeeze(-1)  # [1, layers]
         mixed = (audio.float() * weights[:, None, :, None]).sum(2) / weights.sum(1)  # [B, T, A]
@@ -86,22 +91,33 @@ class CausalAudioEncoder(nn.Module):
 
 
 class AudioInjector(nn.Module):
-    """Per injected block: AdaLN from the global audio token, then cross-attention to the frame's audio tokens."""
+    """Per injected block: AdaLN from the global audio token, then cross-attention to the frame's tokens."""
 
     def __init__(self, dim: int, num_heads: int, inject_layers: tuple[int, ...], eps: float = 1e-6):
         super().__init__()
         self.injected_block_id = {layer: i for i, layer in enumerate(inject_layers)}
         head_dim = dim // num_heads
-        self.injector = nn.ModuleList([
-            WanAttention(dim=dim, heads=num_heads, dim_head=head_dim, eps=eps, cross_attention_dim_head=head_dim,
-                         processor=WanAttnProcessor())
-            for _ in inject_layers])
-        self.injector_adain_layers = nn.ModuleList([
-            AdaLayerNorm(output_dim=dim * 2, embedding_dim=dim, chunk_dim=1) for _ in inject_layers])
+        self.injector = nn.ModuleList(
+            [
+                WanAttention(
+                    dim=dim,
+                    heads=num_heads,
+                    dim_head=head_dim,
+                    eps=eps,
+                    cross_attention_dim_head=head_dim,
+                    processor=WanAttnProcessor(),
+                )
+                for _ in inject_layers
+            ]
+        )
+        self.injector_adain_layers = nn.ModuleList(
+            [AdaLayerNorm(output_dim=dim * 2, embedding_dim=dim, chunk_dim=1) for _ in inject_layers]
+        )
 
-    def forward(self, layer: int, hidden: torch.Tensor, audio_global: torch.Tensor,
-                audio_local: torch.Tensor) -> torch.Tensor:
-        """hidden [B, F*hw, C] (whole frames) + the audio residual of block `layer` (unchanged if not injected)."""
+    def forward(
+        self, layer: int, hidden: torch.Tensor, audio_global: torch.Tensor, audio_local: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [B, F*hw, C] (whole frames) + block `layer`'s audio residual (unchanged if not injected)."""
         idx = self.injected_block_id.get(layer)
         if idx is None:
             return hidden

@@ -5,11 +5,12 @@ drop_mode 'padd', add_last_motion 2): the newest frame at full token rate, the t
 the sixteen before those at 1/64, so a long past costs few tokens. Module names are the checkpoint's
 (`frame_packer.proj*`).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.rope import grid_positions
 

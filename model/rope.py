@@ -6,6 +6,7 @@ rotated by position * theta^(-2i/d) on adjacent channel pairs. Tables here are c
 rather than looked up, because the streaming DiT places tokens relative to the block being denoised:
 cached blocks sit at negative frames, the reference sink ahead of it, FramePack motion tokens behind.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,22 +20,27 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def grid_positions(frames: list[float] | torch.Tensor, rows: list[float] | torch.Tensor,
-                   cols: list[float] | torch.Tensor) -> torch.Tensor:
+def grid_positions(
+    frames: list[float] | torch.Tensor, rows: list[float] | torch.Tensor, cols: list[float] | torch.Tensor
+) -> torch.Tensor:
     """Positions [len(frames)*len(rows)*len(cols), 3] in the token order of `x.flatten(2)` of [C, F, H, W]."""
     f, h, w = (torch.as_tensor(a, dtype=torch.float64) for a in (frames, rows, cols))
     grid = torch.stack(torch.meshgrid(f, h, w, indexing="ij"), dim=-1)
     return grid.reshape(-1, 3)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, device: torch.device | str | None = None,
-                theta: float = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    positions: torch.Tensor,
+    head_dim: int,
+    device: torch.device | str | None = None,
+    theta: float = ROPE_THETA,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [S, head_dim // 2] (float32) for positions [S, 3] (frame, row, col)."""
     positions = positions.to(torch.float64)
     angles = []
     for axis, dim in enumerate(rope_split(head_dim)):
         inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        angles.append(positions[:, axis:axis + 1] * inv_freq[None, :])
+        angles.append(positions[:, axis : axis + 1] * inv_freq[None, :])
     angle = torch.cat(angles, dim=1)
     return angle.cos().float().to(device), angle.sin().float().to(device)
 

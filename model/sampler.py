@@ -1,15 +1,16 @@
-"""Few-step flow-matching sampler: the schedule of diffusers' FlowMatchEulerDiscreteScheduler, plain Euler steps.
+"""Few-step flow-matching sampler: diffusers' FlowMatchEulerDiscreteScheduler schedule, plain Euler steps.
 
 LiveAvatar samples its distilled model with `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000,
 shift=3)` and `set_timesteps(sample_steps)` (liveavatar/models/wan/causal_s2v_pipeline_tpp.py), one Euler
 step per timestep, no re-noising: x <- x + (sigma_next - sigma) * v. The schedule is a pure function of
 (sample_steps, shift), so it can change between clips (the server's live `sample_steps` control).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import torch
 

@@ -1,10 +1,11 @@
-"""Checkpoints: the published Wan2.2-S2V-14B layout (+ LiveAvatar LoRA merged at load), diffusers names, our bundle.
+"""Checkpoints: published Wan2.2-S2V-14B layout (+ LiveAvatar LoRA merged at load), diffusers names, bundle.
 
 Layouts
 - original: a folder of `diffusion_pytorch_model-0000i-of-0000N.safetensors` shards with
   `diffusion_pytorch_model.safetensors.index.json` ({"metadata": {"total_size"}, "weight_map": {key: shard}}),
   or one `diffusion_pytorch_model.safetensors`; keys are Wan2.2 `wan/modules/s2v/model_s2v.py` module names
-  (`blocks.0.self_attn.q.weight`, `head.modulation`, `casual_audio_encoder.*`, `audio_injector.injector.0.q.*`).
+  (`blocks.0.self_attn.q.weight`, `head.modulation`, `casual_audio_encoder.*`,
+  `audio_injector.injector.0.q.*`).
 - diffusers: the same files (optionally under `transformer/`) with diffusers `WanTransformer3DModel` names for
   the backbone (diffusers scripts/convert_wan_to_diffusers.py TRANSFORMER_KEYS_RENAME_DICT). Diffusers has no
   S2V model; its S2V parts keep the Wan2.2 names, with the audio cross-attention renamed like the backbone's
@@ -16,19 +17,20 @@ Every tensor is read on its own with `safe_open` straight onto the target device
 model built on the `meta` device, so a model is never in memory twice. Names and shapes are checked before the
 first tensor is read; a mismatch raises one `CheckpointError` naming the file and the first bad keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from model.config import AppConfig, DiTConfig, load_config_from_dict
 from model.dit import AvatarDiT
@@ -39,7 +41,7 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 BUNDLE_FORMAT = "liveavatar-server-bundle/1"
 # LiveAvatar's LoRA hyper-parameters (liveavatar/configs/s2v_causal_sft.yaml: lora_rank 128, lora_alpha 64,
-# lora_target_modules "q,k,v,o,ffn.0,ffn.2"); the rank is read from the tensors, alpha from the file if it says.
+# lora_target_modules "q,k,v,o,ffn.0,ffn.2"); the rank comes from the tensors, alpha from the file if set.
 LIVEAVATAR_LORA_ALPHA = 64.0
 SHOW_KEYS = 5
 
@@ -118,8 +120,10 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     if path.is_file():
         return {k: path for k in _safetensors_keys(path)}
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist: point --model.checkpoint at the folder with "
-                              f"{INDEX_NAME} (or {SINGLE_NAME})")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: point --model.checkpoint at the folder with "
+            f"{INDEX_NAME} (or {SINGLE_NAME})"
+        )
     index = path / INDEX_NAME
     if index.is_file():
         try:
@@ -141,7 +145,7 @@ def _safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
-    except Exception as exc:  # safetensors raises its own error types
+    except Exception as exc:  # noqa: BLE001 (safetensors raises several unrelated error types)
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
@@ -157,8 +161,12 @@ def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_sharded(tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int,
-                  metadata: dict[str, str] | None = None) -> list[Path]:
+def write_sharded(
+    tensors: dict[str, torch.Tensor],
+    folder: str | Path,
+    max_shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
     """Write `tensors` as Hugging Face-style shards + index (the layout the Wan repos publish)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,27 +179,37 @@ def write_sharded(tensors: dict[str, torch.Tensor], folder: str | Path, max_shar
             size = 0
         shards[-1][key] = tensor.detach().contiguous().cpu()
         size += nbytes
-    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = [
+        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
     weight_map = {}
     for name, shard in zip(names, shards):
         save_file(shard, str(folder / name), metadata=metadata or {"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
+    (folder / INDEX_NAME).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return [folder / n for n in names]
 
 
 # ----------------------------------------------------------------------------- checks and assignment
 
 
-def _check_fit(where: str, expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]],
-               source_name: dict[str, str]) -> None:
+def _check_fit(
+    where: str,
+    expected: dict[str, torch.Size],
+    found: dict[str, tuple[int, ...]],
+    source_name: dict[str, str],
+) -> None:
     """One error listing the first missing, unexpected and mis-shaped keys (names as in the file)."""
     missing = [k for k in expected if k not in found]
     unexpected = [source_name[k] for k in found if k not in expected]
-    wrong = [f"{source_name[k]} {list(found[k])} (model wants {list(expected[k])})"
-             for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
+    wrong = [
+        f"{source_name[k]} {list(found[k])} (model wants {list(expected[k])})"
+        for k in expected
+        if k in found and tuple(expected[k]) != tuple(found[k])
+    ]
     if not (missing or unexpected or wrong):
         return
     lines = [f"checkpoint {where} does not fit the model:"]
@@ -201,7 +219,9 @@ def _check_fit(where: str, expected: dict[str, torch.Size], found: dict[str, tup
         lines.append(f"  unexpected {len(unexpected)} keys, first: {unexpected[:SHOW_KEYS]}")
     if wrong:
         lines.append(f"  wrong shape for {len(wrong)} keys, first: {wrong[:SHOW_KEYS]}")
-    lines.append("  check that the config (--model.dit.*) matches the checkpoint's size and that the file is complete")
+    lines.append(
+        "  check that the config (--model.dit.*) matches the checkpoint's size and that the file is complete"
+    )
     raise CheckpointError("\n".join(lines))
 
 
@@ -217,7 +237,9 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def _target_dtype(name: str, tensor_dtype: torch.dtype, dtype: torch.dtype, fp32: Callable[[str], bool]) -> torch.dtype:
+def _target_dtype(
+    name: str, tensor_dtype: torch.dtype, dtype: torch.dtype, fp32: Callable[[str], bool]
+) -> torch.dtype:
     if not tensor_dtype.is_floating_point:
         return tensor_dtype
     return torch.float32 if fp32(name) else dtype
@@ -243,14 +265,14 @@ def read_lora(path: str | Path, model_keys: set[str], alpha: float | None = None
     """LiveAvatar's peft LoRA (`...q.lora_A[.default].weight`, optional `base_model.model.` prefix).
 
     Module names are Wan's original ones (targets q,k,v,o,ffn.0,ffn.2) or already ours. alpha comes from
-    `alpha`, else the file's metadata `lora_alpha`, else an `adapter_config.json` beside it, else LiveAvatar's 64.
+    `alpha`, else the file's metadata `lora_alpha`, else `adapter_config.json` beside it, else LiveAvatar's 64.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA file {path} does not exist (--model.lora)")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     if alpha is None:
         alpha = _lora_alpha(path, metadata)
     downs: dict[str, torch.Tensor] = {}
@@ -264,7 +286,9 @@ def read_lora(path: str | Path, model_keys: set[str], alpha: float | None = None
             continue
         (downs if match["which"] == "A" else ups)[match["module"]] = tensor
     if ignored:
-        log.warning("LoRA file %s: ignoring %d non-LoRA tensors, first: %s", path, len(ignored), ignored[:SHOW_KEYS])
+        log.warning(
+            "LoRA file %s: ignoring %d non-LoRA tensors, first: %s", path, len(ignored), ignored[:SHOW_KEYS]
+        )
     unpaired = sorted(set(downs) ^ set(ups))
     pairs, unknown = [], []
     for module_name in sorted(set(downs) & set(ups)):
@@ -299,8 +323,10 @@ def _lora_alpha(path: Path, metadata: dict[str, str]) -> float:
 def merge_lora(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
     """W + alpha/rank * B @ A, computed in float32 on W's device, returned in W's dtype."""
     if tuple(weight.shape) != (pair.up.shape[0], pair.down.shape[1]):
-        raise CheckpointError(f"LoRA for {pair.target}: B@A is {pair.up.shape[0]}x{pair.down.shape[1]}, "
-                              f"the weight is {list(weight.shape)}")
+        raise CheckpointError(
+            f"LoRA for {pair.target}: B@A is {pair.up.shape[0]}x{pair.down.shape[1]}, "
+            f"the weight is {list(weight.shape)}"
+        )
     up = pair.up.to(weight.device, torch.float32)
     down = pair.down.to(weight.device, torch.float32)
     return (weight.float() + pair.scale * (up @ down)).to(weight.dtype)
@@ -309,9 +335,14 @@ def merge_lora(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the DiT
 
 
-def load_dit(cfg: DiTConfig, checkpoint: str | Path, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, lora: str | Path | None = None) -> AvatarDiT:
-    """Build the DiT on `meta` and fill it from an original- or diffusers-layout checkpoint (+ LoRA merged)."""
+def load_dit(
+    cfg: DiTConfig,
+    checkpoint: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lora: str | Path | None = None,
+) -> AvatarDiT:
+    """Build the DiT on `meta`, fill it from an original/diffusers-layout checkpoint (+ LoRA merged)."""
     files = checkpoint_files(checkpoint)
     layout, rename = _detect_renamer(files)
     with torch.device("meta"):
@@ -320,7 +351,9 @@ def load_dit(cfg: DiTConfig, checkpoint: str | Path, device: torch.device | str 
     ours_files = {rename(k): f for k, f in files.items()}
     source_name = {rename(k): k for k in files}
     if len(ours_files) != len(files):
-        raise CheckpointError(f"checkpoint {checkpoint} ({layout} layout) has keys that map to the same parameter")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} ({layout} layout) has keys that map to the same parameter"
+        )
     shapes = {rename(k): s for k, s in _shapes(files).items()}
     _check_fit(f"{checkpoint} ({layout} layout)", expected, shapes, source_name)
     pairs = {p.target: p for p in read_lora(lora, set(expected))} if lora else {}
@@ -360,8 +393,11 @@ def save_bundle(path: str | Path, modules: dict[str, nn.Module], cfg: AppConfig)
             tensors[f"{prefix}.{key}"] = tensor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": BUNDLE_FORMAT, "config": json.dumps(dataclasses.asdict(cfg)),
-                "modules": ",".join(modules)}
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "config": json.dumps(dataclasses.asdict(cfg)),
+        "modules": ",".join(modules),
+    }
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -374,14 +410,20 @@ def bundle_config(path: str | Path) -> AppConfig:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(f"{path} is not a model bundle (metadata format {metadata.get('format')!r}, "
-                              f"expected {BUNDLE_FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is not a model bundle (metadata format {metadata.get('format')!r}, "
+            f"expected {BUNDLE_FORMAT!r})"
+        )
     return load_config_from_dict(json.loads(metadata["config"]))
 
 
-def load_bundle(path: str | Path, modules: dict[str, nn.Module], device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """Fill `modules` (built normally or on `meta`) from a bundle, tensor by tensor, on `device` in `dtype`."""
+def load_bundle(
+    path: str | Path,
+    modules: dict[str, nn.Module],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, nn.Module]:
+    """Fill `modules` (built normally or on `meta`) from a bundle, tensor by tensor, on `device`/`dtype`."""
     path = Path(path)
     bundle_config(path)  # format check with a clear message
     keys = _safetensors_keys(path)

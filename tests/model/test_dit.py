@@ -1,4 +1,5 @@
 """The streaming DiT: shapes, the bounded cache, block-wise causality, determinism, sizes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -136,7 +137,7 @@ def test_past_blocks_and_audio_change_the_output(dit, cfg) -> None:
 
 
 def test_output_depends_only_on_relative_positions_so_streams_can_run_forever(dit, cfg) -> None:
-    """The same window content at frames 21..29 or 9021..9029 gives the same velocity: positions stay bounded."""
+    """Same window content at frames 21..29 or 9021..9029, same velocity: positions stay bounded."""
     f = cfg.num_frames_per_block
     outs = []
     for offset in (30, 9030):
@@ -181,13 +182,13 @@ def test_prefill_again_replaces_the_sink_and_keeps_the_window(dit, cfg) -> None:
     cache = _started(dit, cfg)
     latents, audio = _block(cfg, 0)
     dit.commit(cache, latents, audio, 0)
-    window = cache.kv_k[:, :, cache.sink_tokens:].clone()
-    sink = cache.kv_k[:, :, :cache.sink_tokens].clone()
+    window = cache.kv_k[:, :, cache.sink_tokens :].clone()
+    sink = cache.kv_k[:, :, : cache.sink_tokens].clone()
     ref, text = _inputs(cfg, 7)
     motion = torch.randn(1, 16, 12, *LATENT_HW)
     dit.prefill(cache, ref, text, motion_latents=motion)
-    assert torch.equal(cache.kv_k[:, :, cache.sink_tokens:], window)
-    assert not torch.equal(cache.kv_k[:, :, :cache.sink_tokens], sink)
+    assert torch.equal(cache.kv_k[:, :, cache.sink_tokens :], window)
+    assert not torch.equal(cache.kv_k[:, :, : cache.sink_tokens], sink)
     assert cache.slot_frame_start[0] == 0
 
 
@@ -239,8 +240,10 @@ def test_14b_config_builds_on_meta_with_wan_sizes() -> None:
         top = name.split(".")[0]
         counts[top] = counts.get(top, 0) + param.numel()
     total = sum(counts.values())
-    backbone = sum(counts[k] for k in ("patch_embedding", "condition_embedder", "blocks", "proj_out",
-                                       "scale_shift_table"))
+    backbone = sum(
+        counts[k]
+        for k in ("patch_embedding", "condition_embedder", "blocks", "proj_out", "scale_shift_table")
+    )
     assert backbone == pytest.approx(14.29e9, rel=0.005)  # the Wan2.1/2.2 14B backbone
     assert counts["audio_injector"] == pytest.approx(1.888e9, rel=0.005)  # 12 injectors (cross-attn + AdaLN)
     assert total == pytest.approx(16.30e9, rel=0.005)  # Wan2.2-S2V-14B with its S2V parts

@@ -1,4 +1,5 @@
 """Few-step flow-matching schedule and the per-block Euler loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -58,7 +59,9 @@ def test_exact_velocity_reaches_the_clean_latents_in_any_number_of_steps() -> No
 def test_switching_sample_steps_between_clips_changes_the_work_done() -> None:
     calls_per_clip = []
     for steps in (4, 1, 8, 2, 4):  # the server may change sample_steps at any clip
-        result = denoise_block(lambda x, t: torch.zeros_like(x), torch.randn(1, 16, 3, 4, 4), FlowMatchSchedule(steps))
+        result = denoise_block(
+            lambda x, t: torch.zeros_like(x), torch.randn(1, 16, 3, 4, 4), FlowMatchSchedule(steps)
+        )
         calls_per_clip.append(result.denoiser_calls)
     assert calls_per_clip == [4, 1, 8, 2, 4]
 

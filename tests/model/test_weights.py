@@ -1,4 +1,5 @@
-"""Checkpoint layouts written at tiny size in their real structure, loaded back bit-exact; LoRA merge; errors."""
+"""Checkpoint layouts written tiny in their real structure, loaded back bit-exact; LoRA merge; errors."""
+
 from __future__ import annotations
 
 import json
@@ -6,13 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
+from torch import nn
 
 from model.config import load_config
 from model.dit import AvatarDiT
-from model.weights import (INDEX_NAME, CheckpointError, bundle_config, load_bundle, load_dit, original_state_dict,
-                           original_to_ours, ours_to_original, save_bundle, write_sharded)
+from model.weights import (
+    INDEX_NAME,
+    CheckpointError,
+    bundle_config,
+    load_bundle,
+    load_dit,
+    original_state_dict,
+    original_to_ours,
+    ours_to_original,
+    save_bundle,
+    write_sharded,
+)
 
 SHARD_BYTES = 2_000_000  # several shards for the ~8 MB tiny DiT
 
@@ -45,15 +56,30 @@ def test_original_names_round_trip_for_every_parameter(source) -> None:
     for key in source.state_dict():
         assert original_to_ours(ours_to_original(key)) == key
     names = set(original_state_dict(source))
-    for wan_name in ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.2.bias",
-                     "time_projection.1.weight", "head.head.weight", "head.modulation", "blocks.0.modulation",
-                     "blocks.0.self_attn.q.weight", "blocks.0.self_attn.norm_k.weight", "blocks.1.cross_attn.o.bias",
-                     "blocks.0.norm3.weight", "blocks.0.ffn.0.weight", "blocks.0.ffn.2.bias", "cond_encoder.weight",
-                     "trainable_cond_mask.weight", "casual_audio_encoder.weights",
-                     "casual_audio_encoder.encoder.conv1_local.conv.weight",
-                     "casual_audio_encoder.encoder.padding_tokens", "audio_injector.injector.0.q.weight",
-                     "audio_injector.injector.1.o.weight", "audio_injector.injector_adain_layers.0.linear.weight",
-                     "frame_packer.proj_4x.weight"):
+    for wan_name in (
+        "patch_embedding.weight",
+        "text_embedding.0.weight",
+        "time_embedding.2.bias",
+        "time_projection.1.weight",
+        "head.head.weight",
+        "head.modulation",
+        "blocks.0.modulation",
+        "blocks.0.self_attn.q.weight",
+        "blocks.0.self_attn.norm_k.weight",
+        "blocks.1.cross_attn.o.bias",
+        "blocks.0.norm3.weight",
+        "blocks.0.ffn.0.weight",
+        "blocks.0.ffn.2.bias",
+        "cond_encoder.weight",
+        "trainable_cond_mask.weight",
+        "casual_audio_encoder.weights",
+        "casual_audio_encoder.encoder.conv1_local.conv.weight",
+        "casual_audio_encoder.encoder.padding_tokens",
+        "audio_injector.injector.0.q.weight",
+        "audio_injector.injector.1.o.weight",
+        "audio_injector.injector_adain_layers.0.linear.weight",
+        "frame_packer.proj_4x.weight",
+    ):
         assert wan_name in names, wan_name
 
 
@@ -76,8 +102,10 @@ def test_diffusers_pipeline_folder_loads_bit_exact(tmp_path, cfg, source) -> Non
 def test_single_file_checkpoint_loads(tmp_path, cfg, source) -> None:
     folder = tmp_path / "single"
     folder.mkdir()
-    save_file({k: v.contiguous() for k, v in original_state_dict(source).items()},
-              str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in original_state_dict(source).items()},
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
     _assert_same_weights(source, load_dit(cfg, folder))
 
 
@@ -90,8 +118,14 @@ def test_bfloat16_load_keeps_modulation_float32(tmp_path, cfg, source) -> None:
     assert torch.equal(loaded.blocks[0].attn1.to_q.weight, source.blocks[0].attn1.to_q.weight.bfloat16())
 
 
-def _write_lora(path: Path, rank: int, targets: list[tuple[str, int, int]], metadata: dict | None = None,
-                prefix: str = "base_model.model.", adapter: str = ".default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _write_lora(
+    path: Path,
+    rank: int,
+    targets: list[tuple[str, int, int]],
+    metadata: dict | None = None,
+    prefix: str = "base_model.model.",
+    adapter: str = ".default",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(5)
     tensors, pairs = {}, {}
     for module, out_dim, in_dim in targets:
@@ -107,8 +141,13 @@ def _write_lora(path: Path, rank: int, targets: list[tuple[str, int, int]], meta
 def test_lora_is_merged_as_w_plus_alpha_over_rank_b_at_a(tmp_path, cfg, source) -> None:
     write_sharded(original_state_dict(source), tmp_path / "ck", SHARD_BYTES)
     dim, ffn = cfg.dim, cfg.ffn_dim
-    targets = [("blocks.0.self_attn.q", dim, dim), ("blocks.1.cross_attn.o", dim, dim),
-               ("blocks.0.ffn.0", ffn, dim), ("blocks.1.ffn.2", dim, ffn), ("audio_injector.injector.0.k", dim, dim)]
+    targets = [
+        ("blocks.0.self_attn.q", dim, dim),
+        ("blocks.1.cross_attn.o", dim, dim),
+        ("blocks.0.ffn.0", ffn, dim),
+        ("blocks.1.ffn.2", dim, ffn),
+        ("audio_injector.injector.0.k", dim, dim),
+    ]
     rank, alpha = 4, 8.0
     pairs = _write_lora(tmp_path / "liveavatar.safetensors", rank, targets, {"lora_alpha": str(alpha)})
     merged = load_dit(cfg, tmp_path / "ck", lora=tmp_path / "liveavatar.safetensors")
@@ -127,8 +166,9 @@ def test_lora_is_merged_as_w_plus_alpha_over_rank_b_at_a(tmp_path, cfg, source) 
 def test_lora_without_metadata_uses_adapter_config_alpha_and_plain_keys(tmp_path, cfg, source) -> None:
     write_sharded(original_state_dict(source), tmp_path / "ck", SHARD_BYTES)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 2.0, "r": 2}))
-    pairs = _write_lora(tmp_path / "lora.safetensors", 2, [("blocks.0.self_attn.v", cfg.dim, cfg.dim)],
-                        prefix="", adapter="")
+    pairs = _write_lora(
+        tmp_path / "lora.safetensors", 2, [("blocks.0.self_attn.v", cfg.dim, cfg.dim)], prefix="", adapter=""
+    )
     merged = load_dit(cfg, tmp_path / "ck", lora=tmp_path / "lora.safetensors")
     down, up = pairs["blocks.0.self_attn.v"]
     expected = source.blocks[0].attn1.to_v.weight.double() + 1.0 * (up.double() @ down.double())
@@ -163,7 +203,10 @@ def test_missing_and_unexpected_keys_are_listed_with_the_file(tmp_path, cfg, sou
 def test_a_checkpoint_of_another_size_reports_shapes(tmp_path, app_cfg, source) -> None:
     write_sharded(original_state_dict(source), tmp_path / "ck", SHARD_BYTES)
     wider = load_config("configs/tiny.yaml", {"model.dit.ffn_dim": 256}).model.dit
-    with pytest.raises(CheckpointError, match=r"wrong shape for .*blocks.0.ffn.0.weight \[512, 128\] \(model wants \[256, 128\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong shape for .*blocks.0.ffn.0.weight \[512, 128\] \(model wants \[256, 128\]\)",
+    ):
         load_dit(wider, tmp_path / "ck")
 
 
@@ -191,7 +234,10 @@ def test_bundle_that_does_not_fit_names_the_module_keys(tmp_path, app_cfg, sourc
     path = save_bundle(tmp_path / "b.safetensors", {"dit": source, "vae": nn.Linear(8, 8)}, app_cfg)
     with pytest.raises(CheckpointError, match=r"missing 1 keys, first: \['text_encoder.weight'\]"):
         load_bundle(path, {"vae": nn.Linear(8, 8), "text_encoder": nn.Linear(4, 4, bias=False)})
-    with pytest.raises(CheckpointError, match=r"wrong shape for 1 keys, first: \['vae.weight \[8, 8\] \(model wants \[8, 4\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong shape for 1 keys, first: \['vae.weight \[8, 8\] \(model wants \[8, 4\]\)",
+    ):
         load_bundle(path, {"vae": nn.Linear(4, 8)})
 
 
