@@ -165,6 +165,7 @@ class ServerConfig:
     stats_interval_s: float = 1.0
     max_pending_clips: int = 2  # windows queued per session beyond the one in work; older ones are dropped
     playout_margin_s: float = 0.15  # slack added to the measured generation latency before playback
+    connect_timeout_s: float = 20.0  # a session whose ICE/DTLS is not up by then is closed and its slot freed
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,12 @@ def _check(cfg: AppConfig) -> None:
              f"must be >= 1, got {cfg.server.max_pending_clips}")
     _require(0 <= cfg.server.playout_margin_s <= 10, "server.playout_margin_s",
              f"must be in 0..10 seconds, got {cfg.server.playout_margin_s}")
+    _require(cfg.server.connect_timeout_s > 0, "server.connect_timeout_s",
+             f"must be > 0 seconds, got {cfg.server.connect_timeout_s}")
+    _require(cfg.server.max_message_bytes >= 1024, "server.max_message_bytes",
+             f"must be >= 1024 (an offer's SDP alone is a few KB), got {cfg.server.max_message_bytes}")
+    _require(cfg.server.max_messages_per_s > 0, "server.max_messages_per_s",
+             f"must be > 0, got {cfg.server.max_messages_per_s}")
     _require(cfg.server.stats_interval_s > 0, "server.stats_interval_s",
              f"must be > 0, got {cfg.server.stats_interval_s}")
     _require(cfg.audio_sample_rate_hz > 0, "model.audio_encoder.sample_rate_hz", "must be > 0")
