@@ -343,11 +343,27 @@ def load_dit(
     lora: str | Path | None = None,
 ) -> AvatarDiT:
     """Build the DiT on `meta`, fill it from an original/diffusers-layout checkpoint (+ LoRA merged)."""
-    files = checkpoint_files(checkpoint)
-    layout, rename = _detect_renamer(files)
     with torch.device("meta"):
         model = AvatarDiT(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    return fill_dit(model, checkpoint, lora, device, dtype)
+
+
+def fill_dit(
+    model: AvatarDiT,
+    checkpoint: str | Path,
+    lora: str | Path | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> AvatarDiT:
+    """Replace every DiT tensor, one at a time, from a checkpoint (+ LoRA merged).
+
+    A parameter already materialised keeps its device and dtype; one on `meta` goes to `device`/`dtype`
+    (default cpu/float32; modulation stays float32).
+    """
+    files = checkpoint_files(checkpoint)
+    layout, rename = _detect_renamer(files)
+    current = model.state_dict()
+    expected = {k: v.shape for k, v in current.items()}
     ours_files = {rename(k): f for k, f in files.items()}
     source_name = {rename(k): k for k in files}
     if len(ours_files) != len(files):
@@ -357,19 +373,48 @@ def load_dit(
     shapes = {rename(k): s for k, s in _shapes(files).items()}
     _check_fit(f"{checkpoint} ({layout} layout)", expected, shapes, source_name)
     pairs = {p.target: p for p in read_lora(lora, set(expected))} if lora else {}
-    device = torch.device(device)
     by_file: dict[Path, list[str]] = {}
     for ours, file in ours_files.items():
         by_file.setdefault(file, []).append(ours)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in names:
+        for name in names:
+            place, cast = _placement(name, current[name], device, dtype, AvatarDiT.keeps_fp32)
+            with safe_open(str(file), framework="pt", device=str(place)) as f:
                 tensor = f.get_tensor(source_name[name])
-                tensor = tensor.to(_target_dtype(name, tensor.dtype, dtype, AvatarDiT.keeps_fp32))
-                if name in pairs:
-                    tensor = merge_lora(tensor, pairs[name])
-                _assign(model, name, tensor)
+            tensor = tensor.to(cast if tensor.dtype.is_floating_point else tensor.dtype)
+            if name in pairs:
+                tensor = merge_lora(tensor, pairs[name])
+            _assign(model, name, tensor)
     return model.eval()
+
+
+def _placement(
+    name: str,
+    existing: torch.Tensor,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    fp32: Callable[[str], bool],
+) -> tuple[torch.device, torch.dtype]:
+    """Where a loaded tensor goes: the existing tensor's device/dtype, or the requested ones for `meta`."""
+    if not existing.is_meta and device is None and dtype is None:
+        return existing.device, existing.dtype
+    place = (
+        torch.device(device)
+        if device is not None
+        else (existing.device if not existing.is_meta else torch.device("cpu"))
+    )
+    wanted = dtype if dtype is not None else (existing.dtype if not existing.is_meta else torch.float32)
+    return place, _target_dtype(name, existing.dtype, wanted, fp32)
+
+
+def load_published(path: str | Path, cfg: AppConfig, *, dit: AvatarDiT, **unhandled: nn.Module) -> list[str]:
+    """Fill `dit` in place from a published checkpoint folder (+ cfg.model.lora merged).
+
+    The folder's other parts (Wan2.1_VAE.pth, the umT5 .pth, the wav2vec2 folder) are loaded by their own
+    wrappers; the names of the modules given here and not filled are returned so the caller can see them.
+    """
+    fill_dit(dit, path, cfg.model.lora)
+    return sorted(unhandled)
 
 
 def original_state_dict(model: AvatarDiT) -> dict[str, torch.Tensor]:
@@ -419,25 +464,32 @@ def bundle_config(path: str | Path) -> AppConfig:
 
 def load_bundle(
     path: str | Path,
-    modules: dict[str, nn.Module],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    modules: dict[str, nn.Module] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **named_modules: nn.Module,
 ) -> dict[str, nn.Module]:
-    """Fill `modules` (built normally or on `meta`) from a bundle, tensor by tensor, on `device`/`dtype`."""
+    """Fill modules (as a dict or keywords; built normally or on `meta`) from a bundle, tensor by tensor.
+
+    A materialised tensor keeps its device and dtype; `meta` ones go to `device`/`dtype` (cpu/float32).
+    """
+    modules = {**(modules or {}), **named_modules}
     path = Path(path)
     bundle_config(path)  # format check with a clear message
     keys = _safetensors_keys(path)
-    expected = {f"{p}.{k}": v.shape for p, m in modules.items() for k, v in m.state_dict().items()}
+    current = {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()}
+    expected = {k: v.shape for k, v in current.items()}
     in_file = {k: path for k in keys if k.split(".", 1)[0] in modules}
     shapes = _shapes(in_file)
     _check_fit(str(path), expected, shapes, {k: k for k in shapes})
-    with safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
-        for key in in_file:
-            prefix, name = key.split(".", 1)
-            module = modules[prefix]
-            fp32 = module.keeps_fp32 if isinstance(module, AvatarDiT) else (lambda _: False)
+    for key in in_file:
+        prefix, name = key.split(".", 1)
+        module = modules[prefix]
+        fp32 = module.keeps_fp32 if isinstance(module, AvatarDiT) else (lambda _: False)
+        place, cast = _placement(name, current[key], device, dtype, fp32)
+        with safe_open(str(path), framework="pt", device=str(place)) as f:
             tensor = f.get_tensor(key)
-            _assign(module, name, tensor.to(_target_dtype(name, tensor.dtype, dtype, fp32)))
+        _assign(module, name, tensor.to(cast if tensor.dtype.is_floating_point else tensor.dtype))
     for module in modules.values():
         module.eval()
     return modules

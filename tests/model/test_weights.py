@@ -18,6 +18,7 @@ from model.weights import (
     bundle_config,
     load_bundle,
     load_dit,
+    load_published,
     original_state_dict,
     original_to_ours,
     ours_to_original,
@@ -245,3 +246,29 @@ def test_a_plain_safetensors_file_is_not_taken_for_a_bundle(tmp_path) -> None:
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError, match="is not a model bundle"):
         load_bundle(tmp_path / "x.safetensors", {"x": nn.Linear(1, 1)})
+
+
+def test_bundle_into_built_modules_by_keyword_keeps_their_dtype(tmp_path, app_cfg, cfg, source) -> None:
+    path = save_bundle(tmp_path / "b.safetensors", {"dit": source}, app_cfg)
+    built = AvatarDiT(cfg).cast(torch.bfloat16)
+    load_bundle(path, dit=built)
+    assert built.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert built.scale_shift_table.dtype == torch.float32
+    assert torch.equal(built.blocks[0].attn1.to_q.weight, source.blocks[0].attn1.to_q.weight.bfloat16())
+
+
+def test_published_folder_fills_a_built_dit_in_place_with_the_config_lora(
+    tmp_path, app_cfg, cfg, source
+) -> None:
+    write_sharded(original_state_dict(source), tmp_path / "ck", SHARD_BYTES)
+    pairs = _write_lora(
+        tmp_path / "l.safetensors", 2, [("blocks.0.self_attn.q", cfg.dim, cfg.dim)], {"lora_alpha": "2"}
+    )
+    with_lora = load_config("configs/tiny.yaml", {"model.lora": str(tmp_path / "l.safetensors")})
+    built = AvatarDiT(cfg)
+    left = load_published(tmp_path / "ck", with_lora, dit=built, vae=nn.Linear(1, 1))
+    assert left == ["vae"]
+    down, up = pairs["blocks.0.self_attn.q"]
+    expected = source.blocks[0].attn1.to_q.weight.double() + up.double() @ down.double()
+    torch.testing.assert_close(built.blocks[0].attn1.to_q.weight.double(), expected, atol=1e-5, rtol=1e-6)
+    assert torch.equal(built.proj_out.weight, source.proj_out.weight)
