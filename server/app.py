@@ -12,6 +12,9 @@ import numpy as np
 from aiohttp import web
 
 from model.config import AppConfig
+from server.access import access_middleware
+from server.health import healthz_handler, metrics_handler, page_config_handler
+from server.limits import limits_middleware
 from server.reference_image import ReferenceImageError, drawn_reference, image_from_file
 from server.seam import ClipGenerator
 from server.signaling import STATE_KEY, ServerState, offer_handler, websocket_handler
@@ -27,20 +30,38 @@ async def index_handler(request: web.Request) -> web.FileResponse:
 
 def build_app(cfg: AppConfig, engine: ClipGenerator, default_reference: np.ndarray) -> web.Application:
     """Routes and shared state; the engine must already be loaded."""
-    app = web.Application(client_max_size=cfg.server.max_message_bytes)
     state = ServerState(cfg=cfg, engine=engine, default_reference=default_reference)
+    app = web.Application(client_max_size=cfg.server.max_message_bytes,
+                          middlewares=[access_middleware(cfg, state.metrics.error),
+                                       limits_middleware(cfg, state.metrics.error)])
     app[STATE_KEY] = state
+    _watch_engine(state)
     app.router.add_get("/", index_handler)
     # add_static resolves every path inside CLIENT_DIR and refuses `..` and symlinks out of it
     app.router.add_static("/static/", CLIENT_DIR, follow_symlinks=False, show_index=False)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_post("/offer", offer_handler)
+    app.router.add_get("/config.json", page_config_handler)
+    app.router.add_get("/healthz", healthz_handler)
+    app.router.add_get("/metrics", metrics_handler)
 
     async def close_sessions(app: web.Application) -> None:
         await app[STATE_KEY].close_all()
 
     app.on_shutdown.append(close_sessions)
     return app
+
+
+def _watch_engine(state: ServerState) -> None:
+    """Gauges read the engine at scrape time; the engine reports clips, drops and worker deaths."""
+    engine = state.engine
+    state.metrics.watch(sessions=lambda: len(state.sessions),
+                        queue_depth=lambda: getattr(engine, "queue_depth", 0),
+                        worker_alive=lambda: float(getattr(engine, "worker_alive", True)),
+                        model_loaded=lambda: float(getattr(engine, "model_loaded", True)))
+    if hasattr(engine, "add_loss_listener"):
+        engine.metrics = state.metrics
+        engine.add_loss_listener(state.session_lost)
 
 
 def default_reference(cfg: AppConfig) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The weights are loaded once; every model call runs on one worker thread (the loop never blocks),
 each session has its own queue of windows, sessions take turns clip by clip, and a session that
-leaves has its queued work cancelled and its caches freed.
+leaves has its queued work cancelled and its caches freed. If the worker dies, every live session
+is told (`SessionLost`) and a fresh worker takes over for new sessions.
 """
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from model.config import AppConfig
 from model.io_types import AudioWindow, VideoClip
-from server.seam import ClipDropped, EngineBusy, GeneratorStats, SessionClosed, StreamFormat
+from server.seam import ClipDropped, EngineBusy, GeneratorStats, SessionClosed, SessionLost, StreamFormat
+from server.worker import ModelWorker, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class _Slot:
     queue: deque[_Job] = field(default_factory=deque)
     running: bool = False
     closed: bool = False
+    lost: str | None = None  # why its avatar state is gone (the worker died)
     clips_done: int = 0
     clips_dropped: int = 0
     last_clip_index: int | None = None
@@ -62,7 +64,8 @@ class ModelEngine:
     def __init__(self, cfg: AppConfig, models: Any = None) -> None:
         self._cfg = cfg
         self._models = models
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+        self._owns_models = models is None  # weights we loaded we also reload after a worker dies
+        self._worker = ModelWorker()
         self._slots: dict[str, _Slot] = {}
         self._turns: deque[str] = deque()  # round-robin order of sessions
         self._wakeup = asyncio.Event()
@@ -70,6 +73,11 @@ class ModelEngine:
         self._format: StreamFormat | None = None
         self.max_sessions = cfg.server.max_sessions
         self.max_pending_clips = cfg.server.max_pending_clips
+        self.worker_restarts = 0
+        self.metrics: Any = None  # server.metrics.ServerMetrics once the app binds it
+        self._loss_listeners: list[Callable[[str, str], None]] = []
+        self._recovering: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ life of the engine
 
@@ -77,9 +85,9 @@ class ModelEngine:
         """Load the weights (once) and start taking work; call before the first session."""
         if self._scheduler is not None:
             return
-        loop = asyncio.get_running_loop()
-        self._format = await loop.run_in_executor(self._executor, self._load_in_worker)
+        self._format = await self._worker.call(self._load_in_worker)
         self._scheduler = asyncio.create_task(self._schedule(), name="model-engine-scheduler")
+        self._watchdog = asyncio.create_task(self._watch_worker(), name="model-engine-watchdog")
 
     def _load_in_worker(self) -> StreamFormat:
         import torch
@@ -88,7 +96,7 @@ class ModelEngine:
 
         if self._cfg.runtime.num_threads > 0:
             torch.set_num_threads(self._cfg.runtime.num_threads)
-        if self._models is None:
+        if self._models is None or (self._owns_models and self.worker_restarts > 0):
             t0 = time.monotonic()
             self._models = AvatarModels.load(self._cfg)
             log.info("model loaded in %.1f s", time.monotonic() - t0)
@@ -104,11 +112,12 @@ class ModelEngine:
         """Stop every session, then the worker thread."""
         for session_id in list(self._slots):
             await self.stop(session_id)
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            await asyncio.gather(self._scheduler, return_exceptions=True)
-            self._scheduler = None
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        for task in (self._watchdog, self._recovering, self._scheduler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._scheduler = self._watchdog = self._recovering = None
+        await asyncio.get_running_loop().run_in_executor(None, self._worker.stop)
 
     @property
     def stream_format(self) -> StreamFormat:
@@ -120,6 +129,28 @@ class ModelEngine:
     def active_sessions(self) -> int:
         return len(self._slots)
 
+    @property
+    def model_loaded(self) -> bool:
+        return self._format is not None and self._models is not None
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._worker.alive and self._recovering is None
+
+    @property
+    def queue_depth(self) -> int:
+        """Windows waiting or in work, over all sessions."""
+        return sum(sum(1 for job in slot.queue if not job.future.done()) + int(slot.running)
+                   for slot in self._slots.values())
+
+    def add_loss_listener(self, listener: Callable[[str, str], None]) -> None:
+        """`listener(session_id, reason)` is called for every live session when the worker dies."""
+        self._loss_listeners.append(listener)
+
+    def kill_worker(self) -> None:
+        """End the model worker as a crash would; the engine notices, tells live sessions and restarts it."""
+        self._worker.kill()
+
     # ------------------------------------------------------------------ the ClipGenerator seam
 
     async def start(self, session_id: str, reference_image: np.ndarray, prompt: str,
@@ -127,6 +158,8 @@ class ModelEngine:
         """Admit a session (or raise EngineBusy) and prepare its avatar from the reference image."""
         if session_id in self._slots:
             raise ValueError(f"session {session_id!r} is already started")
+        if self._recovering is not None:  # a new worker is starting; new sessions wait for it
+            await asyncio.shield(self._recovering)
         if len(self._slots) >= self.max_sessions:
             raise EngineBusy(f"server busy: all {self.max_sessions} session slots are in use; "
                              "try again when someone leaves (or start the server with a larger "
@@ -136,13 +169,18 @@ class ModelEngine:
         self._slots[session_id] = slot  # reserved before the first await, so admission cannot race
         self._turns.append(session_id)
         try:
-            avatar = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._new_avatar, reference_image, prompt)
+            avatar = await self._worker.call(self._new_avatar, reference_image, prompt)
+        except WorkerDied as exc:
+            self._forget(session_id)
+            self._worker_died(str(exc))
+            raise SessionLost(f"{exc}; the server is restarting it, start again in a moment") from None
         except BaseException:
             self._forget(session_id)
             raise
-        if slot.closed:  # stopped while the avatar was being prepared
-            await asyncio.get_running_loop().run_in_executor(self._executor, avatar.close)
+        if slot.closed or slot.lost:  # stopped (or the worker died) while the avatar was being prepared
+            await self._close_avatar(avatar)
+            if slot.lost:
+                raise SessionLost(slot.lost)
             raise SessionClosed(f"session {session_id!r} was stopped while starting")
         slot.avatar = avatar
 
@@ -159,12 +197,16 @@ class ModelEngine:
     async def submit(self, session_id: str, window: AudioWindow) -> VideoClip:
         """Queue a window; resolve to its clip (ClipDropped if newer audio pushed it out of the queue)."""
         slot = self._live_slot(session_id)
+        if slot.lost:
+            raise SessionLost(slot.lost)
         job = _Job(window, asyncio.get_running_loop().create_future())
         slot.queue.append(job)
         while len(slot.queue) > self.max_pending_clips:
             stale = slot.queue.popleft()
             if not stale.future.done():
                 slot.clips_dropped += 1
+                if self.metrics is not None:
+                    self.metrics.clip_dropped(self._format.frames_per_clip if self._format else 0)
                 stale.future.set_exception(ClipDropped(
                     f"clip {stale.window.clip_index} dropped: generation is slower than real time, "
                     f"{self.max_pending_clips} newer windows were waiting"))
@@ -197,7 +239,59 @@ class ModelEngine:
         if slot.avatar is not None:
             avatar, slot.avatar = slot.avatar, None
             # the single worker runs this after any clip of this session already in work
-            await asyncio.get_running_loop().run_in_executor(self._executor, avatar.close)
+            await self._close_avatar(avatar)
+
+    async def _close_avatar(self, avatar: Any) -> None:
+        try:
+            await self._worker.call(avatar.close)
+        except WorkerDied:
+            pass  # the dead worker's caches go with it
+
+    # ------------------------------------------------------------------ worker failure
+
+    def _worker_died(self, reason: str) -> None:
+        """Tell every live session its avatar is gone, then start a fresh worker (once per death)."""
+        if self._recovering is not None:
+            return
+        log.error("%s; telling %d live session(s) and restarting it", reason, len(self._slots))
+        if self.metrics is not None:
+            self.metrics.error("worker_died")
+        message = f"{reason}; this session's avatar was lost, start again"
+        for session_id, slot in list(self._slots.items()):
+            slot.lost = message
+            slot.avatar = None  # its caches lived on the dead worker
+            for job in slot.queue:
+                if not job.future.done():
+                    job.future.set_exception(SessionLost(message))
+            slot.queue.clear()
+            for listener in list(self._loss_listeners):
+                try:
+                    listener(session_id, message)
+                except Exception:
+                    log.exception("session-loss listener failed")
+        self._recovering = asyncio.get_running_loop().create_task(self._restart_worker(),
+                                                                  name="model-engine-restart")
+
+    async def _restart_worker(self) -> None:
+        old = self._worker
+        self.worker_restarts += 1
+        if self.metrics is not None:
+            self.metrics.worker_restarts.inc()
+        self._worker = ModelWorker()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, old.join, 5.0)
+            self._format = await self._worker.call(self._load_in_worker)
+            log.info("model worker restarted (%d restart(s) so far)", self.worker_restarts)
+        finally:
+            self._recovering = None
+            self._wakeup.set()
+
+    async def _watch_worker(self, interval_s: float = 0.25) -> None:
+        """Notice a worker that died between calls, so idle sessions hear of it too."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._recovering is None and not self._worker.alive:
+                self._worker_died(self._worker.dead_reason or "the model worker stopped")
 
     # ------------------------------------------------------------------ internals
 
@@ -222,14 +316,13 @@ class ModelEngine:
             slot = self._slots[session_id]
             while slot.queue and slot.queue[0].future.done():
                 slot.queue.popleft()  # cancelled by its caller
-            if slot.queue and slot.avatar is not None:
+            if slot.queue and slot.avatar is not None and not slot.lost:
                 return slot, slot.queue.popleft()
         return None
 
     async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            picked = self._next_job()
+            picked = None if self._recovering is not None else self._next_job()
             if picked is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -239,9 +332,17 @@ class ModelEngine:
             slot.running = True
             started_s = time.monotonic()
             try:
-                clip = await loop.run_in_executor(self._executor, _next_clip, slot.avatar, job.window, steps)
+                clip = await self._worker.call(_next_clip, slot.avatar, job.window, steps)
+            except WorkerDied as exc:
+                slot.running = False
+                self._worker_died(str(exc))
+                if not job.future.done():  # the clip in work was already off the queue
+                    job.future.set_exception(SessionLost(slot.lost or str(exc)))
+                continue
             except Exception as exc:  # a model failure ends this clip, not the engine
                 log.exception("clip %d failed", job.window.clip_index)
+                if self.metrics is not None:
+                    self.metrics.error("clip_failed")
                 if not job.future.done():
                     job.future.set_exception(exc)
                 continue
@@ -251,6 +352,8 @@ class ModelEngine:
             slot.last_clip_index = clip.clip_index
             slot.last_clip_sample_steps = steps
             slot.last_generation_s = time.monotonic() - started_s
+            if self.metrics is not None:
+                self.metrics.clip_generated(slot.last_generation_s)
             if not job.future.done():
                 job.future.set_result(clip)
 

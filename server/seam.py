@@ -17,6 +17,10 @@ class SessionClosed(RuntimeError):
     """The session was stopped (or never started); its work is cancelled."""
 
 
+class SessionLost(RuntimeError):
+    """The generator lost this session's state (its worker died); the session must start again."""
+
+
 class ClipDropped(RuntimeError):
     """A queued window was dropped because the session fell behind (newer audio took its place)."""
 

@@ -12,15 +12,16 @@ import uuid
 from typing import Any, Callable
 
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from model.config import AppConfig
 from model.io_types import AudioWindow
 from server.audio_window import AudioWindowCutter, frame_stream_time_s
+from server.ice import server_ice_configuration
 from server.playout import PlayoutClock
 from server.reference_image import resize_rgb
-from server.seam import ClipDropped, ClipGenerator, SessionClosed
+from server.seam import ClipDropped, ClipGenerator, SessionClosed, SessionLost
 from server.tracks import AvatarVideoTrack, SyncedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,14 @@ class OfferError(ValueError):
 
 def ice_configuration(cfg: AppConfig) -> RTCConfiguration:
     """STUN/TURN servers from the config (none by default: host candidates suffice on a LAN)."""
-    return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in cfg.server.ice_servers])
+    return server_ice_configuration(cfg)
 
 
 class Session:
     """Wires one peer connection: mic -> windows -> engine -> avatar video + synced voice."""
 
     def __init__(self, cfg: AppConfig, engine: ClipGenerator, reference_rgb: np.ndarray,
-                 on_error: Callable[[str], Any] | None = None) -> None:
+                 on_error: Callable[[str, str], Any] | None = None) -> None:
         self.session_id = uuid.uuid4().hex[:12]
         self._cfg = cfg
         self._engine = engine
@@ -98,7 +99,19 @@ class Session:
         self._pc.addTrack(self.audio_track)
         self._pc.addTrack(self.video_track)
         await self._pc.setLocalDescription(await self._pc.createAnswer())
+        self._spawn(self._expect_connection(self._cfg.server.connect_timeout_s), "connect-timeout")
         return self._pc.localDescription
+
+    async def _expect_connection(self, timeout_s: float) -> None:
+        """A browser that got its answer but never connects (ICE or DTLS failing) must not hold a slot."""
+        started_s = time.monotonic()
+        while self._pc.connectionState != "connected":
+            if time.monotonic() - started_s > timeout_s:
+                self.fail("connect_timeout", f"the media connection did not come up within {timeout_s:g} s "
+                                             f"(ICE state {self._pc.iceConnectionState}); check the network or "
+                                             "the STUN/TURN servers (--server.ice_servers), then start again")
+                return
+            await asyncio.sleep(0.1)
 
     def set_sample_steps(self, sample_steps: int) -> None:
         """Live tuning from the page; takes effect at the next clip to start."""
@@ -132,29 +145,45 @@ class Session:
                 frame = await track.recv()
             except MediaStreamError:
                 return  # the browser stopped sending
-            arrival_s = time.monotonic()
-            self.clock.note_audio(frame_stream_time_s(frame) + frame.samples / frame.sample_rate, arrival_s)
-            self.audio_track.push(frame)
-            for window in self._cutter.push(frame):
-                self._spawn(self._make_clip(window), f"clip-{window.clip_index}")
+            self.push_audio(frame)
+
+    def push_audio(self, frame: Any) -> int:
+        """One decoded mic frame into the live path (windows -> engine -> tracks); returns windows started."""
+        arrival_s = time.monotonic()
+        self.clock.note_audio(frame_stream_time_s(frame) + frame.samples / frame.sample_rate, arrival_s)
+        self.audio_track.push(frame)
+        windows = self._cutter.push(frame)
+        for window in windows:
+            self._spawn(self._make_clip(window), f"clip-{window.clip_index}")
+        return len(windows)
 
     async def _make_clip(self, window: AudioWindow) -> None:
         try:
             clip = await self._engine.submit(self.session_id, window)
         except (ClipDropped, SessionClosed):
             return
+        except SessionLost as exc:
+            self.fail("worker_failed", str(exc))
+            return
         except Exception as exc:  # the model failed on this clip; the session goes on with idle frames
             self.clips_failed += 1
             log.exception("session %s: clip %d failed", self.session_id, window.clip_index)
-            self._report(f"clip {window.clip_index} could not be generated: {exc}")
+            self._report("clip_failed", f"clip {window.clip_index} could not be generated: {exc}")
             return
         self.clock.note_clip_ready(clip.t0, time.monotonic())
         self.video_track.add_clip(clip)
         self.clips_played += 1
 
-    def _report(self, message: str) -> None:
+    def _report(self, code: str, message: str) -> None:
         if self._on_error is not None:
-            self._on_error(message)
+            self._on_error(message, code)
+
+    def fail(self, code: str, message: str) -> None:
+        """The session cannot go on (its model state was lost, it never connected): say why, then close."""
+        if self._closing is None and not self.closed.is_set():
+            log.warning("session %s: %s", self.session_id, message)
+            self._report(code, message)
+            self.close_soon()
 
     def _spawn(self, coro: Any, name: str) -> None:
         if self.closed.is_set() or self._closing is not None:

@@ -16,6 +16,8 @@ from aiohttp import WSMsgType, web
 
 from model.config import AppConfig
 from server.engine import check_sample_steps
+from server.limits import MessageLimits, hard_message_limit
+from server.metrics import ServerMetrics
 from server.reference_image import ReferenceImageError, image_from_data_url
 from server.seam import ClipGenerator, EngineBusy
 from server.session import OfferError, Session
@@ -42,6 +44,13 @@ class ServerState:
     engine: ClipGenerator
     default_reference: np.ndarray
     sessions: set[Session] = field(default_factory=set)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+
+    def session_lost(self, session_id: str, reason: str) -> None:
+        """The engine lost a session's model state (its worker died): tell that page and close the session."""
+        for session in list(self.sessions):
+            if session.session_id == session_id:
+                session.fail("worker_failed", reason)
 
     async def close_all(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions)), return_exceptions=True)
@@ -107,6 +116,7 @@ async def open_session(state: ServerState, sdp: str, sdp_type: str, reference: n
         await session.close()
         raise
     state.sessions.add(session)
+    state.metrics.sessions_started.inc()
     asyncio.get_running_loop().create_task(_forget_when_closed(state, session))
     return session, answer
 
@@ -124,8 +134,11 @@ class WebSocketConnection:
         self._state = state
         self.session: Session | None = None
         self._stats_task: asyncio.Task | None = None
+        self.limits = MessageLimits(state.cfg.server.max_message_bytes, state.cfg.server.max_messages_per_s)
 
     async def send(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "error":
+            self._state.metrics.error(message.get("code", "error"))
         if not self._ws.closed:
             try:
                 await self._ws.send_json(message)
@@ -136,6 +149,10 @@ class WebSocketConnection:
         asyncio.get_running_loop().create_task(self.send(message))
 
     async def handle_text(self, text: str) -> None:
+        refused = self.limits.check(text)
+        if refused is not None:
+            await self.send(error_message(*refused))
+            return
         try:
             await self._dispatch(text)
         except RequestError as exc:
@@ -166,7 +183,7 @@ class WebSocketConnection:
         sdp, reference, prompt, steps = parse_offer(message, self._state)
         session, answer = await open_session(
             self._state, sdp, "offer", reference, prompt, steps,
-            on_error=lambda text: self._send_soon(error_message("clip_failed", text)))
+            on_error=lambda text, code: self._send_soon(error_message(code, text)))
         self.session = session
         await self.send({"type": "answer", "sdp": answer.sdp, "session_id": session.session_id})
         self._stats_task = asyncio.create_task(self._stats_loop(session))
@@ -203,7 +220,7 @@ class WebSocketConnection:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """`/ws`: the page's control channel for the life of its session."""
     state = request.app[STATE_KEY]
-    ws = web.WebSocketResponse(max_msg_size=state.cfg.server.max_message_bytes, heartbeat=20.0)
+    ws = web.WebSocketResponse(max_msg_size=hard_message_limit(state.cfg), heartbeat=20.0)
     await ws.prepare(request)
     connection = WebSocketConnection(ws, state)
     try:
@@ -239,6 +256,7 @@ async def offer_handler(request: web.Request) -> web.Response:
         sdp, reference, prompt, steps = parse_offer(payload, state)
         _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
     except RequestError as exc:
+        state.metrics.error(exc.code)
         status = 503 if exc.code == "busy" else 400
         return web.json_response(error_message(exc.code, str(exc)), status=status)
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
