@@ -1,0 +1,106 @@
+"""ModelEngine on the real tiny model: admission, cancellation, back-pressure, an unblocked event loop."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from model.config import load_config
+from model.io_types import AudioWindow
+from server.engine import ModelEngine
+from server.reference_image import drawn_reference
+from server.seam import ClipDropped, EngineBusy, SessionClosed
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def engine():
+    # 64x64 frames keep each clip cheap; the scheduling under test does not depend on size
+    cfg = load_config(None, {"video.size": "64*64", "server.max_sessions": 1, "server.max_pending_clips": 1})
+    engine = ModelEngine(cfg)
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+def window(engine: ModelEngine, clip_index: int) -> AudioWindow:
+    fmt = engine.stream_format
+    rng = np.random.default_rng(clip_index)
+    samples = (0.1 * rng.standard_normal(fmt.context_samples + fmt.clip_samples)).astype(np.float32)
+    return AudioWindow(samples, fmt.context_samples, clip_index * fmt.clip_samples / fmt.sample_rate_hz, clip_index)
+
+
+async def test_a_session_beyond_the_limit_is_refused_at_once(engine):
+    await engine.start("a", drawn_reference(), "hi")
+    started = time.monotonic()
+    with pytest.raises(EngineBusy, match="1 session slots are in use"):
+        await engine.start("b", drawn_reference(), "hi")
+    assert time.monotonic() - started < 0.1
+    await engine.stop("a")
+    await engine.start("b", drawn_reference(), "hi")  # the freed slot is usable again
+    assert engine.active_sessions == 1
+
+
+async def test_clips_come_back_in_order_with_the_stream_format(engine):
+    await engine.start("a", drawn_reference(), "hi")
+    clip = await engine.submit("a", window(engine, 0))
+    fmt = engine.stream_format
+    assert clip.frames.shape == (fmt.frames_per_clip, *fmt.frame_size, 3) and clip.frames.dtype == np.uint8
+    assert (clip.clip_index, clip.t0) == (0, 0.0)
+    engine.set_sample_steps("a", 2)
+    await engine.submit("a", window(engine, 1))
+    stats = engine.stats("a")
+    assert (stats.clips_done, stats.last_clip_index, stats.last_clip_sample_steps) == (2, 1, 2)
+    with pytest.raises(ValueError, match="1..8"):
+        engine.set_sample_steps("a", 100)
+
+
+async def test_a_slow_session_drops_its_oldest_waiting_window(engine):
+    await engine.start("a", drawn_reference(), "hi")
+    jobs = [asyncio.create_task(engine.submit("a", window(engine, 0)))]
+    await asyncio.sleep(0.05)  # clip 0 is now in work
+    jobs += [asyncio.create_task(engine.submit("a", window(engine, i))) for i in range(1, 4)]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    kinds = [type(r).__name__ for r in results]
+    # with one place in the queue, each newer window pushes the one waiting before it out
+    assert kinds == ["VideoClip", "ClipDropped", "ClipDropped", "VideoClip"], kinds
+    assert engine.stats("a").clips_dropped == 2
+    assert isinstance(results[1], ClipDropped) and "slower than real time" in str(results[1])
+
+
+async def test_stopping_a_session_cancels_its_queued_work(engine):
+    await engine.start("a", drawn_reference(), "hi")
+    in_work = asyncio.create_task(engine.submit("a", window(engine, 0)))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(engine.submit("a", window(engine, 1)))
+    await asyncio.sleep(0.05)
+    assert engine.stats("a").queue_depth == 2
+    await engine.stop("a")  # returns once the clip in work is done and the caches are freed
+    assert waiting.cancelled()
+    assert (await in_work).clip_index == 0  # the clip in work finishes; nothing after it runs
+    with pytest.raises(SessionClosed):
+        await engine.submit("a", window(engine, 2))
+    assert engine.active_sessions == 0
+
+
+async def test_model_work_does_not_block_the_event_loop(engine):
+    await engine.start("a", drawn_reference(), "hi")
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    generated_s = time.monotonic()
+    await engine.submit("a", window(engine, 0))
+    generated_s = time.monotonic() - generated_s
+    tick.cancel()
+    assert len(gaps) > 0.5 * generated_s / 0.01 and max(gaps) < 0.2, (len(gaps), generated_s, max(gaps))
