@@ -15,6 +15,9 @@ from PIL import Image, ImageDraw
 ACCEPTED_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
 MAX_REFERENCE_PIXELS = 4096 * 4096
 MIN_REFERENCE_SIDE = 16
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+# 8-bit modes that convert to RGB faithfully; 16-bit/float ones (I;16, I, F) would clip to white
+ACCEPTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
 
 class ReferenceImageError(ValueError):
@@ -28,6 +31,14 @@ def image_from_bytes(data: bytes, source: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
+            if probe.format not in ACCEPTED_FORMATS:
+                raise ReferenceImageError(
+                    f"reference image from {source} is {probe.format or 'an unknown format'}; send a PNG, JPEG "
+                    "or WebP")
+            if probe.mode not in ACCEPTED_MODES:
+                raise ReferenceImageError(
+                    f"reference image from {source} has pixel mode {probe.mode!r} (16-bit or float samples); "
+                    "save it as an 8-bit RGB PNG or JPEG")
             if width * height > MAX_REFERENCE_PIXELS:
                 raise ReferenceImageError(
                     f"reference image from {source} is {width}x{height} ({width * height / 1e6:.1f} MP); "

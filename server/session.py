@@ -88,8 +88,8 @@ class Session:
             raise OfferError(f"expected an SDP of type 'offer', got {sdp_type!r}")
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except (ValueError, TypeError) as exc:
-            raise OfferError(f"the offer's SDP could not be parsed: {exc}") from None
+        except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ... on bad SDP
+            raise OfferError(f"the offer's SDP could not be parsed ({type(exc).__name__}: {exc})") from None
         kinds = [t.kind for t in self._pc.getTransceivers()]
         if "audio" not in kinds:
             raise OfferError("the offer has no audio track; the avatar needs the microphone "

@@ -18,6 +18,7 @@ from model.config import AppConfig
 from server.engine import check_sample_steps
 from server.limits import MessageLimits, hard_message_limit
 from server.metrics import ServerMetrics
+from server.sdp_check import OfferSdpError, check_offer_sdp
 from server.reference_image import ReferenceImageError, image_from_data_url
 from server.seam import ClipGenerator, EngineBusy
 from server.session import OfferError, Session
@@ -70,6 +71,10 @@ def parse_offer(payload: dict[str, Any], state: ServerState) -> tuple[str, np.nd
         raise RequestError("bad_offer", "offer needs an 'sdp' string (from RTCPeerConnection.createOffer)")
     if len(sdp) > MAX_SDP_CHARS:
         raise RequestError("bad_offer", f"offer SDP is {len(sdp)} characters; the limit is {MAX_SDP_CHARS}")
+    try:
+        check_offer_sdp(sdp)
+    except OfferSdpError as exc:
+        raise RequestError("bad_offer", str(exc)) from None
     config = payload.get("config") or {}
     if not isinstance(config, dict):
         raise RequestError("bad_config", "offer 'config' must be an object")
