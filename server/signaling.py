@@ -75,7 +75,8 @@ def parse_offer(payload: dict[str, Any], state: ServerState) -> tuple[str, np.nd
         check_offer_sdp(sdp)
     except OfferSdpError as exc:
         raise RequestError("bad_offer", str(exc)) from None
-    config = payload.get("config") or {}
+    config = payload.get("config")
+    config = {} if config is None else config
     if not isinstance(config, dict):
         raise RequestError("bad_config", "offer 'config' must be an object")
     unknown = sorted(set(config) - {"reference_image", "prompt", "sample_steps"})
@@ -262,6 +263,6 @@ async def offer_handler(request: web.Request) -> web.Response:
         _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
     except RequestError as exc:
         state.metrics.error(exc.code)
-        status = 503 if exc.code == "busy" else 400
+        status = {"busy": 503, "too_large": 413}.get(exc.code, 400)
         return web.json_response(error_message(exc.code, str(exc)), status=status)
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
