@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Audio->video latency and A/V offset of the live path, measured end to end over loopback WebRTC.
+
+    .venv/bin/python bench/latency_cpu.py [--config configs/tiny.yaml] [--steps 4 1] [--seconds 5] [--threads 1]
+
+A client sends espeak-ng speech as its microphone through the real /ws signaling; the server runs the
+model through ModelEngine. Per run it prints: when the first frame made from the speech arrived after
+that speech was sent (latency), the server's playout delay, the offset between that frame and the
+returned voice (A/V offset, + = video late), generation time per clip, received fps and dropped clips.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.config import load_config  # noqa: E402
+from server.engine import ModelEngine  # noqa: E402
+from server.reference_image import drawn_reference, resize_rgb  # noqa: E402
+from tests.server.av_analysis import align, audio_timeline, first_clip_frame  # noqa: E402
+from tests.server.conftest import SPEECH_TEXT, read_wav_48k_mono, start_server  # noqa: E402
+from tests.server.webrtc_client import LoopbackClient  # noqa: E402
+
+
+def speech(seconds: float) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as folder:
+        wav = Path(folder) / "speech.wav"
+        subprocess.run(["espeak-ng", "-s", "170", "-w", str(wav), SPEECH_TEXT], check=True)
+        return read_wav_48k_mono(wav)[: int(seconds * 48000)]
+
+
+async def measure(cfg, steps: int, pcm: np.ndarray) -> dict:
+    engine = ModelEngine(cfg)
+    await engine.load()
+    server, runner = await start_server(cfg, engine)
+    client = LoopbackClient(server.ws_url, pcm, config={"sample_steps": steps})
+    try:
+        await client.connect()
+        speech_s = len(pcm) / 48000
+        while True:
+            await asyncio.sleep(0.25)
+            stats = client.stats()
+            if stats and stats[-1]["latency_ms"] is not None and \
+                    time.monotonic() - client.connected_s > speech_s + stats[-1]["latency_ms"] / 1000 + 1:
+                break
+            if time.monotonic() - client.connected_s > 120:
+                raise TimeoutError("no clip played within 120 s")
+    finally:
+        await client.close()
+        await runner.cleanup()
+        await engine.close()
+    fmt = engine.stream_format
+    reference = resize_rgb(drawn_reference(), *fmt.frame_size)
+    first = first_clip_frame(client.video, reference)
+    received, arrival = audio_timeline(client.audio)
+    alignment = align(pcm, received)
+    sent_s = client.mic._start_s  # wall time the first speech sample was handed to WebRTC
+    stats = client.stats()
+    generation = [s["generation_ms"] for s in stats if s["generation_ms"] is not None]
+    steady = client.video[len(client.video) // 4:]
+    return {
+        "steps": steps,
+        "latency_ms": (first.arrival_s - sent_s) * 1000,
+        "playout_delay_ms": stats[-1]["latency_ms"],
+        "av_offset_ms": (first.arrival_s - arrival[alignment.lag_samples]) * 1000,
+        "voice_match": alignment.peak,
+        "generation_ms": float(np.median(generation)),
+        "clip_ms": stats[-1]["clip_ms"],
+        "fps": (len(steady) - 1) / (steady[-1].arrival_s - steady[0].arrival_s),
+        "clips": f"{stats[-1]['clips_done']} done / {stats[-1]['clips_dropped']} dropped",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 1])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the model (runtime.num_threads)")
+    args = parser.parse_args()
+    cfg = load_config(args.config, {"runtime.num_threads": args.threads})
+    pcm = speech(args.seconds)
+    rows = [asyncio.run(measure(cfg, steps, pcm)) for steps in args.steps]
+    print(f"\nlive path, {cfg.model.preset} model, {cfg.video.size} at {cfg.video.fps:g} fps, "
+          f"{cfg.video.infer_frames} frames/clip, {args.seconds:g} s of speech, {args.threads} torch thread(s), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    header = ("steps", "first frame after speech ms", "playout delay ms", "A/V offset ms", "voice match",
+              "generation ms/clip", "clip ms", "fps", "clips")
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for r in rows:
+        print(f"{r['steps']} | {r['latency_ms']:.0f} | {r['playout_delay_ms']:.0f} | {r['av_offset_ms']:+.1f} | "
+              f"{r['voice_match']:.2f} | {r['generation_ms']:.0f} | {r['clip_ms']:.0f} | {r['fps']:.2f} | {r['clips']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
