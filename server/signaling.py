@@ -140,6 +140,7 @@ class WebSocketConnection:
         self._state = state
         self.session: Session | None = None
         self._stats_task: asyncio.Task | None = None
+        self._sends: set[asyncio.Task] = set()  # fire-and-forget sends, held so they are not collected
         self.limits = MessageLimits(state.cfg.server.max_message_bytes, state.cfg.server.max_messages_per_s)
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -152,7 +153,9 @@ class WebSocketConnection:
                 pass  # the page went away; the read loop will notice
 
     def _send_soon(self, message: dict[str, Any]) -> None:
-        asyncio.get_running_loop().create_task(self.send(message))
+        task = asyncio.get_running_loop().create_task(self.send(message))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def handle_text(self, text: str) -> None:
         refused = self.limits.check(text)
