@@ -20,7 +20,7 @@ from server.limits import MessageLimits, hard_message_limit
 from server.metrics import ServerMetrics
 from server.sdp_check import OfferSdpError, check_offer_sdp
 from server.reference_image import ReferenceImageError, image_from_data_url
-from server.seam import ClipGenerator, EngineBusy
+from server.seam import ClipGenerator, EngineBusy, SessionClosed
 from server.session import OfferError, Session
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,11 @@ class WebSocketConnection:
             try:
                 await asyncio.wait_for(session.closed.wait(), timeout=interval_s)
             except asyncio.TimeoutError:
-                await self.send({"type": "stats", **session.stats()})
+                try:
+                    stats = session.stats()
+                except SessionClosed:
+                    continue  # closing: its engine slot is already released
+                await self.send({"type": "stats", **stats})
         if self.session is session:  # it ended by itself (ICE failure, the browser left)
             self.session = None
             await self.send(error_message("connection_lost", "the media connection closed; start again"))
