@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import StreamDenoiser, build_dit  # noqa: E402
+from bench.gpu_bench import StreamDenoiser, bench_config, build_dit  # noqa: E402
 from model import parallel  # noqa: E402
-from model.config import load_config  # noqa: E402
 
 
 def clips(dit, cfg, device, dtype, n: int) -> torch.Tensor:
@@ -36,7 +35,7 @@ def main() -> int:
     p.add_argument("--tolerance", type=float, default=None)
     p.add_argument("--set", nargs=2, action="append", default=[])
     args = p.parse_args()
-    cfg = load_config(args.config, dict(args.set))
+    cfg = bench_config(args.config, dict(args.set))
     group = parallel.start_group(cfg.runtime.device, cfg.model.dit.num_heads)
     dtype = getattr(torch, cfg.runtime.dtype)
     device = group.device

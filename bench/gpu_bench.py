@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -215,98 +216,120 @@ def read_peak(device: torch.device) -> tuple[float, float]:
     return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
 
 
-def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype) -> dict | None:
-    """Rank 0 and the other DiT ranks: denoise clip after clip; rank 0 also decodes or hands off to the VAE rank."""
+def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype) -> list[dict]:
+    """Rank 0 and the other DiT ranks: build once, then one measured session per decode mode."""
     device = group.device
     t0 = time.perf_counter()
     dit = build_dit(cfg, group, dtype, args.shard_weights)
     build_s = time.perf_counter() - t0
-    decodes_here = group.rank == 0 and args.vae_mode in ("inline", "stream")
-    vae = build_vae_on(cfg, device, dtype) if decodes_here else None
-    side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # decode or frame receive
-    vae_rank = group.layout.vae_rank
-
+    modes = args.vae_modes
+    vae = build_vae_on(cfg, device, dtype) if group.rank == 0 and "rank" not in modes else None
+    rows = []
     with torch.inference_mode():
-        # Warm-up session (kernel selection, allocator), then FLOPs of one clip, then the measured session.
+        # Warm-up session (kernel selection, allocator), then the FLOPs of one clip.
         warm = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
         for i in range(args.warmup_clips):
             warm.clip(i)
         flops = count_flops(lambda: warm.clip(args.warmup_clips))
+        if args.profile and group.rank == 0:
+            print_profile(lambda: warm.clip(args.warmup_clips + 1), device)
         del warm
+        for mode in modes:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+            timings, calls = measure_session(args, cfg, group, dit, vae, mode, dtype)
+            rows.append(summarise(args, cfg, group, mode, timings, flops, build_s, calls))
+    return rows
+
+
+def measure_session(args, cfg: AppConfig, group: parallel.ParallelGroup, dit: AvatarDiT, vae: AvatarVAE | None,
+                    mode: str, dtype: torch.dtype) -> tuple[list[ClipTiming], int]:
+    """One session of `args.clips` clips back to back; frames reach rank 0's host as the server would get them."""
+    device = group.device
+    side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # decode or frame receive
+    vae_rank = group.layout.vae_rank
+    session = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
+    decoder = vae.new_decoder(session.ref_latent) if vae is not None else None
+    if group.rank == 0 and mode == "rank":
+        group.send_to_rank(session.ref_latent, vae_rank)
+    clock = Clock(device)
+    frames_shape = (cfg.video.infer_frames, cfg.video.height, cfg.video.width, 3)
+    pinned = [torch.empty(frames_shape, dtype=torch.uint8, pin_memory=device.type == "cuda") for _ in range(3)]
+    timings: list[ClipTiming] = []
+    pending: collections.deque = collections.deque()  # clips whose frames are still on their way
+    peak_clips = {min(10, args.clips - 1), args.clips - 1}
+
+    def finish(item) -> None:
+        timing, done, vae_start, vae_end, dit_start, dit_end = item
+        timing.out_s = clock.host_time(done)
+        timing.dit_s = clock.seconds(dit_start, dit_end)
+        if vae_start is not None:
+            timing.vae_s = clock.seconds(vae_start, vae_end)
+        if timing.index in peak_clips:
+            alloc, reserved = read_peak(device)
+            timing.peak_alloc_gb, timing.peak_reserved_gb = [alloc], [reserved]
+
+    for n in range(args.clips):
+        if n in peak_clips:
+            reset_peak(device)
+        timing = ClipTiming(n, submit_s=time.perf_counter())
+        dit_start = clock.mark()
+        latents = session.clip(n)
+        dit_end = clock.mark()
+        timings.append(timing)
+        if group.rank != 0:
+            pending.append((timing, dit_end, None, None, dit_start, dit_end))
+        elif mode == "rank":
+            group.send_to_rank(latents, vae_rank)
+            # receive on a side stream, or the next clip's DiT would queue behind the decode
+            if side_stream is not None:
+                side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext():
+                frames = group.recv_from_rank(frames_shape, torch.uint8, vae_rank)
+                host = pinned[n % len(pinned)]
+                host.copy_(frames, non_blocking=True)
+                done = clock.mark(side_stream)
+            pending.append((timing, done, None, None, dit_start, dit_end))
+        elif mode == "stream" and side_stream is not None:
+            side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side_stream):
+                latents.record_stream(side_stream)
+                vae_start = clock.mark(side_stream)
+                frames = to_uint8_frames(decoder.decode(latents))
+                vae_end = clock.mark(side_stream)
+                pinned[n % len(pinned)].copy_(frames, non_blocking=True)
+                done = clock.mark(side_stream)
+            pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
+        else:
+            vae_start = clock.mark()
+            frames = to_uint8_frames(decoder.decode(latents))
+            vae_end = clock.mark()
+            pinned[n % len(pinned)].copy_(frames, non_blocking=device.type == "cuda")
+            done = clock.mark()
+            pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
+        # At most one clip in flight behind the DiT: that is the overlap, and it bounds memory.
+        while len(pending) > (0 if mode == "inline" else 1):
+            finish(pending.popleft())
+    while pending:
+        finish(pending.popleft())
+    if decoder is not None:
+        decoder.close()
+    return timings, session.denoiser_calls
+
+
+def print_profile(fn, device: torch.device, rows: int = 18) -> None:
+    """Where one clip's GPU time goes, by operator (printed on rank 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-
-        session = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
-        decoder = vae.new_decoder(session.ref_latent) if vae is not None else None
-        if group.rank == 0 and args.vae_mode == "rank":
-            group.send_to_rank(session.ref_latent, vae_rank)
-        clock = Clock(device)
-        frames_shape = (cfg.video.infer_frames, cfg.video.height, cfg.video.width, 3)
-        pinned = [torch.empty(frames_shape, dtype=torch.uint8, pin_memory=device.type == "cuda") for _ in range(3)]
-        timings: list[ClipTiming] = []
-        pending: collections.deque = collections.deque()  # clips whose frames are still on their way
-
-        def finish(item) -> None:
-            timing, done, vae_start, vae_end, dit_start, dit_end = item
-            timing.out_s = clock.host_time(done)
-            timing.dit_s = clock.seconds(dit_start, dit_end)
-            if vae_start is not None:
-                timing.vae_s = clock.seconds(vae_start, vae_end)
-            if timing.index in peak_clips:
-                alloc, reserved = read_peak(device)
-                timing.peak_alloc_gb, timing.peak_reserved_gb = [alloc], [reserved]
-
-        peak_clips = {min(10, args.clips - 1), args.clips - 1}
-        for n in range(args.clips):
-            if n in peak_clips:
-                reset_peak(device)
-            timing = ClipTiming(n, submit_s=time.perf_counter())
-            dit_start = clock.mark()
-            latents = session.clip(n)
-            dit_end = clock.mark()
-            timings.append(timing)
-            if group.rank != 0:
-                timing.out_s = clock.host_time(dit_end)
-                timing.dit_s = clock.seconds(dit_start, dit_end)
-                if n in peak_clips:
-                    timing.peak_alloc_gb, timing.peak_reserved_gb = [read_peak(device)[0]], [read_peak(device)[1]]
-                continue
-            host = pinned[n % len(pinned)]
-            if args.vae_mode == "rank":
-                group.send_to_rank(latents, vae_rank)
-                # receive on a side stream, or the next clip's DiT would queue behind the decode
-                side_stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side_stream):
-                    frames = group.recv_from_rank(frames_shape, torch.uint8, vae_rank)
-                    host.copy_(frames, non_blocking=True)
-                    done = clock.mark(side_stream)
-                pending.append((timing, done, None, None, dit_start, dit_end))
-            elif args.vae_mode == "stream":
-                side_stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side_stream):
-                    latents.record_stream(side_stream)
-                    vae_start = clock.mark(side_stream)
-                    frames = to_uint8_frames(decoder.decode(latents))
-                    vae_end = clock.mark(side_stream)
-                    host.copy_(frames, non_blocking=True)
-                    done = clock.mark(side_stream)
-                pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
-            else:
-                vae_start = clock.mark()
-                frames = to_uint8_frames(decoder.decode(latents)) if decoder else latents
-                vae_end = clock.mark()
-                if decoder:
-                    host.copy_(frames, non_blocking=True)
-                done = clock.mark()
-                pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
-            # Keep at most one clip in flight behind the DiT: that is the overlap, and it bounds memory.
-            while len(pending) > (1 if args.vae_mode != "inline" else 0):
-                finish(pending.popleft())
-        while pending:
-            finish(pending.popleft())
-
-    return summarise(args, cfg, group, timings, flops, build_s, session.denoiser_calls)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print("PROFILE one clip, top operators by device time", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def run_vae_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype) -> dict:
@@ -345,8 +368,8 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def summarise(args, cfg: AppConfig, group: parallel.ParallelGroup, timings: list[ClipTiming], flops: float,
-              build_s: float, denoiser_calls: int) -> dict:
+def summarise(args, cfg: AppConfig, group: parallel.ParallelGroup, mode: str, timings: list[ClipTiming],
+              flops: float, build_s: float, denoiser_calls: int) -> dict:
     steady = timings[1:] if len(timings) > 1 else timings
     frames_per_clip = cfg.video.infer_frames
     span_s = timings[-1].out_s - timings[0].out_s
@@ -358,7 +381,7 @@ def summarise(args, cfg: AppConfig, group: parallel.ParallelGroup, timings: list
         "rank": group.rank,
         "gpus": group.world_size,
         "sp": group.sp_size,
-        "mode": args.vae_mode + ("+fsdp" if args.shard_weights else ""),
+        "mode": mode + ("+fsdp" if args.shard_weights else "") + (f"+{args.sdpa}" if args.sdpa != "default" else ""),
         "size": cfg.video.size,
         "frames": frames_per_clip,
         "steps": args.sample_steps,
@@ -391,9 +414,13 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=12, help="measured clips (the first gives TTFF)")
     p.add_argument("--warmup_clips", type=int, default=1)
     p.add_argument("--sample_steps", type=int, default=None)
-    p.add_argument("--vae_mode", choices=VAE_MODES, default="stream",
-                   help="inline: decode after the DiT on one stream; stream: decode clip n on a second CUDA "
-                        "stream while the DiT runs clip n+1; rank: a separate VAE GPU (last rank)")
+    p.add_argument("--vae_mode", default="stream",
+                   help="comma list, one measured session each. inline: decode after the DiT on one stream; "
+                        "stream: decode clip n on a second CUDA stream while the DiT runs clip n+1; "
+                        "rank: a separate VAE GPU (the last rank; alone, not in a list)")
+    p.add_argument("--profile", action="store_true", help="print rank 0's per-operator GPU time for one clip")
+    p.add_argument("--sdpa", choices=("default", "flash", "cudnn", "efficient"), default="default",
+                   help="force one scaled-dot-product-attention backend")
     p.add_argument("--shard_weights", action="store_true", help="per-layer weight sharding over the DiT ranks")
     p.add_argument("--mem_cap_gb", type=float, default=None, help="per-process GPU memory cap")
     p.add_argument("--label", default="")
@@ -404,6 +431,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def bench_config(path: str, overrides: dict) -> AppConfig:
+    """Load a preset with overrides; a shorter layer stack keeps the audio injectors that still fit."""
+    overrides = dict(overrides)
+    layers = overrides.get("model.dit.num_layers")
+    if layers is not None and "model.dit.audio_inject_layers" not in overrides:
+        inject = [i for i in load_config(path).model.dit.audio_inject_layers if i < int(layers)]
+        overrides["model.dit.audio_inject_layers"] = ",".join(map(str, inject))
+    return load_config(path, overrides)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = dict(args.set)
@@ -411,16 +448,13 @@ def main(argv=None) -> int:
         overrides["runtime.device"] = args.device
         if args.device == "cpu":
             overrides.setdefault("runtime.dtype", "float32")
-    layers = overrides.get("model.dit.num_layers")
-    if layers is not None and "model.dit.audio_inject_layers" not in overrides:
-        # a shorter stack for long runs: keep the injectors that still have a layer to sit in
-        inject = [i for i in load_config(args.config).model.dit.audio_inject_layers if i < int(layers)]
-        overrides["model.dit.audio_inject_layers"] = ",".join(map(str, inject))
-    cfg = load_config(args.config, overrides)
+    cfg = bench_config(args.config, overrides)
     args.sample_steps = args.sample_steps or cfg.sampler.sample_steps
-    if cfg.runtime.device == "cpu" and args.vae_mode == "stream":
-        args.vae_mode = "inline"  # no second stream on the CPU
-    group = parallel.start_group(cfg.runtime.device, cfg.model.dit.num_heads, vae_rank=args.vae_mode == "rank")
+    args.vae_modes = [m for m in args.vae_mode.split(",") if m]
+    bad = [m for m in args.vae_modes if m not in VAE_MODES]
+    if bad or ("rank" in args.vae_modes and len(args.vae_modes) > 1):
+        raise SystemExit(f"--vae_mode {args.vae_mode!r}: use a comma list of {VAE_MODES[:2]} or 'rank' alone")
+    group = parallel.start_group(cfg.runtime.device, cfg.model.dit.num_heads, vae_rank="rank" in args.vae_modes)
     if args.mem_cap_gb and group.device.type == "cuda":
         total = torch.cuda.get_device_properties(group.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gb * 2**30 / total), group.device)
@@ -428,21 +462,33 @@ def main(argv=None) -> int:
     if group.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(group.world_size, 1)))
     try:
-        if group.role == parallel.ROLE_VAE:
-            result = run_vae_rank(args, cfg, group, dtype)
-        else:
-            result = run_dit_rank(args, cfg, group, dtype)
-        results = gather_results(group, result)
-        if group.rank == 0:
-            merged = merge(results)
-            line = json.dumps(merged)
-            print("RESULT " + line, flush=True)
-            if args.json_out:
-                with open(args.json_out, "a") as fh:
-                    fh.write(line + "\n")
+        with sdpa_backend(args.sdpa):
+            if group.role == parallel.ROLE_VAE:
+                rows = [run_vae_rank(args, cfg, group, dtype)]
+            else:
+                rows = run_dit_rank(args, cfg, group, dtype)
+        for i in range(len(args.vae_modes)):
+            results = gather_results(group, rows[min(i, len(rows) - 1)])
+            if group.rank == 0:
+                line = json.dumps(merge(results))
+                print("RESULT " + line, flush=True)
+                if args.json_out:
+                    with open(args.json_out, "a") as fh:
+                        fh.write(line + "\n")
     finally:
         group.shutdown()
     return 0
+
+
+def sdpa_backend(name: str):
+    """A context forcing one SDPA backend ('default' leaves PyTorch's choice)."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return sdpa_kernel([backend])
 
 
 def gather_results(group: parallel.ParallelGroup, result: dict) -> list[dict]:

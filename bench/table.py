@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Turn the RESULT lines of bench/gpu_bench.py (a .jsonl file or a log) into the BENCHMARKS.md table."""
+from __future__ import annotations
+
+import json
+import sys
+
+HEADER = ("| label | GPUs | SP | mode | size | frames | steps | layers | clips | DiT s/clip | VAE s/clip | FPS "
+          "| TTFF s | latency s | DiT MFU | peak GB/GPU alloc (clip a -> clip b) |")
+
+
+def rows_from(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("RESULT "):
+            line = line[len("RESULT "):]
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+    return rows
+
+
+def format_row(r: dict) -> str:
+    a, b = r["peak_gb_clip"]
+    peaks = "; ".join(f"{p[0]:.1f}->{p[1]:.1f}" for p in r["peak_alloc_gb_per_rank"])
+    return (f"| {r.get('label', '')} | {r['gpus']} | {r['sp']} | {r['mode']} | {r['size']} | {r['frames']} | "
+            f"{r['steps']} | {r['layers']} | {r['clips']} | {r['dit_s']:.3f} | {r['vae_s']:.3f} | {r['fps']:.1f} | "
+            f"{r['ttff_s']:.2f} | {r['latency_s']:.2f} | {100 * r['mfu']:.0f}% | {peaks} (clip {a}->{b}) |")
+
+
+def main(paths: list[str]) -> int:
+    rows = []
+    for path in paths:
+        with open(path) as fh:
+            rows += rows_from(fh.read())
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1))
+    for r in rows:
+        print(format_row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
