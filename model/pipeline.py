@@ -55,13 +55,16 @@ class AvatarModels:
                                     "a checkpoint folder, or null for random weights")
         checkpoint_dir = checkpoint if checkpoint is not None and Path(checkpoint).is_dir() else None
         torch.manual_seed(cfg.runtime.seed)
-        with torch.device(device):  # random init happens on the target device, never a CPU copy first
+        # Random init happens on the target device, never a CPU copy first; a published folder fills modules
+        # built on `meta`, each tensor read straight to the device in its final dtype.
+        with torch.device("meta" if checkpoint_dir is not None else device):
             dit = AvatarDiT(cfg.model.dit)
             vae = build_vae(cfg.model.vae)
             wav2vec2 = Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder))
             umt5 = UMT5EncoderModel(umt5_config(cfg.model.text_encoder))
         if checkpoint is not None:
-            _load_checkpoint(cfg, Path(checkpoint), dit=dit, vae=vae, audio_encoder=wav2vec2, text_encoder=umt5)
+            _load_checkpoint(cfg, Path(checkpoint), device, dtype,
+                             dit=dit, vae=vae, audio_encoder=wav2vec2, text_encoder=umt5)
         dit.cast(dtype).eval().requires_grad_(False)
         return cls(
             dit=dit,
@@ -74,14 +77,15 @@ class AvatarModels:
         )
 
 
-def _load_checkpoint(cfg: AppConfig, path: Path, **modules: torch.nn.Module) -> None:
+def _load_checkpoint(cfg: AppConfig, path: Path, device: torch.device, dtype: torch.dtype,
+                     **modules: torch.nn.Module) -> None:
     """Weights from disk into the modules just built (model/weights.py knows the layouts)."""
     from model import weights
 
     if path.is_file():
         weights.load_bundle(path, **modules)
     else:
-        weights.load_published(path, cfg, **modules)
+        weights.load_published(path, cfg, device=device, dtype=dtype, **modules)
 
 
 # ----------------------------------------------------------------------------- image helpers

@@ -6,10 +6,14 @@ Layouts
   or one `diffusion_pytorch_model.safetensors`; keys are Wan2.2 `wan/modules/s2v/model_s2v.py` module names
   (`blocks.0.self_attn.q.weight`, `head.modulation`, `casual_audio_encoder.*`,
   `audio_injector.injector.0.q.*`).
-- diffusers: the same files (optionally under `transformer/`) with diffusers `WanTransformer3DModel` names for
-  the backbone (diffusers scripts/convert_wan_to_diffusers.py TRANSFORMER_KEYS_RENAME_DICT). Diffusers has no
-  S2V model; its S2V parts keep the Wan2.2 names, with the audio cross-attention renamed like the backbone's
-  attention (q/k/v/o -> to_q/to_k/to_v/to_out.0). This is `AvatarDiT`'s own naming.
+- diffusers: the same files (optionally under `transformer/`) with diffusers `WanS2VTransformer3DModel` names
+  (diffusers pull request #12258 "Add Wan2.2-S2V", scripts/convert_wan_to_diffusers.py
+  S2V_TRANSFORMER_KEYS_RENAME_DICT): the backbone as `WanTransformer3DModel`, the audio encoder under
+  `condition_embedder.causal_audio_encoder.`, the pose conv as `condition_embedder.pose_embedder`, the mask as
+  `trainable_condition_mask`, the audio cross-attention as q/k/v/o -> to_q/to_k/to_v/to_out.0. `AvatarDiT`'s
+  own names (the backbone as diffusers, the S2V parts as Wan2.2) load too.
+- the rest of a published folder (Wan2.1_VAE.pth, the umT5 .pth + tokenizer, the wav2vec2 folder):
+  `model/encoder_weights.py`.
 - bundle: one safetensors file of prefixed state dicts (`dit.`, `vae.`, `audio_encoder.`, `text_encoder.`),
   the AppConfig as JSON in the metadata (`save_bundle` / `load_bundle`).
 
@@ -102,10 +106,37 @@ def ours_to_original(key: str) -> str:
     return key
 
 
+# diffusers WanS2VTransformer3DModel names of the S2V parts -> ours (the backbone names are already shared).
+_DIFFUSERS_TO_OURS = [
+    (r"^condition_embedder\.causal_audio_encoder\.", "casual_audio_encoder."),
+    (r"^condition_embedder\.pose_embedder\.", "cond_encoder."),
+    (r"^trainable_condition_mask\.", "trainable_cond_mask."),
+]
+_OURS_TO_DIFFUSERS = [
+    (r"^casual_audio_encoder\.", "condition_embedder.causal_audio_encoder."),
+    (r"^cond_encoder\.", "condition_embedder.pose_embedder."),
+    (r"^trainable_cond_mask\.", "trainable_condition_mask."),
+]
+
+
+def diffusers_to_ours(key: str) -> str:
+    """diffusers `WanS2VTransformer3DModel` parameter name -> AvatarDiT name (ours pass through unchanged)."""
+    for pattern, repl in _DIFFUSERS_TO_OURS:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def ours_to_diffusers(key: str) -> str:
+    """AvatarDiT parameter name -> diffusers `WanS2VTransformer3DModel` name (inverse of `diffusers_to_ours`)."""
+    for pattern, repl in _OURS_TO_DIFFUSERS:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
 def _detect_renamer(keys: Iterable[str]) -> tuple[str, Callable[[str], str]]:
     keys = list(keys)
     if any(".attn1." in k or k.startswith("condition_embedder.") for k in keys):
-        return "diffusers", lambda k: k
+        return "diffusers", diffusers_to_ours
     return "original", original_to_ours
 
 
@@ -196,11 +227,17 @@ def write_sharded(
 # ----------------------------------------------------------------------------- checks and assignment
 
 
+_DIT_HINT = (
+    "check that the config (--model.dit.*) matches the checkpoint's size and that the file is complete"
+)
+
+
 def _check_fit(
     where: str,
     expected: dict[str, torch.Size],
     found: dict[str, tuple[int, ...]],
     source_name: dict[str, str],
+    hint: str = _DIT_HINT,
 ) -> None:
     """One error listing the first missing, unexpected and mis-shaped keys (names as in the file)."""
     missing = [k for k in expected if k not in found]
@@ -219,9 +256,7 @@ def _check_fit(
         lines.append(f"  unexpected {len(unexpected)} keys, first: {unexpected[:SHOW_KEYS]}")
     if wrong:
         lines.append(f"  wrong shape for {len(wrong)} keys, first: {wrong[:SHOW_KEYS]}")
-    lines.append(
-        "  check that the config (--model.dit.*) matches the checkpoint's size and that the file is complete"
-    )
+    lines.append(f"  {hint}")
     raise CheckpointError("\n".join(lines))
 
 
@@ -407,14 +442,38 @@ def _placement(
     return place, _target_dtype(name, existing.dtype, wanted, fp32)
 
 
-def load_published(path: str | Path, cfg: AppConfig, *, dit: AvatarDiT, **unhandled: nn.Module) -> list[str]:
-    """Fill `dit` in place from a published checkpoint folder (+ cfg.model.lora merged).
+def load_published(
+    path: str | Path,
+    cfg: AppConfig,
+    *,
+    dit: AvatarDiT,
+    vae: nn.Module | None = None,
+    audio_encoder: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Fill every module given, in place, from a published Wan2.2-S2V-14B folder (+ cfg.model.lora merged).
 
-    The folder's other parts (Wan2.1_VAE.pth, the umT5 .pth, the wav2vec2 folder) are loaded by their own
-    wrappers; the names of the modules given here and not filled are returned so the caller can see them.
+    DiT from the safetensors shards, `vae` (AutoencoderKLWan) from Wan2.1_VAE.pth, `text_encoder`
+    (UMT5EncoderModel) from the umT5 .pth, `audio_encoder` (Wav2Vec2Model) from the wav2vec2 subfolder.
+    Tensors on `meta` go to `device`/`dtype`; materialised ones keep theirs. Returns the parts filled.
     """
-    fill_dit(dit, path, cfg.model.lora)
-    return sorted(unhandled)
+    from model import encoder_weights  # imports this module
+
+    fill_dit(dit, path, cfg.model.lora, device, dtype)
+    filled = ["dit"]
+    folder = Path(path)
+    if vae is not None:
+        encoder_weights.load_wan_vae(vae, folder, cfg.model.vae, device, dtype)
+        filled.append("vae")
+    if text_encoder is not None:
+        encoder_weights.load_umt5(text_encoder, folder, device, dtype)
+        filled.append("text_encoder")
+    if audio_encoder is not None:
+        encoder_weights.load_wav2vec2(audio_encoder, folder, cfg.model.audio_encoder, device, dtype)
+        filled.append("audio_encoder")
+    return filled
 
 
 def original_state_dict(model: AvatarDiT) -> dict[str, torch.Tensor]:

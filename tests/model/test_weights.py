@@ -266,8 +266,8 @@ def test_published_folder_fills_a_built_dit_in_place_with_the_config_lora(
     )
     with_lora = load_config("configs/tiny.yaml", {"model.lora": str(tmp_path / "l.safetensors")})
     built = AvatarDiT(cfg)
-    left = load_published(tmp_path / "ck", with_lora, dit=built, vae=nn.Linear(1, 1))
-    assert left == ["vae"]
+    filled = load_published(tmp_path / "ck", with_lora, dit=built)  # encoders: test_weights_published.py
+    assert filled == ["dit"]
     down, up = pairs["blocks.0.self_attn.q"]
     expected = source.blocks[0].attn1.to_q.weight.double() + up.double() @ down.double()
     torch.testing.assert_close(built.blocks[0].attn1.to_q.weight.double(), expected, atol=1e-5, rtol=1e-6)
