@@ -1,0 +1,46 @@
+"""A faster CPU path for the VAE's causal 3D convolutions.
+
+PyTorch's CPU build runs `conv3d` through `slow_conv3d` (im2col + GEMM, about 3 GFLOP/s on one core
+here), while `conv2d` goes through oneDNN (about 20 GFLOP/s). A 3D convolution with a kernel of kt
+frames equals a 2D convolution over the kt input frames stacked on the channel axis, so on the CPU
+we compute it that way. Weights, names and results are unchanged; CUDA keeps cuDNN's conv3d.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+
+class StackedFrameCausalConv3d(WanCausalConv3d):
+    """`WanCausalConv3d` that runs as a frame-stacked `conv2d` on the CPU (same weights, same output)."""
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu" or self.dilation != (1, 1, 1) or self.groups != 1:
+            return super().forward(x, cache_x)
+        time_pad = self._padding[4]
+        if cache_x is not None and time_pad > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            time_pad -= cache_x.shape[2]
+        if time_pad > 0:
+            x = F.pad(x, (0, 0, 0, 0, time_pad, 0))
+        kt, kh, kw = self.kernel_size
+        st, sh, sw = self.stride
+        batch, channels = x.shape[:2]
+        # [B, C, T_out, H, W, kt] -> [B*T_out, kt*C, H, W]: frame-major channels match the reshaped weight
+        windows = x.unfold(2, kt, st)
+        t_out, height, width = windows.shape[2], windows.shape[3], windows.shape[4]
+        stacked = windows.permute(0, 2, 5, 1, 3, 4).reshape(batch * t_out, kt * channels, height, width)
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * channels, kh, kw)
+        out = F.conv2d(stacked, weight, self.bias, stride=(sh, sw), padding=(self._padding[2], self._padding[0]))
+        return out.reshape(batch, t_out, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def use_stacked_frame_convs(module: torch.nn.Module) -> int:
+    """Switch every causal conv under `module` to the CPU-friendly class in place; returns how many."""
+    count = 0
+    for child in module.modules():
+        if type(child) is WanCausalConv3d:
+            child.__class__ = StackedFrameCausalConv3d
+            count += 1
+    return count
