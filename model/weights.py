@@ -108,7 +108,7 @@ def ours_to_original(key: str) -> str:
 
 # diffusers WanS2VTransformer3DModel names of the S2V parts -> ours (the backbone names are already shared).
 _DIFFUSERS_TO_OURS = [
-    (r"^condition_embedder\.causal_audio_encoder\.", "casual_audio_encoder."),
+    (r"^condition_embedder\.ca(?:us|su)al_audio_encoder\.", "casual_audio_encoder."),  # both spellings seen
     (r"^condition_embedder\.pose_embedder\.", "cond_encoder."),
     (r"^trainable_condition_mask\.", "trainable_cond_mask."),
 ]

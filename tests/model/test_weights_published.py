@@ -318,3 +318,13 @@ def test_diffusers_wan_s2v_names_load_bit_exact(tmp_path, cfg, source) -> None:
     assert "audio_injector.injector.0.to_q.weight" in names and "blocks.0.attn1.to_q.weight" in names
     write_sharded(names, tmp_path / "pipe" / "transformer", SHARD_BYTES)
     _assert_same(source["dit"], load_dit(cfg.model.dit, tmp_path / "pipe"))
+
+
+def test_diffusers_names_with_the_earlier_casual_spelling_load(tmp_path, cfg, source) -> None:
+    names = {
+        ours_to_diffusers(k).replace("causal_audio_encoder", "casual_audio_encoder"): v
+        for k, v in source["dit"].state_dict().items()
+    }
+    assert "condition_embedder.casual_audio_encoder.weights" in names
+    write_sharded(names, tmp_path / "pipe" / "transformer", SHARD_BYTES)
+    _assert_same(source["dit"], load_dit(cfg.model.dit, tmp_path / "pipe"))
