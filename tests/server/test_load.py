@@ -1,0 +1,85 @@
+"""Load: the session limit gives a clear `busy`, and 8 concurrent tiny-model sessions all keep receiving frames."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from tests.server.reliability_support import JsonSocket, offer_sdp, running_server, server_state, small_cfg
+from tests.server.webrtc_client import LoopbackClient
+
+pytestmark = pytest.mark.timeout(300)
+
+
+async def test_sessions_beyond_the_limit_get_a_clear_busy_and_a_freed_slot_is_reused():
+    cfg = small_cfg(**{"server.max_sessions": 2})
+    async with running_server(cfg) as (server, engine):
+        sockets, pcs = [], []
+        try:
+            for _ in range(2):
+                pc, sdp = await offer_sdp()
+                pcs.append(pc)
+                ws = await JsonSocket.connect(server.ws_url)
+                sockets.append(ws)
+                assert (await ws.request({"type": "offer", "sdp": sdp}))["type"] == "answer"
+            pc, sdp = await offer_sdp()
+            pcs.append(pc)
+            third = await JsonSocket.connect(server.ws_url)
+            sockets.append(third)
+            busy = await third.request({"type": "offer", "sdp": sdp})
+            assert busy["code"] == "busy", busy
+            assert "all 2 session slots are in use" in busy["message"]
+            async with aiohttp.ClientSession() as http:
+                async with http.post(server.url + "/offer", json={"type": "offer", "sdp": sdp}) as response:
+                    assert response.status == 503
+                    assert (await response.json())["code"] == "busy"
+                async with http.get(server.url + "/healthz") as response:
+                    health = await response.json()
+            assert health["sessions"] == 2 and health["max_sessions"] == 2
+            assert engine.active_sessions == 2
+
+            await sockets[0].close()  # someone leaves; the refused page tries again and gets in
+            for _ in range(100):
+                if engine.active_sessions < 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await third.request({"type": "offer", "sdp": sdp}))["type"] == "answer"
+        finally:
+            for ws in sockets:
+                await ws.close()
+            for pc in pcs:
+                await pc.close()
+
+
+async def test_eight_concurrent_sessions_each_keep_receiving_frames_and_clips():
+    """8 real WebRTC clients on the tiny model at 64*64 with 4-frame clips; sessions take turns on the model,
+    so each gets clips (round robin), and every video stream keeps flowing at the model's fps meanwhile."""
+    cfg = small_cfg(**{"server.max_sessions": 8, "video.infer_frames": 4, "model.dit.num_frames_per_block": 1})
+    rng = np.random.default_rng(0)
+    async with running_server(cfg) as (server, engine):
+        clients = [LoopbackClient(server.ws_url, (rng.standard_normal(48000 * 60) * 3000).astype(np.int16))
+                   for _ in range(8)]
+        try:
+            await asyncio.gather(*(c.connect() for c in clients))
+            assert all(not c.errors() for c in clients), [c.errors() for c in clients]
+            assert len(server_state(server).sessions) == 8
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                if all(c.stats() and (c.stats()[-1]["clips_played"] or 0) >= 2 for c in clients):
+                    break
+            counts_before = [len(c.video) for c in clients]
+            await asyncio.sleep(3.0)
+            counts_after = [len(c.video) for c in clients]
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    fps = engine.stream_format.fps
+    played = [c.stats()[-1]["clips_played"] for c in clients]
+    print(f"\n8 sessions: clips played {played}, frames in the last 3 s {np.subtract(counts_after, counts_before)}")
+    assert all(p >= 2 for p in played), played
+    for before, after in zip(counts_before, counts_after):
+        assert after - before >= 0.6 * 3.0 * fps, (counts_before, counts_after)
+    assert all(not c.errors() for c in clients), [c.errors() for c in clients]
