@@ -1,0 +1,270 @@
+"""Train the embedded tiny avatar: the VAE, then the DiT with its wav2vec2, then write one safetensors bundle.
+
+    python -m training.train_tiny --device cuda --vae-time-s 110 --dit-time-s 170     # the GPU run
+    python -m training.train_tiny --vae-steps 20 --dit-steps 20 --num-streams 16      # a small CPU run
+
+Same classes as the 14B path at the tiny config (`configs/tiny.yaml`). The text encoder stays frozen at
+its seeded random init (the DiT learns to read whatever it gives; several prompts teach it to not care);
+the wav2vec2 trains with the DiT, since a frozen random one hears speech only faintly. Progress is saved
+to `--work-dir` every `--checkpoint-every` steps and a rerun resumes there (optimizer state included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import weights
+from model.config import AppConfig, load_config
+from model.dit import AvatarDiT
+from model.pipeline import AvatarModels, StreamingAvatar
+from model.vae import AvatarVAE, build_vae
+from model.audio_encoder import wav2vec2_config
+from model.text_encoder import TextEncoder
+from training.dit_training import encode_streams, train_dit_steps
+from training.speech import load_speech_bank, make_utterance, save_speech_bank
+from training.stream_pool import StreamGeometry, build_pool
+from training.talking_dataset import split_identities, split_sentences, utterance_seed
+from training.vae_training import fit_latent_scale, train_vae_steps
+from transformers import Wav2Vec2Model
+
+PROMPTS = (
+    "A person talking to the camera, natural light, looking at the viewer.",
+    "",
+    "A friendly face speaking.",
+    "Portrait of someone telling a story, studio background.",
+    "A cartoon character talks.",
+    "Close-up of a speaker.",
+)
+STATE_FILE = "train_state.pt"
+PARTS = {"dit": ("dit",), "vae": ("vae",), "encoders": ("audio_encoder", "text_encoder")}
+
+
+def geometry_of(cfg: AppConfig) -> StreamGeometry:
+    """Frame size, fps and clip cut of the config, as the live pipeline uses them."""
+    if cfg.video.width != cfg.video.height:
+        raise ValueError(f"the synthetic faces are square; video.size {cfg.video.size} is not")
+    return StreamGeometry(size=cfg.video.width, fps=cfg.video.fps, frames_per_clip=cfg.video.infer_frames,
+                          sample_rate_hz=cfg.audio_sample_rate_hz,
+                          context_samples=round(cfg.model.audio_encoder.context_s * cfg.audio_sample_rate_hz))
+
+
+def speech_bank(path: Path, count: int, sample_rate_hz: int) -> list:
+    """Training utterances, synthesised once with espeak-ng and kept (machines without espeak-ng reuse the file)."""
+    if path.exists():
+        utterances = load_speech_bank(str(path))
+        if len(utterances) >= count:
+            return utterances[:count]
+    utterances = [make_utterance(utterance_seed("train", i), sentences=split_sentences("train"),
+                                 sample_rate_hz=sample_rate_hz) for i in range(count)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_speech_bank(str(path), utterances)
+    return utterances
+
+
+class Trainer:
+    """The networks, their optimizers and where training stands; saved and restored as one state file."""
+
+    def __init__(self, cfg: AppConfig, args: argparse.Namespace) -> None:
+        self.cfg, self.args = cfg, args
+        self.device = torch.device(args.device)
+        torch.manual_seed(args.seed)
+        with torch.device(self.device):
+            self.dit = AvatarDiT(cfg.model.dit)
+            self.vae = build_vae(cfg.model.vae)
+            self.wav2vec2 = Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder)).eval()
+            self.text_encoder = TextEncoder.build(cfg.model.text_encoder)
+        self.vae.requires_grad_(True)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        self.dit_opt = torch.optim.AdamW([
+            {"params": self.dit.parameters(), "lr": args.dit_lr},
+            {"params": self.wav2vec2.parameters(), "lr": args.dit_lr * 0.5}], weight_decay=0.0)
+        self.phase, self.step = "vae", 0
+        self.rng = np.random.default_rng(args.seed)
+        self.history: list[dict] = []
+        self.elapsed_s = {"vae": 0.0, "dit": 0.0}
+
+    def state(self) -> dict:
+        return {"phase": self.phase, "step": self.step, "rng": self.rng.bit_generator.state,
+                "history": self.history, "elapsed_s": self.elapsed_s,
+                "dit": self.dit.state_dict(), "vae": self.vae.state_dict(), "wav2vec2": self.wav2vec2.state_dict(),
+                "text_encoder": self.text_encoder.model.state_dict(),
+                "vae_opt": self.vae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict()}
+
+    def save(self, work_dir: Path) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir / (STATE_FILE + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, work_dir / STATE_FILE)
+
+    def restore(self, work_dir: Path) -> bool:
+        path = work_dir / STATE_FILE
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.dit.load_state_dict(state["dit"])
+        self.vae.load_state_dict(state["vae"])
+        self.wav2vec2.load_state_dict(state["wav2vec2"])
+        self.text_encoder.model.load_state_dict(state["text_encoder"])
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.dit_opt.load_state_dict(state["dit_opt"])
+        self.phase, self.step, self.history = state["phase"], state["step"], state["history"]
+        self.elapsed_s = state["elapsed_s"]
+        self.rng.bit_generator.state = state["rng"]
+        return True
+
+    def log(self, phase: str, step: int, stats: dict) -> None:
+        entry = {"phase": phase, "step": step, **{k: round(v, 5) if isinstance(v, float) else v
+                                                    for k, v in stats.items()}}
+        self.history.append(entry)
+        print(json.dumps(entry), flush=True)
+
+
+def run_phase(trainer: Trainer, phase: str, total_steps: int, time_budget_s: float, work_dir: Path, step_fn) -> None:
+    """Steps in chunks of --checkpoint-every until the step count or the time budget is reached, saving between."""
+    args = trainer.args
+    while trainer.step < total_steps and trainer.elapsed_s[phase] < time_budget_s:
+        chunk = min(args.checkpoint_every, total_steps - trainer.step)
+        started = time.perf_counter()
+        step_fn(chunk, trainer.step)
+        trainer.step += chunk
+        trainer.elapsed_s[phase] += time.perf_counter() - started
+        trainer.save(work_dir)
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, {"runtime.device": args.device})
+    geometry = geometry_of(cfg)
+    work_dir = Path(args.work_dir)
+    # Render before any CUDA work: the pool forks worker processes.
+    utterances = speech_bank(Path(args.speech_bank), args.num_utterances, geometry.sample_rate_hz)
+    started = time.perf_counter()
+    streams = build_pool(utterances, split_identities("train"), args.num_streams, geometry, seed=args.seed,
+                         workers=args.workers)
+    print(f"{len(streams)} streams, {sum(len(s.sample.frames) for s in streams)} frames rendered in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    trainer = Trainer(cfg, args)
+    if trainer.restore(work_dir):
+        print(f"resumed {work_dir / STATE_FILE}: phase {trainer.phase}, step {trainer.step}", flush=True)
+    elif args.init_from:
+        read_parts(trainer, Path(args.init_from))
+        trainer.phase = "dit"
+        print(f"started from the networks in {args.init_from}: DiT training only", flush=True)
+    if args.bundle_only:
+        write_bundle(trainer, Path(args.out))
+        return 0
+    if trainer.phase == "vae":
+        run_phase(trainer, "vae", args.vae_steps, args.vae_time_s, work_dir, lambda n, at: train_vae_steps(
+            trainer.vae, trainer.vae_opt, streams, n, args.vae_batch, args.vae_frames, trainer.device, trainer.rng,
+            log_every=args.log_every, on_log=lambda s, st: trainer.log("vae", at + s, st)))
+        fit_latent_scale(trainer.vae, streams, trainer.device)
+        trainer.phase, trainer.step = "dit", 0
+        trainer.save(work_dir)
+
+    vae = AvatarVAE(trainer.vae.eval().requires_grad_(False))
+    latent_streams = encode_streams(vae, streams, geometry, trainer.device)
+    text_contexts = torch.cat([trainer.text_encoder.encode(p) for p in PROMPTS]).to(trainer.device)
+    if trainer.phase == "dit":
+        run_phase(trainer, "dit", args.dit_steps, args.dit_time_s, work_dir, lambda n, at: train_dit_steps(
+            trainer.dit, trainer.wav2vec2, trainer.dit_opt, text_contexts, latent_streams, geometry, n,
+            args.dit_batch, cfg.sampler.sample_steps, cfg.sampler.shift, trainer.rng, args.max_clip_index,
+            log_every=args.log_every, on_log=lambda s, st: trainer.log("dit", at + s, st)))
+    write_parts(trainer, Path(args.parts_dir or work_dir / "parts"))
+    write_bundle(trainer, Path(args.out))
+    summary = {"elapsed_s": trainer.elapsed_s, "last": {p: [h for h in trainer.history if h["phase"] == p][-1:]
+                                                          for p in ("vae", "dit")}}
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary), flush=True)
+    if args.eval_samples:
+        try:
+            evaluate(args.config, cfg, Path(args.out), args.eval_samples, work_dir)
+        except Exception as exc:  # the weights are written; a failing evaluation must not lose them
+            print(f"evaluation failed: {exc!r}", flush=True)
+    return 0
+
+
+def networks(trainer: Trainer) -> dict[str, torch.nn.Module]:
+    """The bundle's modules under the names `AvatarModels.load` fills."""
+    return {"dit": trainer.dit, "vae": trainer.vae, "audio_encoder": trainer.wav2vec2,
+            "text_encoder": trainer.text_encoder.model}
+
+
+def write_bundle(trainer: Trainer, out: Path) -> None:
+    """The four networks in one safetensors file through the project's weights module."""
+    weights.save_bundle(out, networks(trainer), trainer.cfg)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
+
+
+def write_parts(trainer: Trainer, parts_dir: Path) -> None:
+    """The networks as three smaller bundles (each under the device tool's 16 MB per returned file)."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    nets = networks(trainer)
+    for part, names in PARTS.items():
+        weights.save_bundle(parts_dir / f"{part}.safetensors", {n: nets[n] for n in names}, trainer.cfg)
+
+
+def read_parts(trainer: Trainer, parts_dir: Path) -> None:
+    """Fill the networks from `write_parts` output (VAE already fitted to the latent scale)."""
+    nets = networks(trainer)
+    for part, names in PARTS.items():
+        weights.load_bundle(parts_dir / f"{part}.safetensors", {n: nets[n] for n in names})
+
+
+def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_dir: Path) -> None:
+    """Lip sync on held-out speakers through the normal loader and the streaming avatar."""
+    from training.lip_sync_check import heldout_reports
+
+    eval_cfg = load_config(config, {"model.checkpoint": str(bundle), "runtime.device": cfg.runtime.device})
+    avatar = StreamingAvatar(AvatarModels.load(eval_cfg), eval_cfg)
+    reports = heldout_reports(avatar, eval_cfg, count)
+    rows = [{"corr0": round(r.lip_sync.correlation_at_zero, 3), "best_lag": r.lip_sync.best_lag_frames,
+             "best_corr": round(r.lip_sync.best_correlation, 3), "psnr_db": round(r.identity.psnr_db, 2),
+             "ssim": round(r.identity.ssim, 3)} for r in reports]
+    (work_dir / "eval.json").write_text(json.dumps(rows, indent=1))
+    print(json.dumps({"eval": rows}), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the tiny avatar bundle on synthetic talking faces.")
+    p.add_argument("--config", default=None, help="preset to train (default configs/tiny.yaml)")
+    p.add_argument("--out", default="model/assets/tiny_avatar.safetensors")
+    p.add_argument("--work-dir", default="artifacts/train_tiny", help="resumable state and logs")
+    p.add_argument("--speech-bank", default="artifacts/train_tiny/speech_bank.npz")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-utterances", type=int, default=160)
+    p.add_argument("--num-streams", type=int, default=320)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-time-s", type=float, default=float("inf"))
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-frames", type=int, default=12, help="talking frames per VAE example (multiple of 4)")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-time-s", type=float, default=float("inf"))
+    p.add_argument("--dit-batch", type=int, default=32)
+    p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--max-clip-index", type=int, default=6)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--parts-dir", default=None, help="where the three part bundles go (default WORK_DIR/parts)")
+    p.add_argument("--init-from", default=None, help="part bundles to start DiT training from (skips the VAE)")
+    p.add_argument("--bundle-only", action="store_true", help="with --init-from: only write --out and stop")
+    p.add_argument("--eval-samples", type=int, default=0, help="held-out samples to score after training")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return train(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
