@@ -3,6 +3,8 @@
 "use strict";
 
 const KIOSK = new URLSearchParams(location.search).get("kiosk") === "1";
+// a server started with --token is opened as /?token=...; the page passes it on (websockets cannot carry headers)
+const TOKEN = new URLSearchParams(location.search).get("token");
 const RECONNECT_DELAY_MS = 3000;
 const MAX_REFERENCE_SIDE = 512;  // the page scales pictures down so the offer stays small
 
@@ -24,9 +26,21 @@ window.avatarPage = state;  // read by the browser test and handy in the console
 function setStatus(text) { ui.status.textContent = text; }
 function showError(text) { ui.error.textContent = text || ""; }
 
+function withToken(path) {
+  return TOKEN ? `${path}?token=${encodeURIComponent(TOKEN)}` : path;
+}
+
 function wsUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${location.host}/ws`;
+  return `${scheme}//${location.host}${withToken("/ws")}`;
+}
+
+async function iceServers() {
+  // STUN/TURN servers from the server's config (server.ice_servers); none on a LAN
+  const response = await fetch(withToken("/config.json"), { cache: "no-store" });
+  if (response.status === 401) throw new Error("this server needs a token: open the page as /?token=YOUR_TOKEN");
+  if (!response.ok) throw new Error(`cannot read the server's /config.json (HTTP ${response.status})`);
+  return (await response.json()).iceServers || [];
 }
 
 function waitForIceGathering(pc, timeoutMs = 3000) {
@@ -66,7 +80,15 @@ async function start() {
     return;
   }
   setStatus("connecting…");
-  const pc = new RTCPeerConnection();
+  let servers;
+  try {
+    servers = await iceServers();
+  } catch (err) {
+    showError(err.message);
+    connectionLost(err.message);
+    return;
+  }
+  const pc = new RTCPeerConnection({ iceServers: servers });
   state.pc = pc;
   for (const track of state.mic.getAudioTracks()) pc.addTrack(track, state.mic);
   pc.addTransceiver("video", { direction: "recvonly" });
