@@ -55,35 +55,38 @@ class AvatarModels:
                                     "a checkpoint folder, or null for random weights")
         checkpoint_dir = checkpoint if checkpoint is not None and Path(checkpoint).is_dir() else None
         torch.manual_seed(cfg.runtime.seed)
-        # Random init happens on the target device, never a CPU copy first; a published folder fills modules
-        # built on `meta`, each tensor read straight to the device in its final dtype.
-        with torch.device("meta" if checkpoint_dir is not None else device):
-            dit = AvatarDiT(cfg.model.dit)
-            vae = build_vae(cfg.model.vae)
-            wav2vec2 = Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder))
-            umt5 = UMT5EncoderModel(umt5_config(cfg.model.text_encoder))
-        if checkpoint is not None:
-            _load_checkpoint(cfg, Path(checkpoint), device, dtype,
-                             dit=dit, vae=vae, audio_encoder=wav2vec2, text_encoder=umt5)
-        dit.cast(dtype).eval().requires_grad_(False)
+        # Random init happens on the target device; with a checkpoint the modules are built on `meta` and
+        # filled tensor by tensor, so no part of the model is ever in memory twice.
+        with torch.device(device if checkpoint is None else "meta"):
+            modules = dict(dit=AvatarDiT(cfg.model.dit), vae=build_vae(cfg.model.vae),
+                           audio_encoder=Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder)),
+                           text_encoder=UMT5EncoderModel(umt5_config(cfg.model.text_encoder)))
+        if checkpoint is None:
+            modules["dit"].cast(dtype)
+            for name in ("vae", "audio_encoder", "text_encoder"):
+                if dtype != torch.float32:
+                    modules[name].to(dtype)
+        else:
+            _load_checkpoint(cfg, Path(checkpoint), modules, device, dtype)
+        modules["dit"].eval().requires_grad_(False)
         return cls(
-            dit=dit,
-            vae=AvatarVAE(vae if dtype == torch.float32 else vae.to(dtype)),
-            audio_encoder=AudioEncoder(wav2vec2.to(dtype), cfg.audio_sample_rate_hz),
-            text_encoder=TextEncoder(umt5.to(dtype), make_tokenizer(cfg.model.text_encoder, checkpoint_dir),
+            dit=modules["dit"],
+            vae=AvatarVAE(modules["vae"]),
+            audio_encoder=AudioEncoder(modules["audio_encoder"], cfg.audio_sample_rate_hz),
+            text_encoder=TextEncoder(modules["text_encoder"], make_tokenizer(cfg.model.text_encoder, checkpoint_dir),
                                      cfg.model.text_encoder.text_len),
             device=device,
             dtype=dtype,
         )
 
 
-def _load_checkpoint(cfg: AppConfig, path: Path, device: torch.device, dtype: torch.dtype,
-                     **modules: torch.nn.Module) -> None:
-    """Weights from disk into the modules just built (model/weights.py knows the layouts)."""
+def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Module], device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """Fill the `meta` modules from disk: one .safetensors bundle, or a published checkpoint folder."""
     from model import weights
 
     if path.is_file():
-        weights.load_bundle(path, **modules)
+        weights.load_bundle(path, modules, device=device, dtype=dtype)
     else:
         weights.load_published(path, cfg, device=device, dtype=dtype, **modules)
 
