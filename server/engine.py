@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ SAMPLE_STEPS_RANGE = (1, 8)  # the same bounds `model.config` enforces on sample
 def check_sample_steps(value: Any) -> int:
     """Return `value` as a step count, or raise a ValueError saying what is allowed."""
     lo, hi = SAMPLE_STEPS_RANGE
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
-            or not lo <= int(value) <= hi:
+    # bool is an int, and inf/nan (JSON's Infinity/NaN) cannot become one: refuse them before int()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value or not lo <= int(value) <= hi:
         raise ValueError(f"sample_steps must be an integer in {lo}..{hi}, got {value!r}")
     return int(value)
 

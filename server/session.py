@@ -98,7 +98,11 @@ class Session:
             raise OfferError("the offer cannot receive video; add a recvonly video transceiver")
         self._pc.addTrack(self.audio_track)
         self._pc.addTrack(self.video_track)
-        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        try:
+            await self._pc.setLocalDescription(await self._pc.createAnswer())
+        except Exception as exc:  # offers aiortc parses but cannot answer (e.g. a BUNDLE naming a missing mid)
+            raise OfferError(f"the offer could not be answered ({type(exc).__name__}: {exc}); send the SDP "
+                             "from RTCPeerConnection.createOffer() unchanged") from None
         self._spawn(self._expect_connection(self._cfg.server.connect_timeout_s), "connect-timeout")
         return self._pc.localDescription
 
@@ -213,7 +217,24 @@ class Session:
             await self._engine.stop(self.session_id)
             self.video_track.stop()
             self.audio_track.stop()
-            await self._pc.close()
+            try:
+                await self._pc.close()
+            except Exception:  # a half-negotiated pc (a refused offer) can fail to close part-way
+                log.warning("session %s: peer connection did not close cleanly", self.session_id, exc_info=True)
+                await _stop_transports(self._pc)
         finally:
             self.closed.set()
             log.info("session %s closed after %.1f s", self.session_id, time.monotonic() - self.started_s)
+
+
+async def _stop_transports(pc: RTCPeerConnection) -> None:
+    """Stop whatever DTLS/ICE transports a partly negotiated peer connection holds (their sockets, tasks)."""
+    for transceiver in pc.getTransceivers():
+        dtls = transceiver.receiver.transport
+        for transport in (dtls, getattr(dtls, "transport", None)):
+            if transport is None:
+                continue
+            try:
+                await transport.stop()
+            except Exception:
+                log.debug("transport did not stop cleanly", exc_info=True)

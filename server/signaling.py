@@ -166,6 +166,10 @@ class WebSocketConnection:
             await self._dispatch(text)
         except RequestError as exc:
             await self.send(error_message(exc.code, str(exc)))
+        except Exception as exc:  # a bug must cost this message, not the page's connection
+            log.exception("message refused by an unexpected error")
+            await self.send(error_message("internal_error", f"the server could not handle this message "
+                                                            f"({type(exc).__name__}); it was dropped"))
 
     async def _dispatch(self, text: str) -> None:
         try:
