@@ -33,5 +33,10 @@ test: setup
 offline: $(STAMP)
 	$(VPY) run_server.py offline $(ARGS)
 
+# Train the embedded tiny avatar into model/assets/tiny_avatar.safetensors (resumable; on a GPU:
+# ARGS='--device cuda --vae-time-s 110 --dit-time-s 200'). See training/train_tiny.py.
+train-tiny: setup
+	$(VPY) -m training.train_tiny $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
