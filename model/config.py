@@ -165,6 +165,7 @@ class ServerConfig:
     stats_interval_s: float = 1.0
     max_pending_clips: int = 2  # windows queued per session beyond the one in work; older ones are dropped
     playout_margin_s: float = 0.15  # slack added to the measured generation latency before playback
+    max_queued: int = 0  # offers beyond max_sessions that wait in line (told their place); 0 = refuse with busy
     connect_timeout_s: float = 20.0  # a session whose ICE/DTLS is not up by then is closed and its slot freed
 
 
@@ -230,6 +231,7 @@ def _check(cfg: AppConfig) -> None:
              f"must be >= 1, got {cfg.server.max_pending_clips}")
     _require(0 <= cfg.server.playout_margin_s <= 10, "server.playout_margin_s",
              f"must be in 0..10 seconds, got {cfg.server.playout_margin_s}")
+    _require(cfg.server.max_queued >= 0, "server.max_queued", f"must be >= 0, got {cfg.server.max_queued}")
     _require(cfg.server.connect_timeout_s > 0, "server.connect_timeout_s",
              f"must be > 0 seconds, got {cfg.server.connect_timeout_s}")
     _require(cfg.server.max_message_bytes >= 1024, "server.max_message_bytes",
