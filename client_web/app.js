@@ -137,6 +137,8 @@ function onServerMessage(message) {
   if (message.type === "answer") {
     state.pc.setRemoteDescription({ type: "answer", sdp: message.sdp });
     setStatus("connected, waiting for the first clip…");
+  } else if (message.type === "queued") {
+    setStatus(`waiting: ${message.message}`);
   } else if (message.type === "stats") {
     state.serverStats = message;
     showServerStats(message);

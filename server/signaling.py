@@ -15,6 +15,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from model.config import AppConfig
+from server.admission import AdmissionQueue
 from server.engine import check_sample_steps
 from server.limits import MessageLimits, hard_message_limit
 from server.metrics import ServerMetrics
@@ -46,6 +47,11 @@ class ServerState:
     default_reference: np.ndarray
     sessions: set[Session] = field(default_factory=set)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    admission: AdmissionQueue | None = None
+
+    def __post_init__(self) -> None:
+        if self.admission is None:
+            self.admission = AdmissionQueue(self.cfg.server.max_sessions, self.cfg.server.max_queued)
 
     def session_lost(self, session_id: str, reason: str) -> None:
         """The engine lost a session's model state (its worker died): tell that page and close the session."""
@@ -142,6 +148,7 @@ class WebSocketConnection:
         self._stats_task: asyncio.Task | None = None
         self._sends: set[asyncio.Task] = set()  # fire-and-forget sends, held so they are not collected
         self.limits = MessageLimits(state.cfg.server.max_message_bytes, state.cfg.server.max_messages_per_s)
+        self.gone: Any = lambda: ws.closed  # set by the handler to also notice a dropped transport
 
     async def send(self, message: dict[str, Any]) -> None:
         if message.get("type") == "error":
@@ -194,12 +201,24 @@ class WebSocketConnection:
             raise RequestError("session_exists", 'this connection already has a session; send {"type":"stop"} '
                                                  "first")
         sdp, reference, prompt, steps = parse_offer(message, self._state)
-        session, answer = await open_session(
-            self._state, sdp, "offer", reference, prompt, steps,
-            on_error=lambda text, code: self._send_soon(error_message(code, text)))
+        try:
+            async with self._state.admission.turn(self._has_room, self._tell_position, self.gone):
+                session, answer = await open_session(
+                    self._state, sdp, "offer", reference, prompt, steps,
+                    on_error=lambda text, code: self._send_soon(error_message(code, text)))
+        except EngineBusy as exc:  # the line is full, or this page left it
+            raise RequestError("busy", str(exc)) from None
         self.session = session
         await self.send({"type": "answer", "sdp": answer.sdp, "session_id": session.session_id})
         self._stats_task = asyncio.create_task(self._stats_loop(session))
+
+    def _has_room(self) -> bool:
+        return len(self._state.sessions) < self._state.cfg.server.max_sessions
+
+    async def _tell_position(self, position: int) -> None:
+        await self.send({"type": "queued", "position": position,
+                         "message": f"all {self._state.cfg.server.max_sessions} session slots are in use; you are "
+                                    f"number {position} in line and start when a slot frees"})
 
     async def _set(self, message: dict[str, Any]) -> None:
         if self.session is None:
@@ -240,6 +259,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=hard_message_limit(state.cfg), heartbeat=20.0)
     await ws.prepare(request)
     connection = WebSocketConnection(ws, state)
+    connection.gone = lambda: ws.closed or request.transport is None or request.transport.is_closing()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:

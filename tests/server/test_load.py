@@ -83,3 +83,51 @@ async def test_eight_concurrent_sessions_each_keep_receiving_frames_and_clips():
     for before, after in zip(counts_before, counts_after):
         assert after - before >= 0.6 * 3.0 * fps, (counts_before, counts_after)
     assert all(not c.errors() for c in clients), [c.errors() for c in clients]
+
+
+async def test_with_a_waiting_line_offers_are_told_their_place_and_start_in_order():
+    cfg = small_cfg(**{"server.max_sessions": 1, "server.max_queued": 2})
+    async with running_server(cfg) as (server, engine):
+        pcs, sockets = [], []
+
+        async def page() -> tuple[JsonSocket, str]:
+            pc, sdp = await offer_sdp()
+            pcs.append(pc)
+            ws = await JsonSocket.connect(server.ws_url)
+            sockets.append(ws)
+            return ws, sdp
+
+        try:
+            first, sdp = await page()
+            assert (await first.request({"type": "offer", "sdp": sdp}))["type"] == "answer"
+            second, sdp2 = await page()
+            queued = await second.request({"type": "offer", "sdp": sdp2})
+            assert queued["type"] == "queued" and queued["position"] == 1, queued
+            assert "number 1 in line" in queued["message"]
+            third, sdp3 = await page()
+            assert (await third.request({"type": "offer", "sdp": sdp3}))["position"] == 2
+            fourth, sdp4 = await page()
+            full = await fourth.request({"type": "offer", "sdp": sdp4})
+            assert full["code"] == "busy" and "waiting line is full (2)" in full["message"], full
+
+            await first.close()  # the head of the line gets the slot, the next moves up
+            assert (await second.receive(timeout_s=20))["type"] == "answer"
+            moved = await third.receive(timeout_s=20)
+            assert moved["type"] == "queued" and moved["position"] == 1, moved
+
+            fifth, sdp5 = await page()  # someone in line leaves: the line shrinks at once
+            assert (await fifth.request({"type": "offer", "sdp": sdp5}))["position"] == 2
+            third.ws.transport.abort()
+            await second.close()
+            assert (await fifth.receive(timeout_s=20))["type"] in ("queued", "answer")
+            for _ in range(200):
+                if engine.active_sessions == 1 and server_state(server).admission.waiting == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert server_state(server).admission.waiting == 0
+            assert len(server_state(server).sessions) == 1
+        finally:
+            for ws in sockets:
+                await ws.close()
+            for pc in pcs:
+                await pc.close()
