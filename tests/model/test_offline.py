@@ -19,7 +19,8 @@ from PIL import Image
 from run_server import main
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--video.size", "64*64", "--sample_steps", "1", "--model.vae.base_dim", "8"]  # small, same code path
+# Small and fast, same code path: random weights (a narrower VAE than any trained one), 64x64, one step.
+FAST = ["--model.checkpoint", "null", "--video.size", "64*64", "--sample_steps", "1", "--model.vae.base_dim", "8"]
 FPS = 16
 
 

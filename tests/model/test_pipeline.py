@@ -15,7 +15,7 @@ SIZE = "64*64"  # smallest frame the DiT's FramePack motion packing accepts; kee
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(None, {"video.size": SIZE})
+    return load_config(None, {"video.size": SIZE, "model.checkpoint": None})  # random weights: mechanics only
 
 
 @pytest.fixture(scope="module")
