@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from PIL import Image
 from transformers import UMT5EncoderModel, Wav2Vec2Model
 
 from model.audio_encoder import AudioEncoder, wav2vec2_config
-from model.config import AppConfig
+from model.config import REPO_ROOT, AppConfig
 from model.dit import AvatarDiT, StreamCache
 from model.dit_motion import MOTION_LATENT_FRAMES
 from model.io_types import AudioWindow, VideoClip
@@ -49,25 +50,15 @@ class AvatarModels:
         device, dtype = torch.device(cfg.runtime.device), _DTYPES[cfg.runtime.dtype]
         if cfg.runtime.num_threads > 0:
             torch.set_num_threads(cfg.runtime.num_threads)
-        checkpoint = cfg.model.checkpoint
-        if checkpoint is not None and not Path(checkpoint).exists():
-            raise FileNotFoundError(f"--model.checkpoint {checkpoint!r} does not exist; give a .safetensors file, "
-                                    "a checkpoint folder, or null for random weights")
-        checkpoint_dir = checkpoint if checkpoint is not None and Path(checkpoint).is_dir() else None
-        torch.manual_seed(cfg.runtime.seed)
-        # Random init happens on the target device; with a checkpoint the modules are built on `meta` and
-        # filled tensor by tensor, so no part of the model is ever in memory twice.
-        with torch.device(device if checkpoint is None else "meta"):
-            modules = dict(dit=AvatarDiT(cfg.model.dit), vae=build_vae(cfg.model.vae),
-                           audio_encoder=Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder)),
-                           text_encoder=UMT5EncoderModel(umt5_config(cfg.model.text_encoder)))
+        checkpoint = _resolve_checkpoint(cfg.model.checkpoint)
+        checkpoint_dir = checkpoint if checkpoint is not None and checkpoint.is_dir() else None
         if checkpoint is None:
-            modules["dit"].cast(dtype)
-            for name in ("vae", "audio_encoder", "text_encoder"):
-                if dtype != torch.float32:
-                    modules[name].to(dtype)
+            modules = _random_modules(cfg, device, dtype)
         else:
-            _load_checkpoint(cfg, Path(checkpoint), modules, device, dtype)
+            # Built on `meta` and filled tensor by tensor: no part of the model is ever in memory twice.
+            with torch.device("meta"):
+                modules = {name: build() for name, build in _builders(cfg).items()}
+            _load_checkpoint(cfg, checkpoint, modules, device, dtype)
         modules["dit"].eval().requires_grad_(False)
         return cls(
             dit=modules["dit"],
@@ -78,6 +69,43 @@ class AvatarModels:
             device=device,
             dtype=dtype,
         )
+
+
+def _resolve_checkpoint(checkpoint: str | None) -> Path | None:
+    """The checkpoint path as given, or inside the repository (presets name files relative to it)."""
+    if checkpoint is None:
+        return None
+    for candidate in (Path(checkpoint), REPO_ROOT / checkpoint):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"--model.checkpoint {checkpoint!r} does not exist; give a .safetensors file, "
+                            "a checkpoint folder, or null for random weights")
+
+
+def _builders(cfg: AppConfig) -> dict[str, Callable[[], torch.nn.Module]]:
+    """How to build each network at the configured size (random weights), DiT first (the largest)."""
+    return {
+        "dit": lambda: AvatarDiT(cfg.model.dit),
+        "vae": lambda: build_vae(cfg.model.vae),
+        "audio_encoder": lambda: Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder)),
+        "text_encoder": lambda: UMT5EncoderModel(umt5_config(cfg.model.text_encoder)),
+    }
+
+
+def _random_modules(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Random weights under runtime.seed, initialised on the device and cast one network at a time,
+    so at most one network is ever held in float32 (the 14B DiT alone is 56 GB in float32)."""
+    torch.manual_seed(cfg.runtime.seed)
+    modules = {}
+    for name, build in _builders(cfg).items():
+        with torch.device(device):
+            module = build()
+        if name == "dit":
+            module.cast(dtype)
+        elif dtype != torch.float32:
+            module.to(dtype)
+        modules[name] = module
+    return modules
 
 
 def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Module], device: torch.device,
