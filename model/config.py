@@ -231,6 +231,8 @@ def _check(cfg: AppConfig) -> None:
              f"must be >= 1, got {cfg.server.max_pending_clips}")
     _require(0 <= cfg.server.playout_margin_s <= 10, "server.playout_margin_s",
              f"must be in 0..10 seconds, got {cfg.server.playout_margin_s}")
+    _require(bool(cfg.server.cert) == bool(cfg.server.key), "server.cert",
+             "HTTPS needs both --cert and --key (PEM files), or neither")
     _require(cfg.server.max_queued >= 0, "server.max_queued", f"must be >= 0, got {cfg.server.max_queued}")
     _require(cfg.server.connect_timeout_s > 0, "server.connect_timeout_s",
              f"must be > 0 seconds, got {cfg.server.connect_timeout_s}")
