@@ -9,6 +9,7 @@ decode of clip n alongside the denoising of clip n+1.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from model.config import REPO_ROOT, AppConfig
 from model.dit import AvatarDiT, StreamCache
 from model.dit_motion import MOTION_LATENT_FRAMES
 from model.io_types import AudioWindow, VideoClip
-from model.sampler import FlowMatchSchedule, denoise_block
+from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, denoise_block
 from model.text_encoder import TextEncoder, make_tokenizer, umt5_config
 from model.vae import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
 
@@ -288,9 +289,9 @@ class StreamingAvatar:
 
     def _check_steps(self, sample_steps: int | None) -> int:
         steps = self._cfg.sampler.sample_steps if sample_steps is None else sample_steps
-        if not isinstance(steps, int) or not 1 <= steps <= 8:
-            raise ValueError(f"sample_steps must be an integer in 1..8, got {sample_steps!r}")
-        return steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_SAMPLE_STEPS:
+            raise ValueError(f"sample_steps must be an integer in 1..{MAX_SAMPLE_STEPS}, got {sample_steps!r}")
+        return int(steps)
 
     def _check_window(self, window: AudioWindow) -> None:
         new = len(window.samples) - window.new_from

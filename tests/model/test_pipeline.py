@@ -72,7 +72,7 @@ def test_sample_steps_sets_the_number_of_denoiser_calls_and_may_change_between_c
     assert avatar.denoiser_calls == 4 * blocks_per_clip
     avatar.next_clip(windows[1], sample_steps=1)
     assert avatar.denoiser_calls == 5 * blocks_per_clip
-    avatar.next_clip(windows[2], sample_steps=2)
+    avatar.next_clip(windows[2], sample_steps=np.int64(2))  # a numpy integer from a JSON/array path is fine
     assert avatar.denoiser_calls == 7 * blocks_per_clip
 
 
