@@ -15,9 +15,9 @@ SRC=${SRC:-.}; cd "$SRC"
 PY=${PY:-python3}; TR="$PY -m torch.distributed.run --nproc-per-node 2"
 FULL=configs/liveavatar_14b.yaml
 if [ -n "${DRY:-}" ]; then
-  FULL=configs/tiny.yaml; DEV="--device cpu"; CHK="--set runtime.device cpu"; CLIPS=2; LONG=3; FLAT=3
+  FULL=configs/tiny.yaml; DEV="--device cpu"; CHK="--set runtime.device cpu"; CLIPS=2; SHORT=2; LONG=3; FLAT=3
 else
-  DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; LONG=200; FLAT=1000
+  DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; SHORT=5; LONG=200; FLAT=1000
 fi
 step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that matter to the console
   local name=$1 limit=$2; shift 2
@@ -51,11 +51,19 @@ if [ "$PHASE" = a ]; then
   step sp2 240 $TR bench/gpu_bench.py --config $FULL $DEV --clips $CLIPS --vae_mode inline,stream --label "14B SP=2"
 fi
 if [ "$PHASE" = b ]; then
-  step vae_rank 180 $TR bench/gpu_bench.py --config $FULL $DEV --clips $CLIPS --vae_mode rank --label "14B DiT GPU + VAE GPU"
-  step sp2_fsdp_cap22 240 $TR bench/gpu_bench.py --config $FULL $DEV --clips $CLIPS --vae_mode stream --shard_weights \
-       --mem_cap_gb 22 --label "14B SP=2 per-layer sharded, 22 GB cap"
-  step sp2_cudnn 240 $TR bench/gpu_bench.py --config $FULL $DEV --clips $CLIPS --vae_mode stream --sdpa cudnn \
-       --label "14B SP=2 cuDNN attention"
+  # GPU 1: memory flatness (issue 2: 200 clips at 704x384; issue 4: 1000 clips at a reduced size).
+  ( CUDA_VISIBLE_DEVICES=1 step flat_200 150 $PY bench/gpu_bench.py --config $FULL $DEV --clips $LONG \
+       --sample_steps 1 --set model.dit.num_layers 4 --set video.infer_frames 12 --vae_mode inline \
+       --label "flatness-200 (704x384, 12-frame clips, 4 layers, 1 step)"
+    CUDA_VISIBLE_DEVICES=1 step flat_1000 120 $PY bench/gpu_bench.py --config $FULL $DEV --clips $FLAT \
+       --sample_steps 1 --set model.dit.num_layers 4 --set video.size 256*256 --set video.infer_frames 12 \
+       --vae_mode inline --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)" ) &
+  # GPU 0: one GPU at full size with memory RoPE once per block; decode inline, then on a decode thread.
+  CUDA_VISIBLE_DEVICES=0 step gpu1_rope_memo 150 $PY bench/gpu_bench.py --config $FULL $DEV --clips $SHORT \
+       --vae_mode inline,stream --label "14B 1 GPU, RoPE once per block"
+  wait
+  step sp2_sharded 110 $TR bench/gpu_bench.py --config $FULL $DEV --clips $SHORT --vae_mode inline,stream \
+       --shard_weights --label "14B SP=2 per-layer sharded weights, RoPE once per block"
 fi
 echo "=== table"
 $PY bench/table.py "$RES"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -228,11 +229,11 @@ def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: tor
     with torch.inference_mode():
         # Warm-up session (kernel selection, allocator), then the FLOPs of one clip.
         warm = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
-        for i in range(args.warmup_clips):
+        flops = count_flops(lambda: warm.clip(0))  # the first clip warms up too
+        for i in range(1, args.warmup_clips):
             warm.clip(i)
-        flops = count_flops(lambda: warm.clip(args.warmup_clips))
         if args.profile and group.rank == 0:
-            print_profile(lambda: warm.clip(args.warmup_clips + 1), device)
+            print_profile(lambda: warm.clip(args.warmup_clips), device)
         del warm
         for mode in modes:
             if device.type == "cuda":
@@ -260,8 +261,22 @@ def measure_session(args, cfg: AppConfig, group: parallel.ParallelGroup, dit: Av
     pending: collections.deque = collections.deque()  # clips whose frames are still on their way
     peak_clips = {min(10, args.clips - 1), args.clips - 1}
 
+    def decode_on_stream(latents: torch.Tensor, ready, host: torch.Tensor):
+        torch.cuda.set_device(device)  # a new thread starts on GPU 0
+        with torch.inference_mode(), torch.cuda.stream(side_stream):
+            side_stream.wait_event(ready)
+            vae_start = clock.mark(side_stream)
+            frames = to_uint8_frames(decoder.decode(latents))
+            vae_end = clock.mark(side_stream)
+            host.copy_(frames, non_blocking=True)
+            return clock.mark(side_stream), vae_start, vae_end
+
+    decode_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
+
     def finish(item) -> None:
         timing, done, vae_start, vae_end, dit_start, dit_end = item
+        if isinstance(done, concurrent.futures.Future):
+            done, vae_start, vae_end = done.result()
         timing.out_s = clock.host_time(done)
         timing.dit_s = clock.seconds(dit_start, dit_end)
         if vae_start is not None:
@@ -292,15 +307,12 @@ def measure_session(args, cfg: AppConfig, group: parallel.ParallelGroup, dit: Av
                 done = clock.mark(side_stream)
             pending.append((timing, done, None, None, dit_start, dit_end))
         elif mode == "stream" and side_stream is not None:
-            side_stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side_stream):
-                latents.record_stream(side_stream)
-                vae_start = clock.mark(side_stream)
-                frames = to_uint8_frames(decoder.decode(latents))
-                vae_end = clock.mark(side_stream)
-                pinned[n % len(pinned)].copy_(frames, non_blocking=True)
-                done = clock.mark(side_stream)
-            pending.append((timing, done, vae_start, vae_end, dit_start, dit_end))
+            # A decode thread on a second stream: the decoder syncs with the host now and then, and from
+            # this thread that would hold back the launches of the next clip's DiT.
+            latents.record_stream(side_stream)
+            host = pinned[n % len(pinned)]
+            pending.append((timing, decode_thread.submit(decode_on_stream, latents, dit_end, host), None, None,
+                            dit_start, dit_end))
         else:
             vae_start = clock.mark()
             frames = to_uint8_frames(decoder.decode(latents))
@@ -313,6 +325,7 @@ def measure_session(args, cfg: AppConfig, group: parallel.ParallelGroup, dit: Av
             finish(pending.popleft())
     while pending:
         finish(pending.popleft())
+    decode_thread.shutdown()
     if decoder is not None:
         decoder.close()
     return timings, session.denoiser_calls
@@ -412,7 +425,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/liveavatar_14b.yaml")
     p.add_argument("--clips", type=int, default=12, help="measured clips (the first gives TTFF)")
-    p.add_argument("--warmup_clips", type=int, default=1)
+    p.add_argument("--warmup_clips", type=int, default=1, help="clips before measuring (the first counts FLOPs)")
     p.add_argument("--sample_steps", type=int, default=None)
     p.add_argument("--vae_mode", default="stream",
                    help="comma list, one measured session each. inline: decode after the DiT on one stream; "
@@ -437,7 +450,7 @@ def bench_config(path: str, overrides: dict) -> AppConfig:
     layers = overrides.get("model.dit.num_layers")
     if layers is not None and "model.dit.audio_inject_layers" not in overrides:
         inject = [i for i in load_config(path).model.dit.audio_inject_layers if i < int(layers)]
-        overrides["model.dit.audio_inject_layers"] = ",".join(map(str, inject))
+        overrides["model.dit.audio_inject_layers"] = inject
     return load_config(path, overrides)
 
 
