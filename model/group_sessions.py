@@ -4,17 +4,19 @@ With sequence parallelism every DiT rank must make the same model calls in the s
 same inputs and the same noise, or the collectives inside attention pair up wrongly. Rank 0 (which
 hosts the server) therefore announces each session call as a `SessionJob` before running it itself;
 the other ranks sit in `follow()` and run each announced job on their own `StreamingAvatar`.
-On one process the announcement is a no-op, so the engine uses this class the same way everywhere.
+`new_avatar()` hands the engine a plain `StreamingAvatar` on one process and a `GroupAvatar` (same
+methods) in a group, so the engine's code is the same in both.
 """
 from __future__ import annotations
 
-import secrets
+import itertools
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from model import parallel
 from model.io_types import AudioWindow, VideoClip
 
 JOB_START = "start"
@@ -22,105 +24,105 @@ JOB_CLIP = "clip"
 JOB_CLOSE = "close"
 JOB_QUIT = "quit"
 
+_session_numbers = itertools.count()
+
 
 @dataclass(frozen=True)
 class SessionJob:
-    """One session call, as rank 0 announces it to the group (pickled over the control group)."""
+    """One session call, as rank 0 announces it to the group (pickled over the CPU control group)."""
 
     kind: str
-    session_id: str = ""
+    session_id: int = -1
     reference_image: np.ndarray | None = None
     prompt: str = ""
     seed: int = 0
     window: AudioWindow | None = None
     sample_steps: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-class GroupSessions:
-    """Every session's `StreamingAvatar` on this rank; on rank 0 each call is announced to the group first."""
+class GroupAvatar:
+    """A `StreamingAvatar` on rank 0 whose every call is first announced to the follower ranks."""
 
-    def __init__(self, models: Any, cfg: Any, group: Any,
-                 make_avatar: Callable[[Any, Any, int], Any] | None = None) -> None:
-        self._models = models
-        self._cfg = cfg
+    def __init__(self, models: Any, cfg: Any, seed: int | None, group: parallel.ParallelGroup) -> None:
+        from model.pipeline import StreamingAvatar
+
+        if group.rank != 0:
+            raise RuntimeError(f"rank {group.rank} tried to open a session; only rank 0 serves, the other "
+                               "ranks run follow()")
         self._group = group
-        self._make_avatar = make_avatar or _default_avatar
-        self._avatars: dict[str, Any] = {}
+        self._seed = cfg.runtime.seed if seed is None else seed
+        self._local = StreamingAvatar(models, cfg, seed=self._seed)
+        self.session_id = next(_session_numbers)
+        self._open = False
 
-    @property
-    def session_ids(self) -> tuple[str, ...]:
-        return tuple(self._avatars)
+    def start(self, reference_image: np.ndarray, prompt: str) -> None:
+        """Open the session on every rank with one seed, so every rank draws the same noise."""
+        self._group.broadcast_job(SessionJob(JOB_START, self.session_id, reference_image=reference_image,
+                                             prompt=prompt, seed=self._seed))
+        self._open = True
+        self._local.start(reference_image, prompt)
 
-    # ---- rank 0: announce, then run
-    def start(self, session_id: str, reference_image: np.ndarray, prompt: str, seed: int | None = None) -> Any:
-        """Open a session on every rank with one seed, so every rank draws the same noise."""
-        if seed is None:
-            seed = self._cfg.runtime.seed if self._cfg.runtime.seed >= 0 else secrets.randbelow(2**31)
-        return self._run(SessionJob(JOB_START, session_id, reference_image=reference_image, prompt=prompt,
-                                    seed=seed))
+    def next_clip(self, window: AudioWindow, sample_steps: int | None = None) -> VideoClip:
+        """The window's clip; every DiT rank denoises its share of the tokens, rank 0 decodes."""
+        self._group.broadcast_job(SessionJob(JOB_CLIP, self.session_id, window=window, sample_steps=sample_steps))
+        return self._local.next_clip(window, sample_steps)
 
-    def next_clip(self, session_id: str, window: AudioWindow, sample_steps: int | None = None) -> VideoClip:
-        """The session's next clip; every DiT rank denoises its share of the tokens."""
-        return self._run(SessionJob(JOB_CLIP, session_id, window=window, sample_steps=sample_steps))
-
-    def close(self, session_id: str) -> None:
+    def close(self) -> None:
         """Free the session's caches on every rank."""
-        self._run(SessionJob(JOB_CLOSE, session_id))
+        if self._open:
+            self._group.broadcast_job(SessionJob(JOB_CLOSE, self.session_id))
+            self._open = False
+        self._local.close()
 
-    def shutdown(self) -> None:
-        """Release the followers from `follow()` (rank 0, once, at server exit)."""
-        for session_id in list(self._avatars):
-            self.close(session_id)
-        self._group.broadcast_job(SessionJob(JOB_QUIT))
-
-    def _run(self, job: SessionJob) -> Any:
-        if self._group.rank != 0:
-            raise RuntimeError(f"rank {self._group.rank} tried to start a session call; only rank 0 may, "
-                               "the other ranks run follow()")
-        self._group.broadcast_job(job)
-        return self.apply(job)
-
-    # ---- every rank
-    def apply(self, job: SessionJob) -> Any:
-        """Run one announced job on this rank's avatars."""
-        if job.kind == JOB_START:
-            if job.session_id in self._avatars:
-                raise ValueError(f"session {job.session_id!r} is already open")
-            avatar = self._make_avatar(self._models, self._cfg, job.seed)
-            avatar.start(job.reference_image, job.prompt)
-            self._avatars[job.session_id] = avatar
-            return None
-        if job.kind == JOB_CLIP:
-            avatar = self._avatars.get(job.session_id)
-            if avatar is None:
-                raise KeyError(f"no open session {job.session_id!r}; call start() first")
-            return avatar.next_clip(job.window, sample_steps=job.sample_steps)
-        if job.kind == JOB_CLOSE:
-            avatar = self._avatars.pop(job.session_id, None)
-            if avatar is not None:
-                avatar.close()
-            return None
-        raise ValueError(f"unknown session job {job.kind!r}")
-
-    def follow(self) -> int:
-        """Follower ranks: run rank 0's jobs until it says quit; returns how many clips were made."""
-        clips = 0
-        while True:
-            job = self._group.broadcast_job(None)
-            if job.kind == JOB_QUIT:
-                for session_id in list(self._avatars):
-                    self.apply(SessionJob(JOB_CLOSE, session_id))
-                return clips
-            try:
-                self.apply(job)
-            except Exception as exc:  # rank 0 ran the same job on the same inputs and reports it to the user
-                print(f"rank {self._group.rank}: {job.kind} job for session {job.session_id!r} failed: {exc}",
-                      file=sys.stderr, flush=True)
-            clips += job.kind == JOB_CLIP
+    def __getattr__(self, name: str) -> Any:  # fps, frames_per_clip, denoiser_calls, ... of the local avatar
+        return getattr(self._local, name)
 
 
-def _default_avatar(models: Any, cfg: Any, seed: int) -> Any:
+def new_avatar(models: Any, cfg: Any, seed: int | None = None) -> Any:
+    """The avatar the engine should use: plain on one process, announced to the group otherwise."""
+    group = parallel.current()
+    if group.distributed and group.sp_size > 1:
+        return GroupAvatar(models, cfg, seed, group)
     from model.pipeline import StreamingAvatar
 
     return StreamingAvatar(models, cfg, seed=seed)
+
+
+def follow(models: Any, cfg: Any, group: parallel.ParallelGroup | None = None) -> int:
+    """Follower ranks: run rank 0's session jobs until it says quit; returns how many clips were denoised.
+
+    Followers only denoise (their share of the tokens); the frames come from rank 0's decoder.
+    """
+    from model.pipeline import StreamingAvatar
+
+    group = group or parallel.current()
+    avatars: dict[int, StreamingAvatar] = {}
+    clips = 0
+    while True:
+        job: SessionJob = group.broadcast_job(None)
+        if job.kind == JOB_QUIT:
+            for avatar in avatars.values():
+                avatar.close()
+            return clips
+        try:
+            if job.kind == JOB_START:
+                avatar = avatars.pop(job.session_id, None) or StreamingAvatar(models, cfg, seed=job.seed)
+                avatar.start(job.reference_image, job.prompt)
+                avatars[job.session_id] = avatar
+            elif job.kind == JOB_CLIP:
+                avatars[job.session_id].denoise_clip(job.window, job.sample_steps)
+                clips += 1
+            elif job.kind == JOB_CLOSE:
+                avatar = avatars.pop(job.session_id, None)
+                if avatar is not None:
+                    avatar.close()
+        except Exception as exc:  # rank 0 ran the same job on the same inputs and reports it to the user
+            print(f"rank {group.rank}: {job.kind} job of session {job.session_id} failed: {exc}",
+                  file=sys.stderr, flush=True)
+
+
+def release_followers(group: parallel.ParallelGroup | None = None) -> None:
+    """Rank 0, at exit: tell the follower ranks to leave `follow()`."""
+    group = group or parallel.current()
+    if group.distributed and group.rank == 0:
+        group.broadcast_job(SessionJob(JOB_QUIT))
