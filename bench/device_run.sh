@@ -17,7 +17,7 @@ FULL=configs/liveavatar_14b.yaml
 if [ -n "${DRY:-}" ]; then
   FULL=configs/tiny.yaml; DEV="--device cpu"; CHK="--set runtime.device cpu"; CLIPS=2; SHORT=2; LONG=3; FLAT=3
 else
-  DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; SHORT=5; LONG=200; FLAT=1000
+  DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; SHORT=4; LONG=200; FLAT=1000
 fi
 step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that matter to the console
   local name=$1 limit=$2; shift 2
