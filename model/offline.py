@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -154,7 +157,8 @@ def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
                     break
                 clip = avatar.next_clip(window)
                 frames = clip.frames[: total_frames - writer.frames_written]
-                writer.write(frames, _sound_until(speech, writer, (writer.frames_written + len(frames)) / avatar.fps))
+                with _whole_clip_writes():
+                    writer.write(frames, _sound_until(speech, writer, (writer.frames_written + len(frames)) / avatar.fps))
                 progress.update(1)
     except KeyboardInterrupt:
         interrupted = True
@@ -167,6 +171,23 @@ def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(f"wrote {args.out}: {writer.frames_written} frames at {avatar.fps:g} fps ({seconds:.2f} s)", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _whole_clip_writes() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives while a clip is being written until the clip is in: the file then ends on a
+    whole clip with its sound. Only the main thread can own signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def _sound_until(speech: Speech, writer: Mp4Writer, end_s: float) -> np.ndarray:
