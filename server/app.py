@@ -12,7 +12,7 @@ import numpy as np
 from aiohttp import web
 
 from model.config import AppConfig
-from server.access import access_middleware
+from server.access import access_middleware, resolve_token
 from server.health import healthz_handler, metrics_handler, page_config_handler
 from server.limits import limits_middleware
 from server.reference_image import ReferenceImageError, drawn_reference, image_from_file
@@ -93,6 +93,8 @@ async def run_until_stopped(cfg: AppConfig, reference: np.ndarray) -> None:
     scheme = "https" if context else "http"
     print(f"open {scheme}://{cfg.server.host}:{port}/  (kiosk: {scheme}://{cfg.server.host}:{port}/?kiosk=1)",
           flush=True)
+    if resolve_token(cfg):
+        print("this server needs its token: add ?token=YOUR_TOKEN to the URL (&kiosk=1 for kiosk mode)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

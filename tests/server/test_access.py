@@ -21,7 +21,7 @@ from playwright.async_api import async_playwright
 from yarl import URL
 
 import run_server
-from model.config import load_config
+from model.config import ConfigError, load_config
 from server.app import _ssl_context, build_app
 from server.reference_image import drawn_reference
 from server.session import Session
@@ -40,6 +40,8 @@ def test_server_binds_to_loopback_unless_told_otherwise():
     assert cfg.server.host == "127.0.0.1" and cfg.server.token is None
     _, _, cfg = run_server.parse_args(["--token", "abc", "--cert", "c.pem", "--key", "k.pem"])
     assert (cfg.server.token, cfg.server.cert, cfg.server.key) == ("abc", "c.pem", "k.pem")
+    with pytest.raises(ConfigError, match="both --cert and --key"):
+        run_server.parse_args(["--cert", "c.pem"])
 
 
 async def get(url: str, **kwargs) -> tuple[int, str]:
