@@ -141,6 +141,13 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, {"runtime.device": args.device})
     geometry = geometry_of(cfg)
     work_dir = Path(args.work_dir)
+    if args.bundle_only:
+        if not args.init_from:
+            raise SystemExit("--bundle-only needs --init-from PARTS_DIR (the part bundles of a training run)")
+        trainer = Trainer(cfg, args)
+        read_parts(trainer, Path(args.init_from))
+        write_bundle(trainer, Path(args.out))
+        return 0
     # Render before any CUDA work: the pool forks worker processes.
     utterances = speech_bank(Path(args.speech_bank), args.num_utterances, geometry.sample_rate_hz)
     started = time.perf_counter()
@@ -155,9 +162,6 @@ def train(args: argparse.Namespace) -> int:
         read_parts(trainer, Path(args.init_from))
         trainer.phase = "dit"
         print(f"started from the networks in {args.init_from}: DiT training only", flush=True)
-    if args.bundle_only:
-        write_bundle(trainer, Path(args.out))
-        return 0
     if trainer.phase == "vae":
         run_phase(trainer, "vae", args.vae_steps, args.vae_time_s, work_dir, lambda n, at: train_vae_steps(
             trainer.vae, trainer.vae_opt, streams, n, args.vae_batch, args.vae_frames, trainer.device, trainer.rng,
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest 3D-conv kernels once
     return train(args)
 
 
