@@ -11,7 +11,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from model.config import VAEConfig
-from model.cpu_conv import use_stacked_frame_convs
+from model.vae_cpu import use_cpu_fast_paths
 
 TIME_STRIDE = 4  # video frames per latent frame (after the first)
 SPACE_STRIDE = 8  # pixels per latent cell, each side
@@ -29,7 +29,7 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKLWan:
     if len(vae.config.latents_mean) != cfg.z_dim:
         raise ValueError(f"model.vae.z_dim={cfg.z_dim} but the Wan2.1 latent statistics have "
                          f"{len(vae.config.latents_mean)} channels; use z_dim 16")
-    use_stacked_frame_convs(vae)  # same weights and outputs; oneDNN conv2d instead of slow_conv3d on the CPU
+    use_cpu_fast_paths(vae)  # same weights and outputs; oneDNN conv2d instead of slow_conv3d on the CPU
     return vae.eval().requires_grad_(False)
 
 
