@@ -87,11 +87,6 @@ class StreamCache:
     block_positions: torch.Tensor | None = None  # [block_tokens, 3] of a block starting at frame 0
     slot_frame_start: list[int | None] = field(default_factory=list)
     next_slot: int = 0
-    # The memory keys rotated for the block being denoised: its sample_steps calls and its commit
-    # share one frame_start, so each layer rotates its memory once per block instead of once per call.
-    rotated_k: torch.Tensor | None = None  # [L, B, sink + slots*block, H, D]
-    rotated_for: list[tuple[int, int, int] | None] = field(default_factory=list)  # (version, frame_start, len)
-    version: int = 0  # bumped by every write to kv_k (prefill, commit)
 
     @property
     def ready(self) -> bool:
@@ -108,13 +103,12 @@ class StreamCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (constant after the first prefill)."""
-        tensors = (self.text_k, self.text_v, self.kv_k, self.kv_v, self.rotated_k)
+        tensors = (self.text_k, self.text_v, self.kv_k, self.kv_v)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def clear(self) -> None:
         """Drop every buffer (the session ended)."""
-        self.text_k = self.text_v = self.kv_k = self.kv_v = self.rotated_k = None
-        self.rotated_for = []
+        self.text_k = self.text_v = self.kv_k = self.kv_v = None
         self.slot_frame_start = [None] * self.num_slots
         self.next_slot = 0
 
@@ -128,7 +122,7 @@ class SelfAttentionCall:
 
     cos: torch.Tensor  # [S, D/2] for this call's tokens
     sin: torch.Tensor
-    memory_k: torch.Tensor | None = None  # [B, M, H, D], un-rotated (or rotated already if memory_cos is None)
+    memory_k: torch.Tensor | None = None  # un-rotated [B, M, H, D]
     memory_v: torch.Tensor | None = None
     memory_cos: torch.Tensor | None = None  # [M, D/2]
     memory_sin: torch.Tensor | None = None
@@ -164,9 +158,7 @@ class StreamingSelfAttnProcessor:
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         keys, values = apply_rope(k, call.cos, call.sin), v
         if call.memory_k is not None:
-            past_k = call.memory_k.to(k.dtype)
-            if call.memory_cos is not None:
-                past_k = apply_rope(past_k, call.memory_cos, call.memory_sin)
+            past_k = apply_rope(call.memory_k.to(k.dtype), call.memory_cos, call.memory_sin)
             keys = torch.cat([past_k, keys], dim=1)
             values = torch.cat([call.memory_v.to(v.dtype), values], dim=1)
         out = attention(apply_rope(q, call.cos, call.sin), keys, values)
@@ -322,7 +314,6 @@ class AvatarDiT(nn.Module):
         for layer, block in enumerate(self.blocks):
             call = SelfAttentionCall(cos, sin, store=self._sink_writer(cache, layer))
             x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
-        cache.version += 1  # the sink changed: every rotated memory is stale
 
     @torch.no_grad()
     def forward(
@@ -347,7 +338,6 @@ class AvatarDiT(nn.Module):
         self._run_block(cache, clean, torch.zeros(clean.shape[0]), audio, frame_start, commit=True)
         cache.slot_frame_start[cache.next_slot] = frame_start
         cache.next_slot = (cache.next_slot + 1) % cache.num_slots
-        cache.version += 1
 
     # ---- pieces
 
@@ -371,22 +361,18 @@ class AvatarDiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=self.device, dtype=torch.float32).reshape(-1).expand(b)
         temb, proj = self._time_embedding(timestep)
         audio_global, audio_local = self.casual_audio_encoder(audio.to(self.device, self.dtype))
-        mem_len = cache.sink_tokens + cache.filled_slots * cache.block_tokens
-        tag = (cache.version, frame_start, mem_len)
-        memory = None if cache.rotated_for[0] == tag else self._memory_tables(cache, frame_start)
+        memory = self._memory_tables(cache, frame_start)
         cos, sin = rope_tables(cache.block_positions, self.head_dim, self.device)
         slot = cache.next_slot
         for layer, block in enumerate(self.blocks):
-            if cache.rotated_for[layer] != tag:
-                if memory is None:
-                    memory = self._memory_tables(cache, frame_start)
-                cache.rotated_k[layer, :, :mem_len] = apply_rope(cache.kv_k[layer, :, :mem_len], memory[1], memory[2])
-                cache.rotated_for[layer] = tag
+            mem_len = memory[0]
             call = SelfAttentionCall(
                 cos,
                 sin,
-                cache.rotated_k[layer, :, :mem_len],
+                cache.kv_k[layer, :, :mem_len],
                 cache.kv_v[layer, :, :mem_len],
+                memory[1],
+                memory[2],
                 store=self._slot_writer(cache, layer, slot) if commit else None,
             )
             x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
@@ -429,8 +415,6 @@ class AvatarDiT(nn.Module):
         text_shape = (layers, cache.batch_size, self.cfg.text_len, heads, self.head_dim)
         cache.kv_k = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
         cache.kv_v = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
-        cache.rotated_k = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
-        cache.rotated_for = [None] * layers
         cache.text_k = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.text_v = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.sink_tokens, cache.block_tokens, cache.latent_hw = sink_tokens, block_tokens, latent_hw
