@@ -285,6 +285,8 @@ async def offer_handler(request: web.Request) -> web.Response:
             payload = json.loads(await request.text())
         except json.JSONDecodeError as exc:
             raise RequestError("bad_json", f"body is not valid JSON ({exc.msg} at {exc.pos})") from None
+        except UnicodeDecodeError as exc:
+            raise RequestError("bad_json", f"body is not UTF-8 text (byte {exc.start}); send JSON") from None
         if not isinstance(payload, dict):
             raise RequestError("bad_message", "body must be a JSON object {sdp, type}")
         sdp_type = payload.get("type", "offer")

@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server.reliability_support import JsonSocket, offer_sdp, running_server, settle_and_count, small_cfg
+from tests.server.reliability_support import (JsonSocket, offer_sdp, running_server, server_state,
+                                              settle_and_count, small_cfg)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -115,3 +118,57 @@ def test_fuzzed_signaling_messages_each_get_one_clear_answer():
         loop.run_until_complete(asyncio.sleep(0.5))  # the last session's close finishes before the loop ends
         loop.run_until_complete(context.__aexit__(None, None, None))
         loop.close()
+
+
+def test_fuzzed_http_offers_get_json_answers():
+    """POST /offer with arbitrary bodies: a JSON error naming the problem (or an answer), never a crash."""
+    loop = asyncio.new_event_loop()
+    cfg = small_cfg(**{"server.max_messages_per_s": 100_000, "server.max_sessions": 1})
+    context = running_server(cfg)
+    server, engine = loop.run_until_complete(context.__aenter__())
+    http = loop.run_until_complete(_client_session())
+    good_sdp = loop.run_until_complete(_offer_text())
+    statuses: dict[int, int] = {}
+
+    async def post(body: bytes) -> None:
+        async with http.post(server.url + "/offer", data=body,
+                             headers={"Content-Type": "application/json"}) as response:
+            reply = await response.json()
+        statuses[response.status] = statuses.get(response.status, 0) + 1
+        if response.status == 200:
+            assert reply["type"] == "answer" and "a=fingerprint" in reply["sdp"]
+        else:
+            assert response.status in (400, 413, 503), (response.status, reply)
+            assert reply["type"] == "error" and reply["code"] in KNOWN_ERROR_CODES, reply
+        for session in list(server_state(server).sessions):
+            await session.close()  # answered offers never connect; free the slot for the next example
+
+    bodies = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
+                       json_values.map(lambda v: json.dumps(v).encode()),
+                       shaped_messages.map(lambda v: json.dumps(v).encode()),
+                       mutated_offers(good_sdp.splitlines()).map(str.encode))
+
+    @settings(max_examples=150, deadline=20_000, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(bodies)
+    def check(body: bytes) -> None:
+        loop.run_until_complete(post(body))
+
+    try:
+        check()
+        print(f"\nHTTP fuzz: statuses {statuses}")
+        assert sum(statuses.values()) >= 150 and engine.worker_alive
+    finally:
+        loop.run_until_complete(http.close())
+        loop.run_until_complete(context.__aexit__(None, None, None))
+        loop.close()
+
+
+async def _client_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession()  # made inside the loop it will run on
+
+
+async def _offer_text() -> str:
+    pc, sdp = await offer_sdp()
+    await pc.close()
+    return sdp
