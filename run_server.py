@@ -78,9 +78,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.offline import run_offline
 
         return run_offline(cfg, args)
+    from model.parallel import read_launch_env
+
+    if read_launch_env().world_size > 1:
+        return serve_in_group(cfg)
     from server.app import serve
 
     return serve(cfg)
+
+
+def serve_in_group(cfg: AppConfig) -> int:
+    """Under torchrun: rank 0 serves and drives the DiT; the other ranks run their share of each clip."""
+    from model.group_sessions import follow, release_followers
+    from model.parallel import LaunchError, start_group_from_config
+
+    if cfg.parallel.vae_rank:
+        print("error: --parallel.vae_rank true is not served yet (bench/gpu_bench.py measures it); "
+              "launch with --parallel.vae_rank false", file=sys.stderr)
+        return 2
+    try:
+        group = start_group_from_config(cfg)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if group.rank != 0:
+            from model.pipeline import AvatarModels
+
+            follow(AvatarModels.load(cfg), cfg, group)
+            return 0
+        from server.app import serve
+
+        try:
+            return serve(cfg)
+        finally:
+            release_followers(group)
+    finally:
+        group.shutdown()
 
 
 if __name__ == "__main__":

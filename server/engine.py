@@ -189,9 +189,10 @@ class ModelEngine:
     def _new_avatar(self, reference_image: np.ndarray, prompt: str) -> Any:
         import torch
 
-        from model.pipeline import StreamingAvatar
+        from model.group_sessions import new_avatar
 
-        avatar = StreamingAvatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
+        # a StreamingAvatar, or under torchrun one that the other GPUs' processes follow call by call
+        avatar = new_avatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
         with torch.inference_mode():
             avatar.start(reference_image, prompt)
         return avatar

@@ -1,5 +1,11 @@
-"""A 2-process group on the CPU (gloo, Ulysses SP=2) makes the same clips as one process, tiny config."""
+"""A 2-process group on the CPU (gloo, Ulysses SP=2) serves the same clips as one process, tiny config.
+
+Rank 0 drives the server's own `ModelEngine` (which opens a `GroupAvatar` through `new_avatar`), rank 1
+runs `follow()`; the frames must match a single `StreamingAvatar` up to float rounding.
+"""
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import torch
@@ -10,55 +16,73 @@ from model.io_types import AudioWindow
 from tests.model.group_runner import run_in_group
 
 CLIPS = 2
+PROMPT = "a person talking"
 
 
-def _inputs(avatar) -> tuple[np.ndarray, list[AudioWindow]]:
+def _inputs(context_samples: int, clip_samples: int) -> tuple[np.ndarray, list[AudioWindow]]:
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
     windows = []
     for i in range(CLIPS):
-        samples = (0.1 * rng.standard_normal(avatar.context_samples + avatar.clip_samples)).astype(np.float32)
-        windows.append(AudioWindow(samples, avatar.context_samples, t0=i * avatar.clip_samples / 16000, clip_index=i))
+        samples = (0.1 * rng.standard_normal(context_samples + clip_samples)).astype(np.float32)
+        windows.append(AudioWindow(samples, context_samples, t0=i * clip_samples / 16000, clip_index=i))
     return image, windows
 
 
+async def _serve_clips(cfg) -> list[np.ndarray]:
+    from server.engine import ModelEngine
+
+    engine = ModelEngine(cfg)
+    await engine.load()
+    fmt = engine.stream_format
+    image, windows = _inputs(fmt.context_samples, fmt.clip_samples)
+    await engine.start("s", image, PROMPT)
+    frames = [(await engine.submit("s", w)).frames for w in windows]
+    await engine.close()
+    return frames
+
+
 def _group_worker() -> dict:
-    from model.group_sessions import GroupAvatar, follow, new_avatar, release_followers
+    from model.group_sessions import follow, release_followers
     from model.pipeline import AvatarModels
 
     cfg = load_config(None)
     group = parallel.start_group("cpu", cfg.model.dit.num_heads)
     try:
-        models = AvatarModels.load(cfg)
         if group.rank != 0:
-            return {"followed_clips": follow(models, cfg)}
-        avatar = new_avatar(models, cfg, seed=7)
-        image, windows = _inputs(avatar)
-        avatar.start(image, "a person talking")
-        frames = [avatar.next_clip(w).frames for w in windows]
-        calls = avatar.denoiser_calls
-        avatar.close()
-        release_followers()
-        return {"frames": frames, "grouped": isinstance(avatar, GroupAvatar), "calls": calls}
+            return {"followed_clips": follow(AvatarModels.load(cfg), cfg)}
+        try:
+            return {"frames": asyncio.run(_serve_clips(cfg))}
+        finally:
+            release_followers()
     finally:
         group.shutdown()
 
 
-def test_two_rank_group_makes_the_clips_of_one_process() -> None:
+def test_two_rank_group_serves_the_clips_of_one_process() -> None:
     from model.pipeline import AvatarModels, StreamingAvatar
 
     torch.set_num_threads(1)
     cfg = load_config(None)
-    avatar = StreamingAvatar(AvatarModels.load(cfg), cfg, seed=7)
-    image, windows = _inputs(avatar)
-    avatar.start(image, "a person talking")
+    avatar = StreamingAvatar(AvatarModels.load(cfg), cfg, seed=cfg.runtime.seed)
+    image, windows = _inputs(avatar.context_samples, avatar.clip_samples)
+    avatar.start(image, PROMPT)
     expected = [avatar.next_clip(w).frames for w in windows]
 
     leader, follower = run_in_group(_group_worker, 2)
 
-    assert leader["grouped"] and follower["followed_clips"] == CLIPS
-    assert leader["calls"] == avatar.denoiser_calls
+    assert follower["followed_clips"] == CLIPS
+    assert len(leader["frames"]) == CLIPS
     for got, want in zip(leader["frames"], expected):
         assert got.shape == want.shape and got.dtype == np.uint8
         diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
         assert diff.max() <= 1 and diff.mean() < 0.01  # float32 sums in another order: at most a rounding step
+
+
+def test_one_process_gets_a_plain_streaming_avatar() -> None:
+    from model.group_sessions import new_avatar
+    from model.pipeline import StreamingAvatar
+
+    cfg = load_config(None)
+    parallel.set_current(parallel.ParallelGroup(parallel.GroupLayout(1, 0, 1, None), torch.device("cpu"), None))
+    assert type(new_avatar(object(), cfg, seed=1)) is StreamingAvatar
