@@ -26,11 +26,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import AppConfig, load_config  # noqa: E402
-from server.engine import ModelEngine  # noqa: E402
-from server.reference_image import drawn_reference  # noqa: E402
-from server.session import Session  # noqa: E402
-from tests.server.reliability_support import mic_frames  # noqa: E402
+from model.config import AppConfig, load_config
+from server.engine import ModelEngine
+from server.reference_image import drawn_reference
+from server.session import Session
+from tests.server.reliability_support import mic_frames
 
 
 @dataclass

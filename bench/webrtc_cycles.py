@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.server.reliability_support import running_server, settle_and_count, small_cfg  # noqa: E402
-from tests.server.test_lifecycle import SHORT_CLIP, webrtc_cycle  # noqa: E402
+from tests.server.reliability_support import running_server, settle_and_count, small_cfg
+from tests.server.test_lifecycle import SHORT_CLIP, webrtc_cycle
 
 WAYS = ("websocket_dropped", "pc_closed", "ice_failure")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -60,6 +60,7 @@ def origin_allowed(request: web.Request, allowed_origins: tuple[str, ...]) -> bo
 
 
 def access_error(status: int, code: str, message: str) -> web.Response:
+    """A refusal in the same JSON shape as every other error the server sends."""
     return web.json_response({"type": "error", "code": code, "message": message}, status=status)
 
 

@@ -3,8 +3,8 @@ order and are told their place; without it (the default) they are refused at onc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
 
 from server.seam import EngineBusy
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -53,12 +53,12 @@ class MessageLimits:
         size = len(text.encode("utf-8", errors="surrogatepass"))
         if size > self.max_message_bytes:
             self.refused += 1
-            return ("too_large", f"message is {size} bytes; the limit is {self.max_message_bytes} bytes "
-                                 "(--server.max_message_bytes); send a smaller reference image")
+            return ("too_large", (f"message is {size} bytes; the limit is {self.max_message_bytes} bytes "
+                                 "(--server.max_message_bytes); send a smaller reference image"))
         if not self._bucket.allow():
             self.refused += 1
-            return ("rate_limited", f"too many messages: the limit is {self.max_messages_per_s:g} per second "
-                                    "(--server.max_messages_per_s); this one was dropped, slow down")
+            return ("rate_limited", (f"too many messages: the limit is {self.max_messages_per_s:g} per second "
+                                    "(--server.max_messages_per_s); this one was dropped, slow down"))
         return None
 
 

@@ -5,7 +5,7 @@ Each app has its own registry (not the process-global one), so several servers i
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -47,13 +47,16 @@ class ServerMetrics:
         self._model_loaded.set_function(model_loaded)
 
     def clip_generated(self, generation_s: float) -> None:
+        """The engine finished a clip in `generation_s` seconds of model time."""
         self.clips_generated.inc()
         self.generation_seconds.observe(generation_s)
 
     def clip_dropped(self, frames: int) -> None:
+        """A waiting window was dropped; its `frames` will never be made."""
         self.frames_dropped.inc(frames)
 
     def error(self, kind: str) -> None:
+        """An error of this kind (the `code` sent to the client, or an engine event)."""
         self.errors.labels(kind=kind).inc()
 
     def render(self) -> tuple[bytes, str]:

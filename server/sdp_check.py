@@ -19,7 +19,7 @@ def check_offer_sdp(sdp: str) -> None:
     """Raise OfferSdpError unless the offer sends microphone audio and receives video in codecs we support."""
     try:
         parsed = SessionDescription.parse(sdp)
-    except Exception as exc:  # the parser raises anything from ValueError to AssertionError on garbage
+    except Exception as exc:  # noqa: BLE001 - the parser raises anything from ValueError to AssertionError
         raise OfferSdpError(f"the offer's SDP could not be parsed ({type(exc).__name__}: {exc}); send the "
                             "SDP from RTCPeerConnection.createOffer() unchanged") from None
     audio = [m for m in parsed.media if m.kind == "audio"]

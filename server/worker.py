@@ -11,7 +11,8 @@ import ctypes
 import itertools
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _names = itertools.count()
 
@@ -86,12 +87,12 @@ class ModelWorker:
                 fn, args, future, loop = current
                 try:
                     result = fn(*args)
-                except Exception as exc:  # this call failed; the worker carries on
+                except Exception as exc:  # noqa: BLE001 - this call failed; the worker carries on
                     _resolve(loop, future, exc=exc)
                 else:
                     _resolve(loop, future, result=result)
                 current = None
-        except BaseException as exc:  # killed, or a fatal error escaped the model
+        except BaseException as exc:  # noqa: BLE001 - killed, or a fatal error escaped the model
             reason = f"the model worker died ({type(exc).__name__}: {exc})" if str(exc) else \
                 f"the model worker died ({type(exc).__name__})"
             self._die(reason, current)

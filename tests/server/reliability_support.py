@@ -8,9 +8,10 @@ import fractions
 import gc
 import json
 import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import av
 import numpy as np
@@ -56,7 +57,7 @@ class JsonSocket:
         self.ws = ws
 
     @classmethod
-    async def connect(cls, url: str, **kwargs: Any) -> "JsonSocket":
+    async def connect(cls, url: str, **kwargs: Any) -> JsonSocket:
         return cls(await websockets.connect(url, max_size=2**24, **kwargs))
 
     async def send(self, message: Any) -> None:
@@ -90,9 +91,9 @@ async def offer_sdp(audio: bool = True, video: bool = True) -> tuple[RTCPeerConn
 def mic_frames(seconds: float, start_s: float = 0.0, seed: int = 0) -> list[av.AudioFrame]:
     """Speech-band noise as the 20 ms 48 kHz mono frames aiortc hands a session, pts on the RTP clock."""
     n = int(MIC_PTIME_S * MIC_RATE_HZ)
-    count = int(round(seconds / MIC_PTIME_S))
+    count = round(seconds / MIC_PTIME_S)
     rng = np.random.default_rng(seed)
-    first = int(round(start_s * MIC_RATE_HZ))
+    first = round(start_s * MIC_RATE_HZ)
     frames = []
     for i in range(count):
         pcm = (rng.standard_normal(n) * 3000).astype(np.int16)

@@ -45,9 +45,8 @@ def test_server_binds_to_loopback_unless_told_otherwise():
 
 
 async def get(url: str, **kwargs) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url, **kwargs) as response:
-            return response.status, await response.text()
+    async with aiohttp.ClientSession() as http, http.get(url, **kwargs) as response:
+        return response.status, await response.text()
 
 
 async def test_token_guards_ws_offer_config_and_metrics_but_not_the_page(monkeypatch):
@@ -62,9 +61,9 @@ async def test_token_guards_ws_offer_config_and_metrics_but_not_the_page(monkeyp
             assert (await get(server.url + path, headers={"Authorization": f"Bearer {TOKEN}"}))[0] == 200
         assert (await get(server.url + "/"))[0] == 200
         assert (await get(server.url + "/healthz"))[0] == 200
-        async with aiohttp.ClientSession() as http:
-            async with http.post(server.url + "/offer", json={"type": "offer", "sdp": "v=0"}) as response:
-                assert response.status == 401 and (await response.json())["code"] == "unauthorized"
+        async with aiohttp.ClientSession() as http, \
+                http.post(server.url + "/offer", json={"type": "offer", "sdp": "v=0"}) as response:
+            assert response.status == 401 and (await response.json())["code"] == "unauthorized"
         with pytest.raises(websockets.InvalidStatus) as refused:
             await websockets.connect(server.ws_url)
         assert refused.value.response.status_code == 401
@@ -108,7 +107,7 @@ async def test_websocket_origin_must_be_the_page_or_an_allowed_one(monkeypatch):
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -126,7 +125,7 @@ async def test_https_and_wss_with_cert_and_key(tmp_path, monkeypatch):
     monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
     cert, key = self_signed_cert(tmp_path)
     cfg = small_cfg(**{"server.cert": str(cert), "server.key": str(key), "server.token": TOKEN})
-    async with running_server(cfg) as (plain, engine):
+    async with running_server(cfg) as (_plain, engine):
         runner = web.AppRunner(build_app(cfg, engine, drawn_reference()), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_ssl_context(cfg))

@@ -8,13 +8,18 @@ import asyncio
 import json
 
 import aiohttp
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server.reliability_support import (JsonSocket, offer_sdp, running_server, server_state,
-                                              settle_and_count, small_cfg)
+from tests.server.reliability_support import (
+    JsonSocket,
+    offer_sdp,
+    running_server,
+    server_state,
+    settle_and_count,
+    small_cfg,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -74,7 +79,7 @@ def test_fuzzed_signaling_messages_each_get_one_clear_answer():
         ws = await JsonSocket.connect(server.ws_url)
         return context, server, engine, sdp, ws
 
-    context, server, engine, good_sdp, ws = loop.run_until_complete(setup())
+    context, _server, engine, good_sdp, ws = loop.run_until_complete(setup())
 
     async def exchange(text: str) -> None:
         await ws.send(text)

@@ -14,7 +14,7 @@ import websockets
 from PIL import Image
 
 from server.reference_image import drawn_reference
-from tests.server.reliability_support import (JsonSocket, offer_sdp, running_server, server_state, small_cfg)
+from tests.server.reliability_support import JsonSocket, offer_sdp, running_server, server_state, small_cfg
 from tests.server.webrtc_client import LoopbackClient
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,7 +69,7 @@ def bad_reference_images() -> list[tuple[str, str, str]]:
 
 async def test_bad_messages_on_a_live_session_are_answered_and_the_session_goes_on(speech_pcm):
     cfg = small_cfg(**{"server.max_messages_per_s": 1000})
-    async with running_server(cfg) as (server, engine):
+    async with running_server(cfg) as (server, _engine):
         client = LoopbackClient(server.ws_url, speech_pcm)
         try:
             await client.connect()
@@ -102,9 +102,8 @@ async def test_bad_messages_on_a_live_session_are_answered_and_the_session_goes_
             assert len(server_state(server).sessions) == 1
 
             # every refusal is counted by kind
-            async with aiohttp.ClientSession() as http:
-                async with http.get(server.url + "/metrics") as response:
-                    metrics = await response.text()
+            async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as response:
+                metrics = await response.text()
             assert 'liveavatar_errors_total{kind="bad_sample_steps"} 6.0' in metrics
             assert 'liveavatar_errors_total{kind="bad_json"} 2.0' in metrics
         finally:

@@ -14,8 +14,17 @@ import time
 
 import pytest
 
-from tests.server.reliability_support import (JsonSocket, ProcessCounts, mic_frames, offer_sdp, running_server,
-                                              server_state, session_by_id, settle_and_count, small_cfg)
+from tests.server.reliability_support import (
+    JsonSocket,
+    ProcessCounts,
+    mic_frames,
+    offer_sdp,
+    running_server,
+    server_state,
+    session_by_id,
+    settle_and_count,
+    small_cfg,
+)
 from tests.server.webrtc_client import LoopbackClient, SpeechTrack
 
 pytestmark = pytest.mark.timeout(600)

@@ -7,15 +7,21 @@ import asyncio
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.reliability_support import JsonSocket, mic_frames, offer_sdp, running_server, session_by_id, small_cfg
+from tests.server.reliability_support import (
+    JsonSocket,
+    mic_frames,
+    offer_sdp,
+    running_server,
+    session_by_id,
+    small_cfg,
+)
 
 
 async def scrape(server) -> dict[tuple[str, tuple], float]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/metrics") as response:
-            assert response.status == 200
-            assert response.headers["Content-Type"].startswith("text/plain; version=")
-            text = await response.text()
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = await response.text()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -24,12 +30,11 @@ async def test_healthz_and_metrics_follow_a_live_session(monkeypatch):
     monkeypatch.delenv("LIVEAVATAR_TOKEN", raising=False)
     cfg = small_cfg(**{"video.infer_frames": 4, "model.dit.num_frames_per_block": 1, "server.max_pending_clips": 1})
     async with running_server(cfg) as (server, engine):
-        async with aiohttp.ClientSession() as http:
-            async with http.get(server.url + "/healthz") as response:
-                assert response.status == 200
-                assert await response.json() == {"status": "ok", "model_loaded": True, "worker_alive": True,
-                                                  "worker_restarts": 0, "sessions": 0, "max_sessions": 2,
-                                                  "queue_depth": 0}
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/healthz") as response:
+            assert response.status == 200
+            assert await response.json() == {"status": "ok", "model_loaded": True, "worker_alive": True,
+                                              "worker_restarts": 0, "sessions": 0, "max_sessions": 2,
+                                              "queue_depth": 0}
         ws = await JsonSocket.connect(server.ws_url)
         pc, sdp = await offer_sdp()
         try:
@@ -47,9 +52,8 @@ async def test_healthz_and_metrics_follow_a_live_session(monkeypatch):
                     break
                 await asyncio.sleep(0.05)
             done = await scrape(server)
-            async with aiohttp.ClientSession() as http:
-                async with http.get(server.url + "/healthz") as response:
-                    health = await response.json()
+            async with aiohttp.ClientSession() as http, http.get(server.url + "/healthz") as response:
+                health = await response.json()
         finally:
             await ws.close()
             await pc.close()

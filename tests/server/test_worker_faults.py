@@ -27,9 +27,8 @@ async def wait_until(condition, timeout_s: float, what: str) -> None:
 
 
 async def health(server) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/healthz") as response:
-            return response.status, await response.json()
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/healthz") as response:
+        return response.status, await response.json()
 
 
 def noise(seconds: float, seed: int) -> np.ndarray:
@@ -62,7 +61,7 @@ async def test_live_sessions_hear_of_a_dead_worker_and_new_sessions_work_after_r
 
                 monkeypatch.setattr(StreamingAvatar, "next_clip", crash)
             for client in clients:
-                await wait_until(lambda: any(e["code"] == "worker_failed" for e in client.errors()), 30,
+                await wait_until(lambda c=client: any(e["code"] == "worker_failed" for e in c.errors()), 30,
                                  "the worker_failed error")
                 error = next(e for e in client.errors() if e["code"] == "worker_failed")
                 assert "the model worker died" in error["message"] and "start again" in error["message"]
@@ -81,9 +80,8 @@ async def test_live_sessions_hear_of_a_dead_worker_and_new_sessions_work_after_r
             assert not fresh.errors(), fresh.errors()
         finally:
             await fresh.close()
-        async with aiohttp.ClientSession() as http:
-            async with http.get(server.url + "/metrics") as response:
-                metrics = await response.text()
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as response:
+            metrics = await response.text()
         assert "liveavatar_worker_restarts_total 1.0" in metrics
         assert 'liveavatar_errors_total{kind="worker_died"} 1.0' in metrics
         assert 'liveavatar_errors_total{kind="worker_failed"} 2.0' in metrics
