@@ -88,7 +88,7 @@ class Session:
             raise OfferError(f"expected an SDP of type 'offer', got {sdp_type!r}")
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ... on bad SDP
+        except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError, AssertionError, KeyError, ... on bad SDP
             raise OfferError(f"the offer's SDP could not be parsed ({type(exc).__name__}: {exc})") from None
         kinds = [t.kind for t in self._pc.getTransceivers()]
         if "audio" not in kinds:
@@ -100,7 +100,7 @@ class Session:
         self._pc.addTrack(self.video_track)
         try:
             await self._pc.setLocalDescription(await self._pc.createAnswer())
-        except Exception as exc:  # offers aiortc parses but cannot answer (e.g. a BUNDLE naming a missing mid)
+        except Exception as exc:  # noqa: BLE001 - parsed but unanswerable (e.g. a BUNDLE naming a missing mid)
             raise OfferError(f"the offer could not be answered ({type(exc).__name__}: {exc}); send the SDP "
                              "from RTCPeerConnection.createOffer() unchanged") from None
         self._spawn(self._expect_connection(self._cfg.server.connect_timeout_s), "connect-timeout")

@@ -19,8 +19,8 @@ from server.admission import AdmissionQueue
 from server.engine import check_sample_steps
 from server.limits import MessageLimits, hard_message_limit
 from server.metrics import ServerMetrics
-from server.sdp_check import OfferSdpError, check_offer_sdp
 from server.reference_image import ReferenceImageError, image_from_data_url
+from server.sdp_check import OfferSdpError, check_offer_sdp
 from server.seam import ClipGenerator, EngineBusy, SessionClosed
 from server.session import OfferError, Session
 
