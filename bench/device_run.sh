@@ -26,7 +26,7 @@ step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that m
   timeout "$limit" "$@" >"$one" 2>&1; local rc=$?
   { echo "=== $name"; cat "$one"; } >>"$LOG"
   grep -E "^(CHECK|RESULT)|Error|error:|out of memory|Traceback" "$one" | grep -v "^RESULT" | tail -5
-  sed -n '/^PROFILE/,/^Self CPU time total/p' "$one" | cut -c1-150
+  sed -n '/^PROFILE/,/^Self CUDA time total/p' "$one" | cut -c1-200
   grep -h "^RESULT" "$one" | sed 's/^RESULT //' >>"$RES"
   [ $rc -ne 0 ] && echo "    $name exited $rc"
   return 0

@@ -229,11 +229,12 @@ def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: tor
     with torch.inference_mode():
         # Warm-up session (kernel selection, allocator), then the FLOPs of one clip.
         warm = StreamDenoiser(dit, cfg, device, dtype, args.sample_steps)
-        flops = count_flops(lambda: warm.clip(0))  # the first clip warms up too
-        for i in range(1, args.warmup_clips):
+        for i in range(args.warmup_clips):
             warm.clip(i)
+        # FLOPs of a clip with the KV window full (a stream's first clip attends to fewer keys)
+        flops = count_flops(lambda: warm.clip(args.warmup_clips))
         if args.profile and group.rank == 0:
-            print_profile(lambda: warm.clip(args.warmup_clips), device)
+            print_profile(lambda: warm.clip(args.warmup_clips + 1), device)
         del warm
         for mode in modes:
             if device.type == "cuda":
@@ -336,13 +337,17 @@ def print_profile(fn, device: torch.device, rows: int = 18) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print("PROFILE one clip, top operators by device time", flush=True)
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+    # The same time split by input shapes: tells which tensors the elementwise time is spent on.
+    print("PROFILE by input shape", flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows, max_name_column_width=40,
+                                                             max_shapes_column_width=70), flush=True)
 
 
 def run_vae_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype) -> dict:
@@ -425,7 +430,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/liveavatar_14b.yaml")
     p.add_argument("--clips", type=int, default=12, help="measured clips (the first gives TTFF)")
-    p.add_argument("--warmup_clips", type=int, default=1, help="clips before measuring (the first counts FLOPs)")
+    p.add_argument("--warmup_clips", type=int, default=1, help="clips before the FLOP count and the measurement")
     p.add_argument("--sample_steps", type=int, default=None)
     p.add_argument("--vae_mode", default="stream",
                    help="comma list, one measured session each. inline: decode after the DiT on one stream; "
