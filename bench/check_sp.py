@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import StreamDenoiser, bench_config, build_dit  # noqa: E402
-from model import parallel  # noqa: E402
+from bench.gpu_bench import StreamDenoiser, bench_config, build_dit
+from model import parallel
 
 
 def clips(dit, cfg, device, dtype, n: int) -> torch.Tensor:

@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import parallel  # noqa: E402
-from model.config import AppConfig, load_config  # noqa: E402
-from model.dit import AvatarDiT  # noqa: E402
-from model.sampler import FlowMatchSchedule  # noqa: E402
-from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae  # noqa: E402
+from model import parallel
+from model.config import AppConfig, load_config
+from model.dit import AvatarDiT
+from model.sampler import FlowMatchSchedule
+from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae
 
 H200_BF16_DENSE_TFLOPS = 989.0  # vendor datasheet, dense bf16 (MFU denominator)
 VAE_MODES = ("inline", "stream", "rank")
@@ -235,7 +235,7 @@ def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: tor
         flops = count_flops(lambda: warm.clip(args.warmup_clips))
         if args.profile and group.rank == 0:
             print_profile(lambda: warm.clip(args.warmup_clips + 1), device)
-        del warm
+        warm = None  # its cache and decoder go before the measured sessions
         for mode in modes:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

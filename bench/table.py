@@ -13,8 +13,7 @@ def rows_from(text: str) -> list[dict]:
     rows = []
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith("RESULT "):
-            line = line[len("RESULT "):]
+        line = line.removeprefix("RESULT ")
         if line.startswith("{"):
             rows.append(json.loads(line))
     return rows

@@ -116,7 +116,7 @@ def follow(models: Any, cfg: Any, group: parallel.ParallelGroup | None = None) -
                 avatar = avatars.pop(job.session_id, None)
                 if avatar is not None:
                     avatar.close()
-        except Exception as exc:  # rank 0 ran the same job on the same inputs and reports it to the user
+        except Exception as exc:  # noqa: BLE001 -- rank 0 ran the same job and reports it to the user
             print(f"rank {group.rank}: {job.kind} job of session {job.session_id} failed: {exc}",
                   file=sys.stderr, flush=True)
 

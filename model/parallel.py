@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model import parallel
-from model.parallel import LaunchError, plan_layout, read_launch_env, pick_device_and_backend
+from model.parallel import LaunchError, pick_device_and_backend, plan_layout, read_launch_env
 from tests.model.group_runner import run_in_group
 
 
@@ -91,3 +91,48 @@ def test_uneven_token_count_is_refused_with_advice() -> None:
     group = parallel.ParallelGroup(plan_layout(2, 0, 4, False), torch.device("cpu"), "gloo")
     with pytest.raises(LaunchError, match="7 tokens does not split over 2 DiT ranks"):
         group.shard_tokens(torch.zeros(1, 7, 4))
+
+
+def _dit_two_blocks(shard_weights: bool) -> dict:
+    """Prefill, denoise and commit one block, then denoise the next: the DiT's whole streaming surface."""
+    from model.config import load_config
+    from model.dit import AvatarDiT
+
+    cfg = load_config(None)
+    group = parallel.current() if shard_weights else parallel.start_group("cpu", cfg.model.dit.num_heads, env={})
+    torch.manual_seed(0)  # the same weights on every rank
+    dit = AvatarDiT(cfg.model.dit).eval()
+    if shard_weights:
+        dit = group.shard_layers(dit, list(dit.blocks) + list(dit.audio_injector.injector))
+    d = cfg.model.dit
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(1, d.in_channels, 1, 16, 16, generator=g)
+    text = torch.randn(1, 5, d.text_dim, generator=g)
+    audio = torch.randn(1, 4 * d.num_frames_per_block, d.num_audio_layers, d.audio_dim, generator=g)
+    blocks = [torch.randn(1, d.in_channels, d.num_frames_per_block, 16, 16, generator=g) for _ in range(2)]
+    t = torch.full((1,), 500.0)
+    with torch.inference_mode():
+        cache = dit.new_cache(1, "cpu", torch.float32)
+        dit.prefill(cache, ref, text)
+        first = dit(blocks[0], t, audio, cache, 0)
+        dit.commit(cache, blocks[0], audio, 0)
+        second = dit(blocks[1], t, audio, cache, d.num_frames_per_block)
+    shard_rows = [p.to_local().shape[0] for p in dit.blocks[0].ffn.parameters() if p.ndim == 2] if shard_weights else []
+    full_rows = [p.shape[0] for p in dit.blocks[0].ffn.parameters() if p.ndim == 2]
+    return {"out": torch.cat([first, second], dim=2), "shard_rows": shard_rows, "full_rows": full_rows}
+
+
+def _sharded_worker() -> dict:
+    group = parallel.start_group("cpu", num_heads=4)
+    try:
+        return _dit_two_blocks(shard_weights=True)
+    finally:
+        group.shutdown()
+
+
+def test_per_layer_sharded_weights_with_ulysses_equal_one_process() -> None:
+    expected = _dit_two_blocks(shard_weights=False)["out"]
+    for r in run_in_group(_sharded_worker, 2):
+        torch.testing.assert_close(r["out"], expected, rtol=1e-4, atol=1e-4)
+        # each rank keeps half the rows of every weight matrix of a block, not the whole layer
+        assert r["shard_rows"] == [rows // 2 for rows in r["full_rows"]]
