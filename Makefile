@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SYSTAMP := $(VENV)/.system-packages
 ARGS ?=
 
-.PHONY: setup run test test-fast offline train-tiny bench clean
+.PHONY: setup run test offline train-tiny clean
 
 setup: $(STAMP) $(SYSTAMP)
 
