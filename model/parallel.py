@@ -423,5 +423,27 @@ def start_group(device: str, num_heads: int, vae_rank: bool = False,
 
 
 def start_group_from_config(cfg: Any, env: Mapping[str, str] | None = None) -> ParallelGroup:
-    """`start_group` with the device, head count and VAE-rank switch taken from an AppConfig."""
+    """`start_group` with the device, head count and VAE-rank switch taken from an AppConfig.
+
+    Also checks, before any process group exists, that the configured frame size splits into whole
+    token shards, so a bad launch fails at start-up rather than at the first session.
+    """
+    launch = read_launch_env(env)
+    layout = plan_layout(launch.world_size, launch.rank, cfg.model.dit.num_heads, cfg.parallel.vae_rank)
+    check_token_split(cfg, layout.sp_size)
     return start_group(cfg.runtime.device, cfg.model.dit.num_heads, cfg.parallel.vae_rank, env)
+
+
+def check_token_split(cfg: Any, sp_size: int) -> None:
+    """Refuse a DiT rank count that does not divide the block's and the sink's token counts."""
+    lh, lw = cfg.video.height // 8, cfg.video.width // 8  # latent grid (VAE 8x)
+    per_frame = (lh // 2) * (lw // 2)  # patch 1x2x2
+    block = cfg.model.dit.num_frames_per_block * per_frame
+    # sink = reference frame + FramePack motion (newest frame, 2x bucket at 1/4, 4x bucket: 4 frames at 1/64)
+    sink = 2 * per_frame + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
+    bad = {name: n for name, n in (("block", block), ("sink", sink)) if n % sp_size}
+    if bad:
+        ok = [n for n in range(1, cfg.model.dit.num_heads + 1)
+              if cfg.model.dit.num_heads % n == 0 and block % n == 0 and sink % n == 0]
+        raise LaunchError(f"at --video.size {cfg.video.size} the DiT's token counts {bad} do not split over "
+                          f"{sp_size} DiT ranks; use a DiT rank count in {ok} or another size")

@@ -136,3 +136,12 @@ def test_per_layer_sharded_weights_with_ulysses_equal_one_process() -> None:
         torch.testing.assert_close(r["out"], expected, rtol=1e-4, atol=1e-4)
         # each rank keeps half the rows of every weight matrix of a block, not the whole layer
         assert r["shard_rows"] == [rows // 2 for rows in r["full_rows"]]
+
+
+def test_a_size_whose_tokens_do_not_split_is_refused_at_launch() -> None:
+    from model.config import load_config
+
+    cfg = load_config("configs/liveavatar_14b.yaml")
+    parallel.check_token_split(cfg, 8)  # 704x384: 3168 block and 2640 sink tokens split over 1, 2, 4, 8
+    with pytest.raises(LaunchError, match=r"do not split over 5 DiT ranks; use a DiT rank count in \[1, 2, 4, 8\]"):
+        parallel.check_token_split(cfg, 5)
