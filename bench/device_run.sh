@@ -58,12 +58,12 @@ if [ "$PHASE" = b ]; then
     CUDA_VISIBLE_DEVICES=1 step flat_1000 120 $PY bench/gpu_bench.py --config $FULL $DEV --clips $FLAT \
        --sample_steps 1 --set model.dit.num_layers 4 --set video.size 256*256 --set video.infer_frames 12 \
        --vae_mode inline --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)" ) &
-  # GPU 0: one GPU at full size with memory RoPE once per block; decode inline, then on a decode thread.
-  CUDA_VISIBLE_DEVICES=0 step gpu1_rope_memo 150 $PY bench/gpu_bench.py --config $FULL $DEV --clips $SHORT \
-       --vae_mode inline,stream --label "14B 1 GPU, RoPE once per block"
+  # GPU 0: one GPU at full size; decode inline, then on a decode thread with its own stream.
+  CUDA_VISIBLE_DEVICES=0 step gpu1_decode_thread 150 $PY bench/gpu_bench.py --config $FULL $DEV --clips $SHORT \
+       --vae_mode inline,stream --label "14B 1 GPU"
   wait
   step sp2_sharded 110 $TR bench/gpu_bench.py --config $FULL $DEV --clips $SHORT --vae_mode inline,stream \
-       --shard_weights --label "14B SP=2 per-layer sharded weights, RoPE once per block"
+       --shard_weights --label "14B SP=2 per-layer sharded weights"
 fi
 echo "=== table"
 $PY bench/table.py "$RES"
