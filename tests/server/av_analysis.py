@@ -48,5 +48,32 @@ def align(sent: np.ndarray, received: np.ndarray) -> Alignment:
     return Alignment(lag, float(corr[lag] / denom) if denom > 0 else 0.0)
 
 
+@dataclass(frozen=True)
+class ChunkAlignment:
+    start_samples: int  # where the chunk begins in the sent speech
+    lag_samples: int  # where it begins in the received audio
+    peak: float
+
+
+def align_chunks(sent: np.ndarray, received: np.ndarray, chunk_s: float = 0.5) -> list[ChunkAlignment]:
+    """Align each voiced chunk of the sent speech on its own.
+
+    When generation falls behind, the playout delay steps up between clips and the returned voice gets a
+    short silence there (that is what keeps it on its video), so one global correlation would understate
+    how well the voice came back; each chunk between such steps must still come back unchanged.
+    """
+    sent = sent.astype(np.float64)
+    size = int(chunk_s * RATE_HZ)
+    loud = np.sqrt(np.mean(sent ** 2))
+    chunks = []
+    for start in range(0, len(sent) - size + 1, size):
+        piece = sent[start:start + size]
+        if np.sqrt(np.mean(piece ** 2)) < 0.3 * loud:
+            continue  # a pause: nothing to recognise
+        found = align(piece, received)
+        chunks.append(ChunkAlignment(start, found.lag_samples, found.peak))
+    return chunks
+
+
 def first_clip_frame(video: list[ReceivedVideo], reference_rgb: np.ndarray) -> ReceivedVideo | None:
     return next((v for v in video if not looks_like(v.rgb, reference_rgb)), None)
