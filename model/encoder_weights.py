@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from model.config import AudioEncoderConfig, VAEConfig
-from model.weights import CheckpointError, _assign, _check_fit, _placement
+from model.weights import CheckpointError, _assign, _check_fit, _placement, rename_key
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,7 @@ def wan_vae_to_diffusers(key: str, num_res_blocks: int) -> str:
         stage, slot = divmod(int(match[1]), per_stage)
         where = f"resnets.{slot}" if slot <= num_res_blocks else "upsamplers.0"
         key = f"decoder.up_blocks.{stage}.{where}.{match[2]}"
-    for pattern, repl in _VAE_FIXED_TO_DIFFUSERS:
-        key = re.sub(pattern, repl, key)
-    for pattern, repl in _RESIDUAL_TO_DIFFUSERS:
-        key = re.sub(pattern, repl, key)
-    return key
+    return rename_key(rename_key(key, _VAE_FIXED_TO_DIFFUSERS), _RESIDUAL_TO_DIFFUSERS)
 
 
 def diffusers_vae_to_wan(key: str, num_res_blocks: int) -> str:
@@ -143,16 +139,12 @@ _T5_TO_WAN = [
 
 def wan_t5_to_transformers(key: str) -> str:
     """Wan `T5Encoder` name -> transformers `UMT5EncoderModel` name."""
-    for pattern, repl in _T5_TO_TRANSFORMERS:
-        key = re.sub(pattern, repl, key)
-    return key
+    return rename_key(key, _T5_TO_TRANSFORMERS)
 
 
 def transformers_t5_to_wan(key: str) -> str:
     """`UMT5EncoderModel` name -> Wan `T5Encoder` name (inverse of `wan_t5_to_transformers`)."""
-    for pattern, repl in _T5_TO_WAN:
-        key = re.sub(pattern, repl, key)
-    return key
+    return rename_key(key, _T5_TO_WAN)
 
 
 # ----------------------------------------------------------------------------- wav2vec2 names

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -89,10 +89,16 @@ _OURS_TO_ORIGINAL = [
 _ATTN_PARENT = r"((?:self_attn|cross_attn|attn1|attn2|injector\.\d+))"
 
 
+def rename_key(key: str, table: Sequence[tuple[str, str]]) -> str:
+    """Apply a table of (regex, replacement) renames in order: every layout mapping is such a table."""
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
 def original_to_ours(key: str) -> str:
     """Wan2.2-S2V checkpoint name -> AvatarDiT (diffusers-style) parameter name."""
-    for pattern, repl in _ORIGINAL_TO_OURS:
-        key = re.sub(pattern, repl, key)
+    key = rename_key(key, _ORIGINAL_TO_OURS)
     key = re.sub(_ATTN_PARENT + r"\.([qkv])\.", r"\1.to_\2.", key)
     return re.sub(_ATTN_PARENT + r"\.o\.", r"\1.to_out.0.", key)
 
@@ -101,9 +107,7 @@ def ours_to_original(key: str) -> str:
     """AvatarDiT parameter name -> the Wan2.2-S2V checkpoint name (inverse of `original_to_ours`)."""
     key = re.sub(_ATTN_PARENT + r"\.to_([qkv])\.", r"\1.\2.", key)
     key = re.sub(_ATTN_PARENT + r"\.to_out\.0\.", r"\1.o.", key)
-    for pattern, repl in _OURS_TO_ORIGINAL:
-        key = re.sub(pattern, repl, key)
-    return key
+    return rename_key(key, _OURS_TO_ORIGINAL)
 
 
 # diffusers WanS2VTransformer3DModel names of the S2V parts -> ours (the backbone names are already shared).
@@ -121,16 +125,12 @@ _OURS_TO_DIFFUSERS = [
 
 def diffusers_to_ours(key: str) -> str:
     """diffusers `WanS2VTransformer3DModel` parameter name -> AvatarDiT name (ours pass through unchanged)."""
-    for pattern, repl in _DIFFUSERS_TO_OURS:
-        key = re.sub(pattern, repl, key)
-    return key
+    return rename_key(key, _DIFFUSERS_TO_OURS)
 
 
 def ours_to_diffusers(key: str) -> str:
     """AvatarDiT parameter name -> diffusers `WanS2VTransformer3DModel` name (inverse of `diffusers_to_ours`)."""
-    for pattern, repl in _OURS_TO_DIFFUSERS:
-        key = re.sub(pattern, repl, key)
-    return key
+    return rename_key(key, _OURS_TO_DIFFUSERS)
 
 
 def _detect_renamer(keys: Iterable[str]) -> tuple[str, Callable[[str], str]]:
