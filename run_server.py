@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from model.config import AppConfig, ConfigError, leaf_keys, load_config, resolve_key
 

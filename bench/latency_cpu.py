@@ -23,12 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import load_config  # noqa: E402
-from server.engine import ModelEngine  # noqa: E402
-from server.reference_image import drawn_reference, resize_rgb  # noqa: E402
-from tests.server.av_analysis import align_chunks, audio_timeline, first_clip_frame  # noqa: E402
-from tests.server.conftest import SPEECH_TEXT, read_wav_48k_mono, start_server  # noqa: E402
-from tests.server.webrtc_client import LoopbackClient  # noqa: E402
+from model.config import load_config
+from server.engine import ModelEngine
+from server.reference_image import drawn_reference, resize_rgb
+from tests.server.av_analysis import align_chunks, audio_timeline, first_clip_frame
+from tests.server.conftest import SPEECH_TEXT, read_wav_48k_mono, start_server
+from tests.server.webrtc_client import LoopbackClient
 
 
 def speech(seconds: float) -> np.ndarray:

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import load_config  # noqa: E402
-from model.pipeline import AvatarModels, StreamingAvatar  # noqa: E402
-from model.windowing import ClipWindower  # noqa: E402
-from run_server import split_overrides  # noqa: E402
+from model.config import load_config
+from model.pipeline import AvatarModels, StreamingAvatar
+from model.windowing import ClipWindower
+from run_server import split_overrides
 
 
 def retained_rss_mib() -> float:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from model.config import AudioEncoderConfig
@@ -68,12 +67,12 @@ class AudioEncoder:
         self.min_samples = _receptive_field(model.config)
 
     @classmethod
-    def build(cls, cfg: AudioEncoderConfig) -> "AudioEncoder":
+    def build(cls, cfg: AudioEncoderConfig) -> AudioEncoder:
         """Random weights of the configured size (the tiny model, or before a checkpoint is loaded)."""
         return cls(Wav2Vec2Model(wav2vec2_config(cfg)), cfg.sample_rate_hz)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, cfg: AudioEncoderConfig) -> "AudioEncoder":
+    def from_folder(cls, folder: str | Path, cfg: AudioEncoderConfig) -> AudioEncoder:
         """A published wav2vec2 folder (config.json + weights), e.g. `wav2vec2-large-xlsr-53-english`; never downloads."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():

@@ -15,11 +15,11 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
@@ -129,7 +129,10 @@ class Mp4Writer:
 
 def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Render `args.audio` spoken by `args.image` into `args.out`; 0 when done, 130 when stopped with Ctrl-C."""
-    from model.pipeline import AvatarModels, StreamingAvatar  # torch and the models load only for this command
+    from model.pipeline import (  # torch and the models load only for this command
+        AvatarModels,
+        StreamingAvatar,
+    )
 
     try:
         speech = read_speech(args.audio, cfg.audio_sample_rate_hz)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class AvatarModels:
     dtype: torch.dtype
 
     @classmethod
-    def load(cls, cfg: AppConfig) -> "AvatarModels":
+    def load(cls, cfg: AppConfig) -> AvatarModels:
         """Random weights under runtime.seed (checkpoint null), the tiny bundle (.safetensors) or a published folder."""
         device, dtype = torch.device(cfg.runtime.device), _DTYPES[cfg.runtime.dtype]
         if cfg.runtime.num_threads > 0:

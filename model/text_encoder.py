@@ -94,7 +94,7 @@ class TextEncoder:
         self.encoder_calls = 0
 
     @classmethod
-    def build(cls, cfg: TextEncoderConfig, checkpoint_dir: str | Path | None = None) -> "TextEncoder":
+    def build(cls, cfg: TextEncoderConfig, checkpoint_dir: str | Path | None = None) -> TextEncoder:
         """Random weights of the configured size; load real weights into `.model` afterwards."""
         return cls(UMT5EncoderModel(umt5_config(cfg)), make_tokenizer(cfg, checkpoint_dir), cfg.text_len)
 

@@ -74,7 +74,7 @@ class AvatarVAE:
         mean = moments[:, : self.latent_channels]
         return self.normalize(mean)
 
-    def new_decoder(self, prime_latent: torch.Tensor) -> "StreamingDecoder":
+    def new_decoder(self, prime_latent: torch.Tensor) -> StreamingDecoder:
         """A decoder for one session, its causal cache primed with `prime_latent` (the reference)."""
         return StreamingDecoder(self, prime_latent)
 

@@ -6,7 +6,6 @@ at its own rate, cut into left-context + clip windows (`model.windowing.ClipWind
 from __future__ import annotations
 
 import av
-import numpy as np
 
 from model.io_types import AudioWindow
 from model.windowing import ClipWindower

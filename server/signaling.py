@@ -233,7 +233,7 @@ class WebSocketConnection:
         while not session.closed.is_set():
             try:
                 await asyncio.wait_for(session.closed.wait(), timeout=interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 try:
                     stats = session.stats()
                 except SessionClosed:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import Wav2Vec2Model
 
 from model.audio_encoder import frame_feature_positions, sample_rows
@@ -19,7 +18,7 @@ from model.dit import AvatarDiT
 from model.dit_motion import MOTION_LATENT_FRAMES
 from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule
 from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE
-from training.stream_pool import StreamGeometry, Stream
+from training.stream_pool import Stream, StreamGeometry
 from training.vae_training import to_video_tensor
 
 MOUTH_WEIGHT = 4.0

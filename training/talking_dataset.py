@@ -16,12 +16,25 @@ import numpy as np
 from PIL import Image
 
 from training.mouth_motion import mouth_track
-from training.speech import (HELDOUT_SENTENCES, SAMPLE_RATE_HZ, TRAIN_SENTENCES, Utterance, make_utterance,
-                             write_wav)
-from training.synthetic_faces import Identity, head_motion, mouth_box, reference_image, render_video, sample_identity
+from training.speech import (
+    HELDOUT_SENTENCES,
+    SAMPLE_RATE_HZ,
+    TRAIN_SENTENCES,
+    Utterance,
+    make_utterance,
+    write_wav,
+)
+from training.synthetic_faces import (
+    Identity,
+    head_motion,
+    mouth_box,
+    reference_image,
+    render_video,
+    sample_identity,
+)
 
 SPLITS = ("train", "heldout")
-TRAIN_IDENTITY_SEEDS = tuple(range(0, 24))
+TRAIN_IDENTITY_SEEDS = tuple(range(24))
 HELDOUT_IDENTITY_SEEDS = tuple(range(1000, 1006))
 _SPLIT_CODE = {"train": 1, "heldout": 2}
 

@@ -18,20 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Wav2Vec2Model
 
 from model import weights
+from model.audio_encoder import wav2vec2_config
 from model.config import AppConfig, load_config
 from model.dit import AvatarDiT
 from model.pipeline import AvatarModels, StreamingAvatar
-from model.vae import AvatarVAE, build_vae
-from model.audio_encoder import wav2vec2_config
 from model.text_encoder import TextEncoder
+from model.vae import AvatarVAE, build_vae
 from training.dit_training import encode_streams, train_dit_steps
 from training.speech import load_speech_bank, make_utterance, save_speech_bank
 from training.stream_pool import StreamGeometry, build_pool
 from training.talking_dataset import split_identities, split_sentences, utterance_seed
 from training.vae_training import fit_latent_scale, train_vae_steps
-from transformers import Wav2Vec2Model
 
 PROMPTS = (
     "A person talking to the camera, natural light, looking at the viewer.",

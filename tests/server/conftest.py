@@ -1,7 +1,6 @@
 """Server test fixtures: espeak-ng speech, a running server on a free loopback port, the generator behind it."""
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import wave

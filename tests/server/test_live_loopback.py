@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
+from server.engine import ModelEngine
 from server.reference_image import drawn_reference, resize_rgb
 from tests.server.av_analysis import align_chunks, audio_timeline, first_clip_frame, looks_like
 from tests.server.conftest import start_server
-from server.engine import ModelEngine
 from tests.server.webrtc_client import LoopbackClient
 
 pytestmark = pytest.mark.timeout(120)

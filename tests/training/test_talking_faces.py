@@ -6,8 +6,16 @@ import pytest
 
 from model.metrics import luma
 from training.mouth_motion import frame_count, mouth_track
-from training.speech import (HELDOUT_SENTENCES, SAMPLE_RATE_HZ, TRAIN_SENTENCES, load_speech_bank, make_utterance,
-                             save_speech_bank, silence, synthesize)
+from training.speech import (
+    HELDOUT_SENTENCES,
+    SAMPLE_RATE_HZ,
+    TRAIN_SENTENCES,
+    load_speech_bank,
+    make_utterance,
+    save_speech_bank,
+    silence,
+    synthesize,
+)
 from training.synthetic_faces import FacePose, mouth_box, render_frame, sample_identity
 from training.talking_dataset import make_sample, read_truth, split_identities, write_sample
 

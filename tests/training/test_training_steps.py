@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import Wav2Vec2Model
 
+from model.audio_encoder import wav2vec2_config
 from model.config import load_config
 from model.dit import AvatarDiT
-from model.audio_encoder import wav2vec2_config
 from model.text_encoder import TextEncoder
 from model.vae import AvatarVAE, build_vae
 from training.dit_training import DiTBatch, dit_loss, encode_streams
@@ -16,7 +17,6 @@ from training.stream_pool import build_pool
 from training.talking_dataset import split_identities
 from training.train_tiny import geometry_of
 from training.vae_training import fit_latent_scale, to_video_tensor, vae_batch
-from transformers import Wav2Vec2Model
 
 
 @pytest.fixture(scope="module")
