@@ -62,6 +62,17 @@ def tiny_cfg() -> AppConfig:
     return load_config(None, {"server.max_sessions": 2, "server.stats_interval_s": 0.5})
 
 
+@pytest.fixture
+async def tiny_engine(tiny_cfg: AppConfig):
+    """The real tiny model behind the engine (random weights unless configs/tiny.yaml names a checkpoint)."""
+    from server.engine import ModelEngine
+
+    engine = ModelEngine(tiny_cfg)
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
 @dataclass
 class RunningServer:
     url: str

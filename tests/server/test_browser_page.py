@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
-from server.engine import ModelEngine
 from tests.server.conftest import start_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,14 +23,6 @@ def chromium_args(wav: Path) -> list[str]:
             f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
 
 
-@pytest.fixture
-async def engine(tiny_cfg):
-    engine = ModelEngine(tiny_cfg)
-    await engine.load()
-    yield engine
-    await engine.close()
-
-
 async def wait_for(page, expression: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not await page.evaluate(expression):
@@ -42,9 +33,9 @@ async def wait_for(page, expression: str, timeout_s: float) -> None:
         await asyncio.sleep(0.25)
 
 
-async def test_page_starts_and_plays_the_avatar_video(engine, tiny_cfg, speech_wav, tmp_path):
+async def test_page_starts_and_plays_the_avatar_video(tiny_engine, tiny_cfg, speech_wav, tmp_path):
     assert Path(CHROMIUM).exists(), "chromium is required (make setup installs it)"
-    server, runner = await start_server(tiny_cfg, engine)
+    server, runner = await start_server(tiny_cfg, tiny_engine)
     try:
         async with async_playwright() as playwright:
             context = await playwright.chromium.launch_persistent_context(
@@ -73,5 +64,5 @@ async def test_page_starts_and_plays_the_avatar_video(engine, tiny_cfg, speech_w
     assert error == ""
     assert decoded_after > decoded_before, (decoded_before, decoded_after)
     assert not video["paused"] and video["readyState"] >= 2 and video["time"] > 0, video
-    assert (video["height"], video["width"]) == engine.stream_format.frame_size
+    assert (video["height"], video["width"]) == tiny_engine.stream_format.frame_size
     assert stats["clip_frames_sent"] > 0 and stats["latency_ms"] > 0, stats

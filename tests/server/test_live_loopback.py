@@ -2,27 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import numpy as np
 import pytest
 
-from server.engine import ModelEngine
 from server.reference_image import drawn_reference, resize_rgb
 from tests.server.av_analysis import align_chunks, audio_timeline, first_clip_frame, looks_like
 from tests.server.conftest import start_server
 from tests.server.webrtc_client import LoopbackClient
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def engine(tiny_cfg):
-    """The real tiny model (random weights unless configs/tiny.yaml names a checkpoint)."""
-    engine = ModelEngine(tiny_cfg)
-    await engine.load()
-    yield engine
-    await engine.close()
 
 
 def speech_played(client: LoopbackClient, speech_s: float, elapsed_s: float) -> bool:
@@ -53,13 +44,13 @@ async def run_client(server, speech_pcm: np.ndarray, until_s: float, during=None
     return client
 
 
-async def test_avatar_video_and_returned_voice_arrive_in_sync(engine, tiny_cfg, speech_pcm):
-    server, runner = await start_server(tiny_cfg, engine)
+async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_cfg, speech_pcm):
+    server, runner = await start_server(tiny_cfg, tiny_engine)
     try:
         client = await run_client(server, speech_pcm, until_s=40)
     finally:
         await runner.cleanup()
-    fmt = engine.stream_format
+    fmt = tiny_engine.stream_format
     assert not client.errors(), client.errors()
 
     # video: size, clock, rate
@@ -85,7 +76,7 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(engine, tiny_cfg, 
     peaks = [c.peak for c in chunks]
     assert len(chunks) >= 4, f"only {len(chunks)} voiced chunks in the test speech"
     assert np.median(peaks) > 0.8 and min(peaks) > 0.5, f"returned voice does not match the speech: {peaks}"
-    assert all(b.lag_samples > a.lag_samples for a, b in zip(chunks, chunks[1:])), "voice came back out of order"
+    assert all(b.lag_samples > a.lag_samples for a, b in itertools.pairwise(chunks)), "voice came back out of order"
 
     # ... and it lands with the video made from it: stream time 0 (the first sample sent) is clip 0's first frame
     first = first_clip_frame(video, reference)
@@ -96,8 +87,8 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(engine, tiny_cfg, 
     assert abs(offset_s) <= 1 / fmt.fps, f"A/V offset {offset_s * 1000:.0f} ms is more than one frame"
 
 
-async def test_set_sample_steps_mid_stream_changes_the_next_clip(engine, tiny_cfg, speech_pcm):
-    server, runner = await start_server(tiny_cfg, engine)
+async def test_set_sample_steps_mid_stream_changes_the_next_clip(tiny_engine, tiny_cfg, speech_pcm):
+    server, runner = await start_server(tiny_cfg, tiny_engine)
     sent: dict = {}
 
     async def tune(client: LoopbackClient) -> None:
