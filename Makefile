@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SYSTAMP := $(VENV)/.system-packages
 ARGS ?=
 
-.PHONY: setup run test offline train-tiny clean
+.PHONY: setup run test offline train-tiny accept-tiny clean
 
 setup: $(STAMP) $(SYSTAMP)
 
@@ -37,6 +37,10 @@ offline: $(STAMP)
 # ARGS='--device cuda --vae-time-s 110 --dit-time-s 200'). See training/train_tiny.py.
 train-tiny: setup
 	$(VPY) -m training.train_tiny $(ARGS)
+
+# The trained bundle's acceptance checks: held-out lip sync >= 0.7, silence keeps the mouth shut, clips join.
+accept-tiny: setup
+	$(VPY) -m pytest -q training/acceptance
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
