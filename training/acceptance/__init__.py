@@ -1,6 +1,6 @@
-"""Acceptance checks for a freshly trained tiny avatar bundle (`model/assets/tiny_avatar.safetensors`).
+"""Acceptance checks a trained tiny avatar bundle must pass before it counts as done.
 
-They need the trained bundle, so they live outside `tests/` until a bundle that passes them is committed
-as the default: run `make accept-tiny` after `make train-tiny`; once they pass, the bundle and these files
-move into the repository's default test suite.
+The held-out lip-sync target (>= 0.7 at lag 0 or +-1 frame, identity PSNR > 20 dB) is not met by the
+bundle shipped now, so it lives here rather than in `tests/`: run `make accept-tiny` after
+`make train-tiny`; once a bundle passes, this check moves into the default test suite.
 """
