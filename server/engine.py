@@ -93,12 +93,8 @@ class ModelEngine:
         self._watchdog = asyncio.create_task(self._watch_worker(), name="model-engine-watchdog")
 
     def _load_in_worker(self) -> StreamFormat:
-        import torch
-
         from model.pipeline import AvatarModels, StreamingAvatar
 
-        if self._cfg.runtime.num_threads > 0:
-            torch.set_num_threads(self._cfg.runtime.num_threads)
         if self._models is None or (self._owns_models and self.worker_restarts > 0):
             t0 = time.monotonic()
             self._models = AvatarModels.load(self._cfg)
@@ -188,14 +184,11 @@ class ModelEngine:
         slot.avatar = avatar
 
     def _new_avatar(self, reference_image: np.ndarray, prompt: str) -> Any:
-        import torch
-
         from model.group_sessions import new_avatar
 
         # a StreamingAvatar, or under torchrun one that the other GPUs' processes follow call by call
         avatar = new_avatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
-        with torch.inference_mode():
-            avatar.start(reference_image, prompt)
+        avatar.start(reference_image, prompt)
         return avatar
 
     async def submit(self, session_id: str, window: AudioWindow) -> VideoClip:
@@ -363,8 +356,5 @@ class ModelEngine:
 
 
 def _next_clip(avatar: Any, window: AudioWindow, sample_steps: int) -> VideoClip:
-    """Runs on the worker thread; grad mode is per thread, so inference mode is set here."""
-    import torch
-
-    with torch.inference_mode():
-        return avatar.next_clip(window, sample_steps=sample_steps)
+    """Runs on the worker thread (the model sets its own inference mode there)."""
+    return avatar.next_clip(window, sample_steps=sample_steps)
