@@ -25,12 +25,18 @@ class AudioWindow:
 
 @dataclass(frozen=True)
 class VideoClip:
-    """Decoded frames for one clip, stamped with the stream time of its first frame."""
+    """Decoded frames for one clip (or one part of it), stamped with the stream time of its first frame.
+
+    A clip may come in parts, one per denoised block, so the first frames leave before the whole clip is
+    done: `offset` is the index of frames[0] within the clip, `final` marks the clip's last part.
+    """
 
     frames: np.ndarray  # uint8 [T, H, W, 3]
     t0: float  # stream time of frames[0], seconds
     fps: float
     clip_index: int
+    offset: int = 0
+    final: bool = True
 
     @property
     def duration_s(self) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,20 +229,44 @@ class StreamingAvatar:
         return VideoClip(frames=frames, t0=window.t0, fps=self.fps, clip_index=window.clip_index)
 
     @torch.inference_mode()
+    def clip_parts(self, window: AudioWindow, sample_steps: int | None = None) -> Iterator[VideoClip]:
+        """The window's clip block by block: each block's frames leave as soon as the block is denoised.
+
+        Same frames as `next_clip` (the decoder's causal cache streams), but the first ones arrive after
+        one block instead of the whole clip, which is what a viewer waits for. Consume it to the end.
+        """
+        offset = 0
+        blocks = self._denoise_blocks(window, sample_steps)
+        for index, latents in enumerate(blocks):
+            frames = self.decode_clip(latents)
+            final = index == self.blocks_per_clip - 1
+            yield VideoClip(frames=frames, t0=window.t0 + offset / self.fps, fps=self.fps,
+                            clip_index=window.clip_index, offset=offset, final=final)
+            offset += len(frames)
+
+    @property
+    def blocks_per_clip(self) -> int:
+        return self.latent_frames_per_clip // self.frames_per_block
+
+    @torch.inference_mode()
     def denoise_clip(self, window: AudioWindow, sample_steps: int | None = None) -> torch.Tensor:
         """Audio features -> each block denoised and committed -> motion carried: clean latents [1,16,L,h,w]."""
+        return torch.cat(list(self._denoise_blocks(window, sample_steps)), dim=2)
+
+    def _denoise_blocks(self, window: AudioWindow, sample_steps: int | None) -> Iterator[torch.Tensor]:
+        """Each block's clean latents [1,16,F,h,w] in turn; after the last, the clip's motion is carried."""
         session = self._require_session()
         steps = self._check_steps(sample_steps)
         self._check_window(window)
         audio = self._models.audio_encoder.encode_window(window, self.fps, self.frames_per_clip)[None]
         block_video_frames = TIME_STRIDE * self.frames_per_block
         blocks = []
-        for i in range(self.latent_frames_per_clip // self.frames_per_block):
+        for i in range(self.blocks_per_clip):
             block_audio = audio[:, i * block_video_frames:(i + 1) * block_video_frames]
             blocks.append(self._generate_block(session, block_audio, steps))
-        latents = torch.cat(blocks, dim=2)
-        self._carry_motion(session, latents)
-        return latents
+            if i == self.blocks_per_clip - 1:
+                self._carry_motion(session, torch.cat(blocks, dim=2))
+            yield blocks[-1]
 
     @torch.inference_mode()
     def decode_clip(self, latents: torch.Tensor) -> np.ndarray:

@@ -170,3 +170,21 @@ def test_missing_checkpoint_names_the_flag(cfg):
 
     with pytest.raises(FileNotFoundError, match="--model.checkpoint"):
         AvatarModels.load(replace_key(cfg, "model.checkpoint", "/nonexistent/tiny.safetensors"))
+
+
+def test_clip_parts_stream_each_block_and_match_the_whole_clip():
+    """Two blocks per clip: two parts of 12 frames, stamped at their own stream time, same frames as next_clip."""
+    two_blocks = load_config(None, {"video.size": SIZE, "model.checkpoint": None, "video.infer_frames": 24})
+    models = AvatarModels.load(two_blocks)
+    whole, parted = started(models, two_blocks, seed=3), started(models, two_blocks, seed=3)
+    for window in speech_windows(whole, 2):
+        clip = whole.next_clip(window)
+        parts = list(parted.clip_parts(window))
+        assert [len(p.frames) for p in parts] == [12, 12]
+        assert [p.offset for p in parts] == [0, 12] and [p.final for p in parts] == [False, True]
+        assert parts[1].t0 == pytest.approx(window.t0 + 12 / 16.0)
+        assert all(p.clip_index == window.clip_index for p in parts)
+        joined = np.concatenate([p.frames for p in parts])
+        assert joined.shape == clip.frames.shape
+        assert np.abs(joined.astype(int) - clip.frames.astype(int)).max() <= 1
+    assert whole.denoiser_calls == parted.denoiser_calls
