@@ -14,7 +14,8 @@ Streaming API (what `model/pipeline.py` codes against):
         # noisy [B,16,F,h,w], timestep [B] in 0..1000, audio [B, 4*F, num_audio_layers, audio_dim]
         # (wav2vec2 hidden states of every layer, one row per video frame of this block),
         # frame_start: index of the block's first latent frame in the stream (int, 0, F, 2F, ...).
-        # Returns the flow velocity, same shape as `noisy`, float32. Does not modify the cache.
+        # Returns the flow velocity, same shape as `noisy`, float32. Does not modify the cache, unless
+        # store_slot=True: then this call's K/V are the block's window entry (no commit pass needed).
     dit.commit(cache, clean, audio, frame_start)
         # runs the clean block at timestep 0 and appends its K/V to the rolling window
         # (the window keeps kv_cache_blocks - 1 committed blocks; with the block being denoised that is
@@ -323,10 +324,18 @@ class AvatarDiT(nn.Module):
         audio: torch.Tensor,
         cache: StreamCache,
         frame_start: int,
+        store_slot: bool = False,
     ) -> torch.Tensor:
-        """Flow velocity [B,16,F,h,w] (float32) for one noisy block; reads the cache, never writes it."""
-        self._check_block(cache, noisy, audio, frame_start, committing=False)
-        hidden, temb = self._run_block(cache, noisy, timestep, audio, frame_start, commit=False)
+        """Flow velocity [B,16,F,h,w] (float32) for one noisy block; reads the cache.
+
+        With `store_slot`, this call's K/V also become the block's entry in the rolling window, as
+        `commit` would write them, without commit's extra pass (the sampler's `kv_update` modes).
+        """
+        self._check_block(cache, noisy, audio, frame_start, committing=store_slot)
+        store = store_slot and cache.num_slots > 0
+        hidden, temb = self._run_block(cache, noisy, timestep, audio, frame_start, commit=store)
+        if store:
+            self._advance_slot(cache, frame_start)
         return self._head(hidden, temb, noisy.shape)
 
     @torch.no_grad()
@@ -336,6 +345,11 @@ class AvatarDiT(nn.Module):
         if cache.num_slots == 0:
             return
         self._run_block(cache, clean, torch.zeros(clean.shape[0]), audio, frame_start, commit=True)
+        self._advance_slot(cache, frame_start)
+
+    @staticmethod
+    def _advance_slot(cache: StreamCache, frame_start: int) -> None:
+        """The slot just written now holds the block at `frame_start`; the next write goes to the oldest."""
         cache.slot_frame_start[cache.next_slot] = frame_start
         cache.next_slot = (cache.next_slot + 1) % cache.num_slots
 
