@@ -4,6 +4,10 @@ The weights are loaded once; every model call runs on one worker thread (the loo
 each session has its own queue of windows, sessions take turns clip by clip, and a session that
 leaves has its queued work cancelled and its caches freed. If the worker dies, every live session
 is told (`SessionLost`) and a fresh worker takes over for new sessions.
+
+A caller that passes `on_part` gets each clip block by block (`StreamingAvatar.clip_parts`): the
+worker hands every part to the loop as soon as it is decoded, so the first frames can play after one
+block of compute instead of the whole clip. Avatars without `clip_parts` give one whole-clip part.
 """
 from __future__ import annotations
 
@@ -38,10 +42,15 @@ def check_sample_steps(value: Any) -> int:
     return int(value)
 
 
+PartSink = Callable[[VideoClip], None]
+
+
 @dataclass
 class _Job:
     window: AudioWindow
     future: asyncio.Future
+    on_part: PartSink | None = None  # called on the loop with each part, in order, while the job runs
+    first_part_s: float | None = None  # when its first part reached the loop (monotonic seconds)
 
 
 @dataclass
@@ -59,6 +68,7 @@ class _Slot:
     last_clip_index: int | None = None
     last_clip_sample_steps: int | None = None
     last_generation_s: float | None = None
+    last_first_part_s: float | None = None
 
 
 class ModelEngine:
@@ -191,12 +201,18 @@ class ModelEngine:
         avatar.start(reference_image, prompt)
         return avatar
 
-    async def submit(self, session_id: str, window: AudioWindow) -> VideoClip:
-        """Queue a window; resolve to its clip (ClipDropped if newer audio pushed it out of the queue)."""
+    async def submit(self, session_id: str, window: AudioWindow, on_part: PartSink | None = None) -> VideoClip:
+        """Queue a window; resolve to its clip (ClipDropped if newer audio pushed it out of the queue).
+
+        With `on_part`, each part of the clip (`VideoClip.offset`/`final`) is passed to it on the loop
+        as soon as the model has it, in order, and `submit` resolves to the final part once the clip is
+        done. An error from `on_part` fails this clip (submit raises it); parts of a clip whose caller
+        went away are dropped.
+        """
         slot = self._live_slot(session_id)
         if slot.lost:
             raise SessionLost(slot.lost)
-        job = _Job(window, asyncio.get_running_loop().create_future())
+        job = _Job(window, asyncio.get_running_loop().create_future(), on_part)
         slot.queue.append(job)
         while len(slot.queue) > self.max_pending_clips:
             stale = slot.queue.popleft()
@@ -221,7 +237,8 @@ class ModelEngine:
                               clips_done=slot.clips_done, clips_dropped=slot.clips_dropped,
                               last_clip_index=slot.last_clip_index,
                               last_clip_sample_steps=slot.last_clip_sample_steps,
-                              last_generation_s=slot.last_generation_s)
+                              last_generation_s=slot.last_generation_s,
+                              last_first_part_s=slot.last_first_part_s)
 
     async def stop(self, session_id: str) -> None:
         """Cancel the session's queued work and free its caches (after a clip already in work)."""
@@ -328,8 +345,9 @@ class ModelEngine:
             steps = slot.sample_steps
             slot.running = True
             started_s = time.monotonic()
+            sink = None if job.on_part is None else _ThreadSafeSink(asyncio.get_running_loop(), job)
             try:
-                clip = await self._worker.call(_next_clip, slot.avatar, job.window, steps)
+                clip = await self._worker.call(_run_clip, slot.avatar, job.window, steps, sink)
             except WorkerDied as exc:
                 slot.running = False
                 self._worker_died(str(exc))
@@ -349,12 +367,68 @@ class ModelEngine:
             slot.last_clip_index = clip.clip_index
             slot.last_clip_sample_steps = steps
             slot.last_generation_s = time.monotonic() - started_s
+            slot.last_first_part_s = None if job.first_part_s is None else job.first_part_s - started_s
             if self.metrics is not None:
                 self.metrics.clip_generated(slot.last_generation_s)
             if not job.future.done():
                 job.future.set_result(clip)
 
 
-def _next_clip(avatar: Any, window: AudioWindow, sample_steps: int) -> VideoClip:
-    """Runs on the worker thread (the model sets its own inference mode there)."""
-    return avatar.next_clip(window, sample_steps=sample_steps)
+class _ThreadSafeSink:
+    """Carries a job's parts from the worker thread to its `on_part` on the loop, in order.
+
+    Each part is scheduled with `call_soon_threadsafe`, which the worker also uses to settle the job's
+    future after its call returns, so every part reaches the loop before the job is done.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, job: _Job) -> None:
+        self._loop = loop
+        self._job = job
+
+    def __call__(self, part: VideoClip) -> None:  # on the worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, part)
+        except RuntimeError:
+            pass  # the loop is closed; nobody is waiting any more
+
+    def _deliver(self, part: VideoClip) -> None:  # on the loop
+        job = self._job
+        if job.future.done() or job.on_part is None:
+            return  # cancelled (session stopped) or failed on an earlier part
+        if job.first_part_s is None:
+            job.first_part_s = time.monotonic()
+        try:
+            job.on_part(part)
+        except Exception as exc:  # noqa: BLE001 - the consumer refused the part: this clip fails, not the engine
+            job.future.set_exception(exc)
+
+
+def streams_parts(avatar: Any) -> bool:
+    """True if the avatar's class offers `clip_parts`.
+
+    Looked up on the class, not the instance: a wrapper that forwards unknown attributes to an inner
+    avatar (model.group_sessions.GroupAvatar) would otherwise hand out the inner avatar's `clip_parts`,
+    which skips the wrapper's own `next_clip` (there: announcing the clip to the other GPUs' processes).
+    """
+    return callable(getattr(type(avatar), "clip_parts", None))
+
+
+def _run_clip(avatar: Any, window: AudioWindow, sample_steps: int, on_part: PartSink | None) -> VideoClip:
+    """Runs on the worker thread (the model sets its own inference mode there); returns the final part.
+
+    With a sink, the clip goes out part by part as each block is decoded (the whole clip as one part
+    for avatars without `clip_parts`); `clip_parts` is always run to its end, since the avatar carries
+    its motion state into the next clip after the last block.
+    """
+    if on_part is None or not streams_parts(avatar):
+        clip = avatar.next_clip(window, sample_steps=sample_steps)
+        if on_part is not None:
+            on_part(clip)
+        return clip
+    last: VideoClip | None = None
+    for part in avatar.clip_parts(window, sample_steps=sample_steps):
+        on_part(part)
+        last = part
+    if last is None or not last.final:
+        raise RuntimeError(f"clip {window.clip_index}: the avatar's clip_parts ended before the final part")
+    return last

@@ -13,8 +13,9 @@ class PlayoutClock:
 
     `anchor` is when stream time 0 arrived (the earliest arrival seen over a sliding window, so slow
     drift between the browser's sample clock and ours is followed). `delay` is the audio->video
-    latency: unknown (nothing plays) until the first clip is ready, then the largest recent
-    generation latency plus a margin; it rises at once when a clip is late and falls gently.
+    latency: unknown (nothing plays) until the first clip (or its first part) is ready, then the
+    largest recent generation latency plus a margin; it rises at once when a clip or a part of one is
+    late and falls gently.
     """
 
     def __init__(self, margin_s: float, anchor_window_s: float = 10.0, latency_history: int = 8,
@@ -41,19 +42,29 @@ class PlayoutClock:
         while arrival_wall_s - self._anchor_candidates[0][0] > self._anchor_window_s:
             self._anchor_candidates.popleft()
 
-    def note_clip_ready(self, clip_t0_s: float, ready_wall_s: float) -> float | None:
-        """A clip starting at stream time `clip_t0_s` is ready; update the delay, return its latency."""
+    def note_clip_ready(self, clip_t0_s: float, ready_wall_s: float, first_part: bool = True) -> float | None:
+        """A clip (or a part of one) starting at stream time `clip_t0_s` is ready; update the delay.
+
+        Returns its latency. Parts of one clip count as one clip: the first part (the viewer's first
+        frame) opens the clip's latency entry and lets the delay fall a step; a later part can only
+        raise that entry, so every part plays in time and the delay falls per clip as it always did.
+        """
         anchor = self.anchor_s
         if anchor is None:
             return None
         latency_s = ready_wall_s - anchor - clip_t0_s
-        self.last_latency_s = latency_s
-        self._latencies_s.append(latency_s)
+        fall_s = 0.0
+        if first_part or not self._latencies_s:
+            self.last_latency_s = latency_s
+            self._latencies_s.append(latency_s)
+            fall_s = self._max_fall_per_clip_s
+        else:
+            self._latencies_s[-1] = max(self._latencies_s[-1], latency_s)
         target_s = max(self._latencies_s) + self.margin_s
         if self.delay_s is None or target_s > self.delay_s:
             self.delay_s = target_s
         else:
-            self.delay_s = max(target_s, self.delay_s - self._max_fall_per_clip_s)
+            self.delay_s = max(target_s, self.delay_s - fall_s)
         return latency_s
 
     def stream_time_at(self, wall_s: float) -> float | None:

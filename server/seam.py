@@ -1,6 +1,7 @@
 """The seam between the streaming server and whatever makes the video (`ClipGenerator`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +49,7 @@ class GeneratorStats:
     last_clip_index: int | None
     last_clip_sample_steps: int | None
     last_generation_s: float | None
+    last_first_part_s: float | None = None  # clip start -> its first part (the whole clip when not in parts)
 
 
 class ClipGenerator(Protocol):
@@ -55,7 +57,10 @@ class ClipGenerator(Protocol):
 
     async def start(self, session_id: str, reference_image: np.ndarray, prompt: str) -> None: ...
 
-    async def submit(self, session_id: str, window: AudioWindow) -> VideoClip: ...
+    async def submit(self, session_id: str, window: AudioWindow,
+                     on_part: Callable[[VideoClip], None] | None = None) -> VideoClip:
+        """The window's clip; with `on_part`, each part as soon as it exists, then the final part."""
+        ...
 
     async def stop(self, session_id: str) -> None: ...
 

@@ -17,7 +17,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from model.config import AppConfig
-from model.io_types import AudioWindow
+from model.io_types import AudioWindow, VideoClip
 from server.audio_window import AudioWindowCutter, frame_stream_time_s
 from server.ice import server_ice_configuration
 from server.playout import PlayoutClock
@@ -137,6 +137,7 @@ class Session:
             "clip_index": gen.last_clip_index,
             "clip_sample_steps": gen.last_clip_sample_steps,
             "generation_ms": None if gen.last_generation_s is None else round(gen.last_generation_s * 1000, 1),
+            "first_part_ms": None if gen.last_first_part_s is None else round(gen.last_first_part_s * 1000, 1),
             "clip_ms": round(self.format.frames_per_clip / self.format.fps * 1000, 1),
             "latency_ms": None if delay_s is None else round(delay_s * 1000, 1),
             "sample_steps": gen.sample_steps,
@@ -164,7 +165,7 @@ class Session:
 
     async def _make_clip(self, window: AudioWindow) -> None:
         try:
-            clip = await self._engine.submit(self.session_id, window)
+            await self._engine.submit(self.session_id, window, on_part=self._play_part)
         except (ClipDropped, SessionClosed):
             return
         except SessionLost as exc:
@@ -175,9 +176,17 @@ class Session:
             log.exception("session %s: clip %d failed", self.session_id, window.clip_index)
             self._report("clip_failed", f"clip {window.clip_index} could not be generated: {exc}")
             return
-        self.clock.note_clip_ready(clip.t0, time.monotonic())
-        self.video_track.add_clip(clip)
-        self.clips_played += 1
+
+    def _play_part(self, part: VideoClip) -> None:
+        """A clip's part is ready (the engine calls this on the loop, in order): schedule it by its t0.
+
+        The first part sets the clip's latency (what the viewer waits for); a clip counts as played once,
+        on its final part.
+        """
+        self.clock.note_clip_ready(part.t0, time.monotonic(), first_part=part.offset == 0)
+        self.video_track.add_clip(part)
+        if part.final:
+            self.clips_played += 1
 
     def _report(self, code: str, message: str) -> None:
         if self._on_error is not None:

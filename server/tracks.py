@@ -52,7 +52,11 @@ class _Pacer:
 
 
 class AvatarVideoTrack(MediaStreamTrack):
-    """The avatar: clip frames at the stream time the clock says plays now, idle frames otherwise."""
+    """The avatar: clip frames at the stream time the clock says plays now, idle frames otherwise.
+
+    A clip may come in parts; each is queued and played by its own t0 exactly like a whole clip, so
+    frames flow across parts and clips without a seam, and idle frames fill only a true gap.
+    """
 
     kind = "video"
 
@@ -72,13 +76,14 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.idle_frames_sent = 0
 
     def add_clip(self, clip: VideoClip) -> None:
-        """Queue a finished clip; clips arrive in stream order."""
+        """Queue a finished clip or a part of one (each stamped with its own t0); they arrive in stream order."""
         if clip.frames.shape[1:3] != self.frame_size:
             raise ValueError(f"clip frames are {clip.frames.shape[1:3]}, the track sends {self.frame_size}")
         self._clips.append(clip)
 
     @property
     def queued_clips(self) -> int:
+        """Clips, or parts of clips, waiting to play."""
         return len(self._clips)
 
     def _clip_frame_at(self, stream_t: float) -> np.ndarray | None:
