@@ -60,6 +60,7 @@ async def test_live_sessions_hear_of_a_dead_worker_and_new_sessions_work_after_r
                     raise WorkerKilled("simulated fatal error in the model (e.g. a lost GPU)")
 
                 monkeypatch.setattr(StreamingAvatar, "next_clip", crash)
+                monkeypatch.setattr(StreamingAvatar, "clip_parts", crash)  # what the live path runs
             for client in clients:
                 await wait_until(lambda c=client: any(e["code"] == "worker_failed" for e in c.errors()), 30,
                                  "the worker_failed error")
