@@ -127,6 +127,10 @@ class SamplerConfig:
     sample_steps: int = 4
     shift: float = 3.0
     num_train_timesteps: int = 1000
+    # How a block's K/V enter the rolling window: clean_pass (an extra DiT pass on the clean block at
+    # timestep 0, as the reference), last_step (the last denoising step's K/V, one pass less), or
+    # per_step (one window per step, each step reads and writes its own; sample_steps is then fixed).
+    kv_update: str = "clean_pass"
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,14 @@ class RuntimeConfig:
     dtype: str = "float32"
     seed: int = 42
     num_threads: int = 0
+    # Speed options (same results within float tolerance), applied by AvatarDiT.apply_runtime / AvatarVAE:
+    compile: bool = False  # torch.compile the DiT block once for all layers (warm-up: one compile per shape)
+    compile_mode: str = "default"  # torch.compile mode of the DiT block (no CUDA-graph modes: the cache moves)
+    attention_backend: str = "auto"  # SDPA kernel preferred for the DiT's attention
+    fuse_qkv: bool = False  # self-attention q/k/v as one GEMM (weights concatenated after loading)
+    vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
+    vae_channels_last: bool = False  # VAE decoder weights/activations in channels_last_3d on CUDA
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (first clip slower)
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,9 @@ class AppConfig:
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _PARALLEL_MODES = ("ulysses", "tpp")
+_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/attention.py ATTENTION_BACKENDS
+_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
 
 
 def _check(cfg: AppConfig) -> None:
@@ -220,12 +235,24 @@ def _check(cfg: AppConfig) -> None:
     _require(1 <= cfg.sampler.sample_steps <= 8, "sampler.sample_steps",
              f"must be in 1..8, got {cfg.sampler.sample_steps}")
     _require(cfg.sampler.shift > 0, "sampler.shift", f"must be > 0, got {cfg.sampler.shift}")
+    _require(cfg.sampler.kv_update in KV_UPDATE_MODES, "sampler.kv_update",
+             f"must be one of {KV_UPDATE_MODES}, got {cfg.sampler.kv_update!r}")
     _require(cfg.runtime.dtype in _DTYPES, "runtime.dtype", f"must be one of {_DTYPES}, got {cfg.runtime.dtype!r}")
     dev = cfg.runtime.device
     _require(dev == "cpu" or dev == "cuda" or dev.startswith("cuda:"), "runtime.device",
              f"must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+    _require(cfg.runtime.attention_backend in _ATTENTION_BACKENDS, "runtime.attention_backend",
+             f"must be one of {_ATTENTION_BACKENDS}, got {cfg.runtime.attention_backend!r}")
+    _require(cfg.runtime.compile_mode in _COMPILE_MODES, "runtime.compile_mode",
+             f"must be one of {_COMPILE_MODES} (CUDA-graph modes would replay stale cache addresses), "
+             f"got {cfg.runtime.compile_mode!r}")
+    _require(cfg.runtime.vae_decode_chunk >= 1, "runtime.vae_decode_chunk",
+             f"must be >= 1 latent frame, got {cfg.runtime.vae_decode_chunk}")
     _require(cfg.parallel.mode in _PARALLEL_MODES, "parallel.mode",
              f"must be one of {_PARALLEL_MODES}, got {cfg.parallel.mode!r}")
+    _require(cfg.parallel.mode != "tpp" or cfg.sampler.kv_update == "per_step", "sampler.kv_update",
+             f"--parallel.mode tpp gives each GPU one sampling step and that step's KV window; it needs "
+             f"--sampler.kv_update per_step (same frames as one process in per_step), got {cfg.sampler.kv_update!r}")
     _require(0 <= cfg.server.port <= 65535, "server.port", f"must be in 0..65535, got {cfg.server.port}")
     _require(cfg.server.max_sessions >= 1, "server.max_sessions", f"must be >= 1, got {cfg.server.max_sessions}")
     _require(cfg.server.max_pending_clips >= 1, "server.max_pending_clips",

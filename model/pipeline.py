@@ -2,9 +2,14 @@
 
 `AvatarModels` holds the weights (loaded once per process); `StreamingAvatar` is one session: its
 noise generator, the DiT's KV cache, the motion context and the VAE's causal cache. A clip is
-audio features -> for each block: noise, a few sampler steps, commit to the cache -> online decode.
+audio features -> for each block: noise, a few sampler steps, K/V into the cache -> online decode.
 `next_clip` = `decode_clip(denoise_clip(window))`; the two halves are public so a caller may run the
 decode of clip n alongside the denoising of clip n+1.
+
+How a block's K/V reach the cache is `sampler.kv_update` (see `model.sampler.KVUpdate`): an extra
+clean pass (the reference), the last step's call, or one window per step. `generate_block` and
+`MotionHistory` are the pieces that `model/tpp.py` (one GPU per step) and `bench/` share with this
+class, so all of them make the same DiT calls.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from model.config import REPO_ROOT, AppConfig
 from model.dit import AvatarDiT, StreamCache
 from model.dit_motion import MOTION_LATENT_FRAMES
 from model.io_types import AudioWindow, VideoClip
-from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, denoise_block
+from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, KVUpdate, denoise_steps
 from model.text_encoder import TextEncoder, make_tokenizer, umt5_config
 from model.vae import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
 
@@ -153,17 +158,93 @@ def video_to_frames(video: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- one session
 
 
+def fixed_steps_message(cfg: AppConfig, asked: object) -> str:
+    """Why a live sample_steps change is refused when each step owns a KV window (or a GPU)."""
+    steps = cfg.sampler.sample_steps
+    if cfg.parallel.mode == "tpp":
+        why = (f"--parallel.mode tpp gives each of the {steps} GPUs one sampling step, so the step count is "
+               f"the group size")
+    else:
+        why = "--sampler.kv_update per_step keeps one KV window per sampling step for the whole session"
+    return (f"sample_steps is fixed at {steps} (--sampler.sample_steps): {why}; got {asked!r}. "
+            "Use kv_update last_step or clean_pass (with parallel.mode ulysses) to change steps live.")
+
+
+def generate_block(dit: AvatarDiT, rings: list[StreamCache], noise: torch.Tensor, block_audio: torch.Tensor,
+                   frame_start: int, schedule: FlowMatchSchedule, kv: KVUpdate):
+    """Noise -> `schedule.sample_steps` Euler steps -> clean block, its K/V in the window(s) as `kv` says."""
+    def denoiser(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return dit(x, t, block_audio, rings[kv.ring(step)], frame_start, store_slot=kv.stores(step))
+
+    block = denoise_steps(denoiser, noise, schedule)
+    if kv.clean_pass:
+        dit.commit(rings[0], block.latents, block_audio, frame_start)
+    return block
+
+
+def copy_sink(src: StreamCache, dst: StreamCache) -> None:
+    """Give `dst` the sink and text K/V that a `prefill` wrote into `src` (its window is kept).
+
+    Prefill does not read the cache it writes, so this equals running the same prefill on `dst`.
+    """
+    if not dst.ready:
+        raise RuntimeError("copy_sink: the destination window has not been prefilled yet")
+    n = src.sink_tokens
+    dst.kv_k[:, :, :n].copy_(src.kv_k[:, :, :n])
+    dst.kv_v[:, :, :n].copy_(src.kv_v[:, :, :n])
+    dst.text_k.copy_(src.text_k)
+    dst.text_v.copy_(src.text_v)
+    dst.sink_positions, dst.sink_kind, dst.block_positions = src.sink_positions, src.sink_kind, src.block_positions
+
+
+class MotionHistory:
+    """The clean latent frames behind the stream that condition each new clip's sink (FramePack motion).
+
+    Blocks are added by stream index as they come out clean, in any order; `before(b)` gives the newest
+    MOTION_LATENT_FRAMES frames of the blocks before `b - lag_blocks` (KVUpdate.motion_lag_blocks).
+    """
+
+    def __init__(self, initial: torch.Tensor, lag_blocks: int = 0) -> None:
+        self.latents = initial  # [1, 16, MOTION_LATENT_FRAMES, h, w], newest last
+        self.lag_blocks = lag_blocks
+        self._pending: dict[int, torch.Tensor] = {}
+        self._next = 0  # the oldest block not in `latents` yet
+
+    def add(self, block_index: int, clean: torch.Tensor) -> None:
+        self._pending[block_index] = clean
+
+    def before(self, block_index: int) -> torch.Tensor:
+        """Motion context for a clip whose first block is `block_index`."""
+        while self._next < block_index - self.lag_blocks:
+            if self._next not in self._pending:
+                raise RuntimeError(f"motion context for block {block_index} needs clean block {self._next}, "
+                                   "which has not come out of the sampler yet")
+            block = self._pending.pop(self._next)
+            history = torch.cat([self.latents, block.to(self.latents.dtype)], dim=2)
+            self.latents = history[:, :, -MOTION_LATENT_FRAMES:].clone()
+            self._next += 1
+        return self.latents
+
+
 @dataclass
 class _Session:
     """What `start` sets up and every clip reads and advances."""
 
     ref_latent: torch.Tensor  # [1, 16, 1, h, w]
     text_context: torch.Tensor  # [1, text_len, text_dim]
-    dit_cache: StreamCache
+    rings: list[StreamCache]  # the DiT's KV window(s): one, or one per sampling step (kv_update per_step)
     decoder: StreamingDecoder
-    motion_latents: torch.Tensor  # [1, 16, MOTION_LATENT_FRAMES, h, w], newest last
+    motion: MotionHistory
     generator: torch.Generator
     next_frame: int = 0  # latent frame index of the next block in the stream
+
+    @property
+    def dit_cache(self) -> StreamCache:
+        return self.rings[0]
+
+    @property
+    def motion_latents(self) -> torch.Tensor:
+        return self.motion.latents
 
 
 class StreamingAvatar:
@@ -177,6 +258,7 @@ class StreamingAvatar:
         self.denoiser_calls = 0
         self.frames_per_block = cfg.model.dit.num_frames_per_block
         self.latent_frames_per_clip = cfg.video.infer_frames // TIME_STRIDE
+        self.kv_update = cfg.sampler.kv_update
 
     # ---- what the server reads
 
@@ -214,12 +296,21 @@ class StreamingAvatar:
         image = fit_reference_image(reference_image, self.frame_size)
         ref_latent = models.vae.encode_reference(image_to_tensor(image)).to(models.device, models.dtype)
         text_context = models.text_encoder.encode(prompt)
-        cache = models.dit.new_cache(1, models.device, models.dtype)
         motion_latents = ref_latent.expand(-1, -1, MOTION_LATENT_FRAMES, -1, -1).clone()
-        models.dit.prefill(cache, ref_latent, text_context, motion_latents)
+        kv = self._kv(self._cfg.sampler.sample_steps)
+        rings = self._open_rings(ref_latent, text_context, motion_latents, kv.rings)
         generator = torch.Generator(models.device).manual_seed(self._seed)
-        self._session = _Session(ref_latent, text_context, cache, models.vae.new_decoder(ref_latent),
-                                 motion_latents, generator)
+        self._session = _Session(ref_latent, text_context, rings, models.vae.new_decoder(ref_latent),
+                                 MotionHistory(motion_latents, kv.motion_lag_blocks), generator)
+
+    def _open_rings(self, ref_latent: torch.Tensor, text_context: torch.Tensor, motion_latents: torch.Tensor,
+                    count: int) -> list[StreamCache]:
+        """`count` KV windows, each holding the session's sink (the reference image and its motion)."""
+        models = self._models
+        rings = [models.dit.new_cache(1, models.device, models.dtype) for _ in range(count)]
+        for ring in rings:
+            models.dit.prefill(ring, ref_latent, text_context, motion_latents)
+        return rings
 
     @torch.inference_mode()
     def next_clip(self, window: AudioWindow, sample_steps: int | None = None) -> VideoClip:
@@ -258,15 +349,17 @@ class StreamingAvatar:
         session = self._require_session()
         steps = self._check_steps(sample_steps)
         self._check_window(window)
-        audio = self._models.audio_encoder.encode_window(window, self.fps, self.frames_per_clip)[None]
-        block_video_frames = TIME_STRIDE * self.frames_per_block
-        blocks = []
-        for i in range(self.blocks_per_clip):
-            block_audio = audio[:, i * block_video_frames:(i + 1) * block_video_frames]
-            blocks.append(self._generate_block(session, block_audio, steps))
+        for i, block_audio in enumerate(self._block_audio(window)):
+            block = self._generate_block(session, block_audio, steps)
             if i == self.blocks_per_clip - 1:
-                self._carry_motion(session, torch.cat(blocks, dim=2))
-            yield blocks[-1]
+                self._carry_motion(session)
+            yield block
+
+    def _block_audio(self, window: AudioWindow) -> list[torch.Tensor]:
+        """The window's audio features, one [1, 4F, layers, dim] slice per block."""
+        audio = self._models.audio_encoder.encode_window(window, self.fps, self.frames_per_clip)[None]
+        per_block = TIME_STRIDE * self.frames_per_block
+        return [audio[:, i * per_block:(i + 1) * per_block] for i in range(self.blocks_per_clip)]
 
     @torch.inference_mode()
     def decode_clip(self, latents: torch.Tensor) -> np.ndarray:
@@ -276,21 +369,28 @@ class StreamingAvatar:
     def close(self) -> None:
         """Free the session's caches (the weights stay loaded)."""
         if self._session is not None:
-            self._session.dit_cache.clear()
+            for ring in self._session.rings:
+                ring.clear()
             self._session.decoder.close()
             self._session = None
 
     # ---- steps of a clip
 
     def _generate_block(self, session: _Session, block_audio: torch.Tensor, steps: int) -> torch.Tensor:
-        """Noise -> `steps` Euler steps with the DiT -> clean block, committed to the KV cache."""
-        dit, cache, frame_start = self._models.dit, session.dit_cache, session.next_frame
-        schedule = FlowMatchSchedule(steps, self._cfg.sampler.shift, self._cfg.sampler.num_train_timesteps)
-        block = denoise_block(lambda x, t: dit(x, t, block_audio, cache, frame_start), self._noise(session), schedule)
+        """Noise -> `steps` Euler steps with the DiT -> clean block, its K/V in the session's window(s)."""
+        frame_start = session.next_frame
+        block = generate_block(self._models.dit, session.rings, self._noise(session), block_audio, frame_start,
+                               self._schedule(steps), self._kv(steps))
         self.denoiser_calls += block.denoiser_calls
-        dit.commit(cache, block.latents, block_audio, frame_start)
+        session.motion.add(frame_start // self.frames_per_block, block.latents)
         session.next_frame += self.frames_per_block
         return block.latents
+
+    def _schedule(self, steps: int) -> FlowMatchSchedule:
+        return FlowMatchSchedule(steps, self._cfg.sampler.shift, self._cfg.sampler.num_train_timesteps)
+
+    def _kv(self, steps: int) -> KVUpdate:
+        return KVUpdate(self.kv_update, steps)
 
     def _noise(self, session: _Session) -> torch.Tensor:
         _, channels, _, h, w = session.ref_latent.shape
@@ -298,11 +398,14 @@ class StreamingAvatar:
         noise = torch.randn(shape, generator=session.generator, device=self._models.device, dtype=torch.float32)
         return noise.to(self._models.dtype)
 
-    def _carry_motion(self, session: _Session, clip_latents: torch.Tensor) -> None:
-        """The newest MOTION_LATENT_FRAMES latent frames condition the next clip (re-prefill of the sink)."""
-        history = torch.cat([session.motion_latents, clip_latents.to(session.motion_latents.dtype)], dim=2)
-        session.motion_latents = history[:, :, -MOTION_LATENT_FRAMES:].clone()
-        self._models.dit.prefill(session.dit_cache, session.ref_latent, session.text_context, session.motion_latents)
+    def _carry_motion(self, session: _Session) -> None:
+        """The newest clean frames (MotionHistory) condition the next clip: re-prefill of the sink, copied
+        into every window of the session."""
+        motion = session.motion.before(session.next_frame // self.frames_per_block)
+        first, *others = session.rings
+        self._models.dit.prefill(first, session.ref_latent, session.text_context, motion)
+        for ring in others:
+            copy_sink(first, ring)
 
     # ---- checks
 
@@ -315,7 +418,14 @@ class StreamingAvatar:
         steps = self._cfg.sampler.sample_steps if sample_steps is None else sample_steps
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_SAMPLE_STEPS:
             raise ValueError(f"sample_steps must be an integer in 1..{MAX_SAMPLE_STEPS}, got {sample_steps!r}")
+        fixed = self._fixed_steps()
+        if fixed is not None and steps != fixed:
+            raise ValueError(fixed_steps_message(self._cfg, steps))
         return int(steps)
+
+    def _fixed_steps(self) -> int | None:
+        """The one step count this avatar can run (one KV window per step), or None if any is fine."""
+        return self._cfg.sampler.sample_steps if self.kv_update == "per_step" else None
 
     def _check_window(self, window: AudioWindow) -> None:
         new = len(window.samples) - window.new_from

@@ -68,12 +68,76 @@ class DenoisedBlock:
 
 def denoise_block(denoiser: Denoiser, noise: torch.Tensor, schedule: FlowMatchSchedule) -> DenoisedBlock:
     """Run the Euler loop from pure noise [B, ...] to clean latents; one denoiser call per step."""
+    return denoise_steps(lambda x, t, step: denoiser(x, t), noise, schedule)
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, schedule: FlowMatchSchedule, step: int) -> torch.Tensor:
+    """One Euler step from sigma[step] to sigma[step + 1], in float32, back in x's dtype."""
+    d_sigma = float(schedule.sigmas[step + 1] - schedule.sigmas[step])
+    return (x.float() + d_sigma * velocity.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- how a block's K/V enter the window
+
+KV_CLEAN_PASS, KV_LAST_STEP, KV_PER_STEP = "clean_pass", "last_step", "per_step"
+
+
+@dataclass(frozen=True)
+class KVUpdate:
+    """Where each sampling step reads and writes K/V, for one `sampler.kv_update` mode and step count.
+
+    clean_pass: one window; no step writes it, an extra pass on the clean block at timestep 0 does
+      (the reference; steps + 1 DiT calls per block).
+    last_step: one window; the last step's call writes the block's K/V (steps calls per block).
+    per_step: one window per step; step s reads window s and writes the block's step-s K/V into it
+      (steps calls per block). Each step only ever sees its own noise level's history, which is what
+      lets one GPU own one step (timestep-forcing pipeline parallelism, `model/tpp.py`).
+    """
+
+    mode: str
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in (KV_CLEAN_PASS, KV_LAST_STEP, KV_PER_STEP):
+            raise ValueError(f"--sampler.kv_update must be one of {(KV_CLEAN_PASS, KV_LAST_STEP, KV_PER_STEP)}, "
+                             f"got {self.mode!r}")
+
+    @property
+    def rings(self) -> int:
+        """How many KV windows a session keeps."""
+        return self.steps if self.mode == KV_PER_STEP else 1
+
+    @property
+    def clean_pass(self) -> bool:
+        return self.mode == KV_CLEAN_PASS
+
+    def ring(self, step: int) -> int:
+        """The window step `step` reads (and, if `stores`, writes)."""
+        return step if self.mode == KV_PER_STEP else 0
+
+    def stores(self, step: int) -> bool:
+        """Whether step `step`'s DiT call writes the block's K/V into its window."""
+        return self.mode == KV_PER_STEP or (self.mode == KV_LAST_STEP and step == self.steps - 1)
+
+    @property
+    def motion_lag_blocks(self) -> int:
+        """Newest blocks left out of the next clip's motion context.
+
+        With one GPU per step the last `steps - 1` blocks of a clip are still on their way through the
+        pipeline when the next clip's first block starts; per_step defines the clip boundary that way
+        on one process too, so both give the same frames. The left-out blocks are exactly the ones the
+        KV window still holds when kv_cache_blocks - 1 == steps - 1 (the 14B preset: 3 and 4 steps).
+        """
+        return self.steps - 1 if self.mode == KV_PER_STEP else 0
+
+
+StepDenoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (latents, timestep [B], step) -> velocity
+
+
+def denoise_steps(denoiser: StepDenoiser, noise: torch.Tensor, schedule: FlowMatchSchedule) -> DenoisedBlock:
+    """`denoise_block` for a denoiser that also gets the step index (it picks the step's KV window)."""
     x = noise
-    calls = 0
     for step, t in enumerate(schedule.timesteps.tolist()):
         timestep = torch.full((noise.shape[0],), t, dtype=torch.float32, device=noise.device)
-        velocity = denoiser(x, timestep)
-        calls += 1
-        d_sigma = float(schedule.sigmas[step + 1] - schedule.sigmas[step])
-        x = (x.float() + d_sigma * velocity.float()).to(noise.dtype)
-    return DenoisedBlock(x, calls)
+        x = euler_step(x, denoiser(x, timestep, step), schedule, step)
+    return DenoisedBlock(x, schedule.sample_steps)
