@@ -5,12 +5,14 @@ same inputs and the same noise, or the collectives inside attention pair up wron
 hosts the server) therefore announces each session call as a `SessionJob` before running it itself;
 the other ranks sit in `follow()` and run each announced job on their own `StreamingAvatar`.
 `new_avatar()` hands the engine a plain `StreamingAvatar` on one process and a `GroupAvatar` (same
-methods) in a group, so the engine's code is the same in both.
+methods) in a group, so the engine's code is the same in both. Under `parallel.mode tpp` (one GPU per
+sampling step) rank 0 gets a `model.tpp.TppAvatar` and the other ranks run `model.tpp.follow`.
 """
 from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,11 @@ class GroupAvatar:
         self._group.broadcast_job(SessionJob(JOB_CLIP, self.session_id, window=window, sample_steps=sample_steps))
         return self._local.next_clip(window, sample_steps)
 
+    def clip_parts(self, window: AudioWindow, sample_steps: int | None = None) -> Iterator[VideoClip]:
+        """The window's clip block by block (first frames after one block); announced like `next_clip`."""
+        self._group.broadcast_job(SessionJob(JOB_CLIP, self.session_id, window=window, sample_steps=sample_steps))
+        yield from self._local.clip_parts(window, sample_steps)
+
     def close(self) -> None:
         """Free the session's caches on every rank."""
         if self._open:
@@ -81,6 +88,10 @@ class GroupAvatar:
 def new_avatar(models: Any, cfg: Any, seed: int | None = None) -> Any:
     """The avatar the engine should use: plain on one process, announced to the group otherwise."""
     group = parallel.current()
+    if group.distributed and group.pp_size > 1:
+        from model.tpp import TppAvatar
+
+        return TppAvatar(models, cfg, seed, group)
     if group.distributed and group.sp_size > 1:
         return GroupAvatar(models, cfg, seed, group)
     from model.pipeline import StreamingAvatar
@@ -89,13 +100,18 @@ def new_avatar(models: Any, cfg: Any, seed: int | None = None) -> Any:
 
 
 def follow(models: Any, cfg: Any, group: parallel.ParallelGroup | None = None) -> int:
-    """Follower ranks: run rank 0's session jobs until it says quit; returns how many clips were denoised.
+    """Follower ranks: run rank 0's session jobs until it says quit; returns how many clips were denoised
+    (under tpp: how many blocks this rank ran its step on).
 
     Followers only denoise (their share of the tokens); the frames come from rank 0's decoder.
     """
     from model.pipeline import StreamingAvatar
 
     group = group or parallel.current()
+    if group.pp_size > 1:
+        from model import tpp
+
+        return tpp.follow(models, cfg, group)
     avatars: dict[int, StreamingAvatar] = {}
     clips = 0
     while True:

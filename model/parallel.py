@@ -1,4 +1,6 @@
-"""The GPU group: process-group start-up, rank roles, and Ulysses sequence parallelism.
+"""The GPU group: process-group start-up, rank roles, Ulysses sequence parallelism, and the
+point-to-point plane of timestep-forcing pipeline parallelism (`parallel.mode tpp`, driven by
+`model/tpp.py` through `broadcast_job`, `broadcast_tensor` and `ring_exchange` only).
 
 The only module that knows about `torch.distributed`. A group is launched with
 `torchrun --nproc-per-node N run_server.py ...`: rank 0 hosts the server and is also a DiT rank,
@@ -40,6 +42,7 @@ class GroupLayout:
     rank: int
     sp_size: int  # DiT ranks sharing one sequence (Ulysses degree)
     vae_rank: int | None  # the decode-only rank, or None when DiT ranks decode themselves
+    pp_size: int = 1  # DiT ranks in a step pipeline (tpp: one sampling step each, whole sequences)
 
     @property
     def role(self) -> str:
@@ -49,24 +52,36 @@ class GroupLayout:
 
     @property
     def dit_ranks(self) -> tuple[int, ...]:
-        return tuple(range(self.sp_size))
+        return tuple(range(max(self.sp_size, self.pp_size)))
 
     @property
     def is_dit_rank(self) -> bool:
-        return self.rank < self.sp_size
+        return self.rank < max(self.sp_size, self.pp_size)
 
     @property
     def sp_rank(self) -> int:
         """This rank's index inside the sequence-parallel group (its token shard)."""
-        return self.rank if self.is_dit_rank else 0
+        return self.rank if self.rank < self.sp_size else 0
+
+    @property
+    def pp_rank(self) -> int:
+        """The sampling step this rank owns in a step pipeline (0 outside one)."""
+        return self.rank if self.rank < self.pp_size else 0
 
 
-def plan_layout(world_size: int, rank: int, num_heads: int, vae_rank: bool) -> GroupLayout:
+def plan_layout(world_size: int, rank: int, num_heads: int, vae_rank: bool, mode: str = "ulysses") -> GroupLayout:
     """Split `world_size` processes into DiT ranks (+ one VAE rank); reject launches that cannot work."""
     if world_size < 1:
         raise LaunchError(f"WORLD_SIZE must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise LaunchError(f"RANK {rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size})")
+    if mode == "tpp":
+        if vae_rank:
+            raise LaunchError("--parallel.mode tpp has every rank own one sampling step and rank 0 decode; "
+                              "set --parallel.vae_rank false")
+        return GroupLayout(world_size=world_size, rank=rank, sp_size=1, vae_rank=None, pp_size=world_size)
+    if mode != "ulysses":
+        raise LaunchError(f"--parallel.mode {mode!r}: use ulysses or tpp")
     sp_size = world_size - 1 if vae_rank else world_size
     if sp_size < 1:
         raise LaunchError(
@@ -176,6 +191,14 @@ class ParallelGroup:
         return self.layout.sp_rank
 
     @property
+    def pp_size(self) -> int:
+        return self.layout.pp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.pp_rank
+
+    @property
     def role(self) -> str:
         return self.layout.role
 
@@ -270,6 +293,36 @@ class ParallelGroup:
         box = [job if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
+
+    def broadcast_tensor(self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Rank 0's `tensor` on every rank (the data plane: NCCL on GPUs); the others pass None."""
+        if not self.distributed:
+            return tensor
+        if self.rank == 0:
+            out = tensor.contiguous()
+        else:
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.broadcast(out, src=0)
+        return out
+
+    def ring_exchange(self, send: torch.Tensor | None,
+                      recv: tuple[tuple[int, ...], torch.dtype] | None) -> torch.Tensor | None:
+        """Step pipeline hand-over: `send` goes to the next rank, a tensor of `recv`'s (shape, dtype) comes
+        from the previous one (rank 0 hears from the last). Both in one grouped call, so no pair of ranks
+        can wait on each other; a rank with nothing to pass on (pipeline filling or draining) passes None."""
+        n = self.pp_size
+        if n == 1:
+            return send if recv is not None else None
+        out = None if recv is None else torch.empty(recv[0], dtype=recv[1], device=self.device)
+        ops = []
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send.contiguous(), (self.rank + 1) % n))
+        if out is not None:
+            ops.append(dist.P2POp(dist.irecv, out, (self.rank - 1) % n))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return out
 
     def send_to_rank(self, tensor: torch.Tensor, dst: int) -> None:
         """Hand a tensor to one rank (latents to the VAE rank, frames back)."""
@@ -393,10 +446,10 @@ def set_current(group: ParallelGroup) -> ParallelGroup:
 
 
 def start_group(device: str, num_heads: int, vae_rank: bool = False,
-                env: Mapping[str, str] | None = None, timeout_s: float = 600.0) -> ParallelGroup:
+                env: Mapping[str, str] | None = None, timeout_s: float = 600.0, mode: str = "ulysses") -> ParallelGroup:
     """Join the group torchrun launched (or stay a single process) and make it current."""
     launch = read_launch_env(env)
-    layout = plan_layout(launch.world_size, launch.rank, num_heads, vae_rank)
+    layout = plan_layout(launch.world_size, launch.rank, num_heads, vae_rank, mode)
     torch_device, backend = pick_device_and_backend(device, launch.local_rank, launch.world_size)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
@@ -418,6 +471,9 @@ def start_group(device: str, num_heads: int, vae_rank: bool = False,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     sp_group = dist.new_group(list(layout.dit_ranks), backend=backend)
     control_group = dist.new_group(list(range(launch.world_size)), backend="gloo")
+    if layout.pp_size > 1:
+        # point-to-point calls must not be the first use of the communicator (NCCL's rule for batched p2p)
+        dist.all_reduce(torch.zeros(1, device=torch_device))
     set_current(ParallelGroup(layout, torch_device, backend, sp_group, control_group))
     return current()
 
@@ -429,9 +485,22 @@ def start_group_from_config(cfg: Any, env: Mapping[str, str] | None = None) -> P
     token shards, so a bad launch fails at start-up rather than at the first session.
     """
     launch = read_launch_env(env)
-    layout = plan_layout(launch.world_size, launch.rank, cfg.model.dit.num_heads, cfg.parallel.vae_rank)
+    layout = plan_layout(launch.world_size, launch.rank, cfg.model.dit.num_heads, cfg.parallel.vae_rank,
+                         cfg.parallel.mode)
     check_token_split(cfg, layout.sp_size)
-    return start_group(cfg.runtime.device, cfg.model.dit.num_heads, cfg.parallel.vae_rank, env)
+    check_step_pipeline(cfg, layout.pp_size)
+    return start_group(cfg.runtime.device, cfg.model.dit.num_heads, cfg.parallel.vae_rank, env,
+                       mode=cfg.parallel.mode)
+
+
+def check_step_pipeline(cfg: Any, ranks: int) -> None:
+    """In tpp every DiT rank owns one sampling step: the step count must be the group size."""
+    if cfg.parallel.mode != "tpp":
+        return
+    if cfg.sampler.sample_steps != ranks:
+        raise LaunchError(f"--parallel.mode tpp runs one sampling step per GPU: --sampler.sample_steps "
+                          f"{cfg.sampler.sample_steps} needs torchrun --nproc-per-node {cfg.sampler.sample_steps} "
+                          f"(launched {ranks}), or set --sampler.sample_steps {ranks}")
 
 
 def check_token_split(cfg: Any, sp_size: int) -> None:
