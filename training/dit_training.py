@@ -7,6 +7,7 @@ noisy block carry gradients; the committed window is context only (it is the mod
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +20,9 @@ from model.dit_motion import MOTION_LATENT_FRAMES
 from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule
 from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE
 from training.stream_pool import Stream, StreamGeometry
-from training.vae_training import to_video_tensor
+from training.vae_training import encode_moments, to_video_tensor
 
-MOUTH_WEIGHT = 4.0
+MOUTH_WEIGHT = 8.0
 # Share of examples at the server's default step count; the rest spread over 1..8 steps (live control).
 DEFAULT_STEPS_SHARE = 0.6
 
@@ -52,7 +53,7 @@ def encode_streams(vae: AvatarVAE, streams: list[Stream], geometry: StreamGeomet
     for stream in streams:
         frames = stream.sample.frames[: stream.num_clips * geometry.frames_per_clip]
         video = to_video_tensor(np.concatenate([stream.sample.reference[None], frames])[None], device)
-        moments = vae.vae._encode(video.to(vae.dtype))
+        moments = encode_moments(vae.vae, video.to(vae.dtype))
         latents = vae.normalize(moments[:, : vae.latent_channels])[0].float()
         x0, y0, x1, y1 = stream.sample.mouth_box
         cells = (x0 // SPACE_STRIDE, y0 // SPACE_STRIDE, -(-x1 // SPACE_STRIDE), -(-y1 // SPACE_STRIDE))
@@ -148,25 +149,36 @@ def dit_loss(dit: AvatarDiT, wav2vec2: Wav2Vec2Model, text_contexts: torch.Tenso
         velocity = _forward_with_grad(dit, noisy, sigma * 1000.0, audio, cache, start)
         losses.append(((velocity - (noise - clean)) ** 2 * weight).mean() / weight.mean())
     loss = torch.stack(losses).mean()
-    return loss, {"loss": float(loss.detach()), "clip_index": k}
+    return loss, {"loss": loss.detach(), "clip_index": k}
 
 
 def train_dit_steps(dit: AvatarDiT, wav2vec2: Wav2Vec2Model, optimizer: torch.optim.Optimizer,
                     text_contexts: torch.Tensor, latent_streams: list[LatentStream], geometry: StreamGeometry,
                     steps: int, batch_size: int, sample_steps: int, shift: float, rng: np.random.Generator,
-                    max_clip_index: int = 6, log_every: int = 50, on_log=None) -> dict:
-    """Run `steps` optimisation steps over DiT and wav2vec2; returns the last step's numbers."""
+                    max_clip_index: int = 6, log_every: int = 50, on_log=None,
+                    lr_at: Callable[[], float] | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+    """Up to `steps` optimisation steps over DiT and wav2vec2 (fewer when `should_stop()`); returns the steps taken.
+
+    `lr_at()` sets the learning rate before each step; a group's `lr_scale` multiplies it.
+    """
     dit.train()
-    stats: dict = {}
+    done = 0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for step in range(steps):
+        if should_stop is not None and should_stop():
+            break
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at() * group.get("lr_scale", 1.0)
         batch = sample_batch(latent_streams, batch_size, max_clip_index, rng)
         loss, stats = dit_loss(dit, wav2vec2, text_contexts, batch, geometry, sample_steps, shift, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        done += 1
         if on_log is not None and (step % log_every == 0 or step == steps - 1):
-            on_log(step, stats)
+            numbers = {k: float(v) if torch.is_tensor(v) else v for k, v in stats.items()}
+            on_log(step, {**numbers, "lr": optimizer.param_groups[0]["lr"]})
     dit.eval()
-    return stats
+    return done

@@ -56,10 +56,19 @@ class TalkingSample:
     voice: str
 
 
-def split_identities(split: str) -> list[Identity]:
-    """The identities of one split; no identity is in both."""
+def split_identities(split: str, count: int | None = None) -> list[Identity]:
+    """The identities of one split; no identity is in both.
+
+    `count` widens the train split beyond its 24 standard faces (seeds 0..count-1, all below the
+    held-out seeds): more faces teach the model to take the identity from the reference, not to remember it.
+    """
     _check_split(split)
     seeds = TRAIN_IDENTITY_SEEDS if split == "train" else HELDOUT_IDENTITY_SEEDS
+    if count is not None:
+        if split != "train" or not 1 <= count <= min(HELDOUT_IDENTITY_SEEDS):
+            raise ValueError(f"only the train split can be widened, to 1..{min(HELDOUT_IDENTITY_SEEDS)} "
+                             f"identities; got {split!r} with count {count}")
+        seeds = tuple(range(count))
     return [sample_identity(seed, name=f"{split}-{k}") for k, seed in enumerate(seeds)]
 
 

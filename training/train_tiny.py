@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -80,10 +81,13 @@ class Trainer:
             self.wav2vec2 = Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder)).eval()
             self.text_encoder = TextEncoder.build(cfg.model.text_encoder)
         self.vae.requires_grad_(True)
-        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step, not one per tensor
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0, **fused)
         self.dit_opt = torch.optim.AdamW([
-            {"params": self.dit.parameters(), "lr": args.dit_lr},
-            {"params": self.wav2vec2.parameters(), "lr": args.dit_lr * 0.5}], weight_decay=0.0)
+            {"params": self.dit.parameters(), "lr": args.dit_lr, "lr_scale": 1.0},
+            {"params": self.wav2vec2.parameters(), "lr": args.dit_lr * 0.5, "lr_scale": 0.5}],
+            weight_decay=0.0, **fused)
+        self.started = getattr(args, "t0", None) or time.perf_counter()  # --wall-s counts from process start
         self.phase, self.step = "vae", 0
         self.rng = np.random.default_rng(args.seed)
         self.history: list[dict] = []
@@ -94,7 +98,9 @@ class Trainer:
                 "history": self.history, "elapsed_s": self.elapsed_s,
                 "dit": self.dit.state_dict(), "vae": self.vae.state_dict(), "wav2vec2": self.wav2vec2.state_dict(),
                 "text_encoder": self.text_encoder.model.state_dict(),
-                "vae_opt": self.vae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict()}
+                # The VAE's optimizer is dropped once the VAE is done: the state file stays small enough to carry.
+                "vae_opt": self.vae_opt.state_dict() if self.phase == "vae" else {},
+                "dit_opt": self.dit_opt.state_dict()}
 
     def save(self, work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,8 @@ class Trainer:
         self.vae.load_state_dict(state["vae"])
         self.wav2vec2.load_state_dict(state["wav2vec2"])
         self.text_encoder.model.load_state_dict(state["text_encoder"])
-        self.vae_opt.load_state_dict(state["vae_opt"])
+        if state["vae_opt"]:
+            self.vae_opt.load_state_dict(state["vae_opt"])
         self.dit_opt.load_state_dict(state["dit_opt"])
         self.phase, self.step, self.history = state["phase"], state["step"], state["history"]
         self.elapsed_s = state["elapsed_s"]
@@ -125,16 +132,52 @@ class Trainer:
         print(json.dumps(entry), flush=True)
 
 
-def run_phase(trainer: Trainer, phase: str, total_steps: int, time_budget_s: float, work_dir: Path, step_fn) -> None:
-    """Steps in chunks of --checkpoint-every until the step count or the time budget is reached, saving between."""
+def learning_rate(peak: float, progress: float, warmup: float = 0.03, floor: float = 0.05) -> float:
+    """Linear warm-up over the first `warmup` of the phase, then a cosine down to `floor` x peak."""
+    if progress < warmup:
+        return peak * max(progress / warmup, 0.01)
+    t = min(1.0, (progress - warmup) / (1.0 - warmup))
+    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def run_phase(trainer: Trainer, phase: str, total_steps: int, time_budget_s: float, work_dir: Path, step_fn,
+              peak_lr: float) -> None:
+    """Steps in chunks of --checkpoint-every until the step count, the phase's time budget or the wall-clock
+    budget of the run is reached, saving between chunks.
+
+    The schedule follows progress = max(steps done / steps, time spent / time available), so a run cut
+    by the clock still ends its cosine, and a resumed run continues where the schedule stood.
+    """
     args = trainer.args
+    deadline = trainer.started + args.wall_s - args.reserve_s
+    # The phase ends at its own time budget or at the run's deadline, whichever comes first.
+    horizon_s = min(time_budget_s, trainer.elapsed_s[phase] + deadline - time.perf_counter())
     while trainer.step < total_steps and trainer.elapsed_s[phase] < time_budget_s:
+        if time.perf_counter() >= deadline:
+            print(f"{phase}: wall-clock budget reached at step {trainer.step}", flush=True)
+            break
         chunk = min(args.checkpoint_every, total_steps - trainer.step)
         started = time.perf_counter()
-        step_fn(chunk, trainer.step)
-        trainer.step += chunk
+        spent_before, step_before = trainer.elapsed_s[phase], trainer.step
+        phase_end = started + time_budget_s - spent_before
+
+        def lr_at(spent_before: float = spent_before, started: float = started) -> float:
+            by_time = (spent_before + time.perf_counter() - started) / horizon_s if math.isfinite(horizon_s) else 0.0
+            return learning_rate(peak_lr, max(trainer.step / total_steps, by_time))
+
+        def should_stop(phase_end: float = phase_end) -> bool:
+            now = time.perf_counter()
+            return now >= deadline or now >= phase_end
+
+        done = step_fn(chunk, trainer.step, lr_at, should_stop)
+        trainer.step += done
         trainer.elapsed_s[phase] += time.perf_counter() - started
+        took = time.perf_counter() - started
+        print(f"{phase}: steps {step_before}..{trainer.step} in {took:.1f} s "
+              f"({took / max(done, 1):.3f} s/step)", flush=True)
         trainer.save(work_dir)
+        if done < chunk:
+            break
 
 
 def train(args: argparse.Namespace) -> int:
@@ -151,8 +194,8 @@ def train(args: argparse.Namespace) -> int:
     # Render before any CUDA work: the pool forks worker processes.
     utterances = speech_bank(Path(args.speech_bank), args.num_utterances, geometry.sample_rate_hz)
     started = time.perf_counter()
-    streams = build_pool(utterances, split_identities("train"), args.num_streams, geometry, seed=args.seed,
-                         workers=args.workers)
+    streams = build_pool(utterances, split_identities("train", args.num_identities), args.num_streams, geometry,
+                         seed=args.seed, workers=args.workers)
     print(f"{len(streams)} streams, {sum(len(s.sample.frames) for s in streams)} frames rendered in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     trainer = Trainer(cfg, args)
@@ -163,33 +206,48 @@ def train(args: argparse.Namespace) -> int:
         trainer.phase = "dit"
         print(f"started from the networks in {args.init_from}: DiT training only", flush=True)
     if trainer.phase == "vae":
-        run_phase(trainer, "vae", args.vae_steps, args.vae_time_s, work_dir, lambda n, at: train_vae_steps(
-            trainer.vae, trainer.vae_opt, streams, n, args.vae_batch, args.vae_frames, trainer.device, trainer.rng,
-            log_every=args.log_every, on_log=lambda s, st: trainer.log("vae", at + s, st)))
-        fit_latent_scale(trainer.vae, streams, trainer.device)
+        run_phase(trainer, "vae", args.vae_steps, args.vae_time_s, work_dir,
+                  lambda n, at, lr_at, stop: train_vae_steps(
+                      trainer.vae, trainer.vae_opt, streams, n, args.vae_batch, args.vae_frames, trainer.device,
+                      trainer.rng, log_every=args.log_every, on_log=lambda s, st: trainer.log("vae", at + s, st),
+                      lr_at=lr_at, should_stop=stop), args.vae_lr)
+        fit_latent_scale(trainer.vae, streams, trainer.device, num_videos=args.latent_fit_videos)
         trainer.phase, trainer.step = "dit", 0
         trainer.save(work_dir)
+    if args.phases == "vae":
+        write_parts(trainer, Path(args.parts_dir or work_dir / "parts"))
+        write_summary(trainer, work_dir)
+        if args.eval_samples:
+            evaluate_vae(trainer, args, work_dir)
+        return 0
 
     vae = AvatarVAE(trainer.vae.eval().requires_grad_(False))
     latent_streams = encode_streams(vae, streams, geometry, trainer.device)
     text_contexts = torch.cat([trainer.text_encoder.encode(p) for p in PROMPTS]).to(trainer.device)
     if trainer.phase == "dit":
-        run_phase(trainer, "dit", args.dit_steps, args.dit_time_s, work_dir, lambda n, at: train_dit_steps(
-            trainer.dit, trainer.wav2vec2, trainer.dit_opt, text_contexts, latent_streams, geometry, n,
-            args.dit_batch, cfg.sampler.sample_steps, cfg.sampler.shift, trainer.rng, args.max_clip_index,
-            log_every=args.log_every, on_log=lambda s, st: trainer.log("dit", at + s, st)))
+        run_phase(trainer, "dit", args.dit_steps, args.dit_time_s, work_dir,
+                  lambda n, at, lr_at, stop: train_dit_steps(
+                      trainer.dit, trainer.wav2vec2, trainer.dit_opt, text_contexts, latent_streams, geometry, n,
+                      args.dit_batch, cfg.sampler.sample_steps, cfg.sampler.shift, trainer.rng, args.max_clip_index,
+                      log_every=args.log_every, on_log=lambda s, st: trainer.log("dit", at + s, st),
+                      lr_at=lr_at, should_stop=stop), args.dit_lr)
     write_parts(trainer, Path(args.parts_dir or work_dir / "parts"))
     write_bundle(trainer, Path(args.out))
-    summary = {"elapsed_s": trainer.elapsed_s, "last": {p: [h for h in trainer.history if h["phase"] == p][-1:]
-                                                          for p in ("vae", "dit")}}
-    (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary), flush=True)
+    write_summary(trainer, work_dir)
     if args.eval_samples:
         try:
-            evaluate(args.config, cfg, Path(args.out), args.eval_samples, work_dir)
+            evaluate(args.config, cfg, Path(args.out), args.eval_samples, work_dir, args.heldout_bank,
+                     args.eval_clips)
         except Exception as exc:  # the weights are written; a failing evaluation must not lose them
             print(f"evaluation failed: {exc!r}", flush=True)
     return 0
+
+
+def write_summary(trainer: Trainer, work_dir: Path) -> None:
+    summary = {"elapsed_s": trainer.elapsed_s, "wall_s": round(time.perf_counter() - trainer.started, 1),
+               "last": {p: [h for h in trainer.history if h["phase"] == p][-1:] for p in ("vae", "dit")}}
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary), flush=True)
 
 
 def networks(trainer: Trainer) -> dict[str, torch.nn.Module]:
@@ -213,24 +271,59 @@ def write_parts(trainer: Trainer, parts_dir: Path) -> None:
 
 
 def read_parts(trainer: Trainer, parts_dir: Path) -> None:
-    """Fill the networks from `write_parts` output (VAE already fitted to the latent scale)."""
+    """Fill the networks in place from `write_parts` output (VAE already fitted to the latent scale).
+
+    In place (`load_state_dict`), so the parameters the optimizers hold are the ones that get trained.
+    """
+    from safetensors.torch import load_file
+
     nets = networks(trainer)
     for part, names in PARTS.items():
-        weights.load_bundle(parts_dir / f"{part}.safetensors", {n: nets[n] for n in names})
+        path = parts_dir / f"{part}.safetensors"
+        weights.bundle_config(path)  # format check with a clear message
+        tensors = load_file(str(path), device=str(trainer.device))
+        for name in names:
+            prefix = f"{name}."
+            nets[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
-def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_dir: Path) -> None:
-    """Lip sync on held-out speakers through the normal loader and the streaming avatar."""
-    from training.lip_sync_check import heldout_reports
+def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_dir: Path,
+             heldout_bank: str | None = None, max_clips: int | None = None) -> None:
+    """Lip sync on held-out speakers through the normal loader and the streaming avatar (and the VAE alone)."""
+    from training.diagnose import row, vae_round_trip
+    from training.lip_sync_check import generate_frames, heldout_samples, score_video
 
     eval_cfg = load_config(config, {"model.checkpoint": str(bundle), "runtime.device": cfg.runtime.device})
-    avatar = StreamingAvatar(AvatarModels.load(eval_cfg), eval_cfg)
-    reports = heldout_reports(avatar, eval_cfg, count)
-    rows = [{"corr0": round(r.lip_sync.correlation_at_zero, 3), "best_lag": r.lip_sync.best_lag_frames,
-             "best_corr": round(r.lip_sync.best_correlation, 3), "psnr_db": round(r.identity.psnr_db, 2),
-             "ssim": round(r.identity.ssim, 3)} for r in reports]
+    models = AvatarModels.load(eval_cfg)
+    avatar = StreamingAvatar(models, eval_cfg)
+    rows = []
+    for index, sample in enumerate(heldout_samples(eval_cfg, count, heldout_bank, max_clips)):
+        truth = (sample.opening, sample.mouth_box, sample.reference)
+        recon = vae_round_trip(models.vae, sample, eval_cfg.video.infer_frames)
+        frames = generate_frames(avatar, sample.reference, sample.audio, eval_cfg.server.prompt)
+        rows += [{"sample": index, **row("vae", score_video(recon, *truth))},
+                 {"sample": index, **row("model", score_video(frames, *truth))}]
+        print(json.dumps(rows[-2:]), flush=True)
     (work_dir / "eval.json").write_text(json.dumps(rows, indent=1))
-    print(json.dumps({"eval": rows}), flush=True)
+
+
+def evaluate_vae(trainer: Trainer, args: argparse.Namespace, work_dir: Path) -> None:
+    """Lip sync of the trained VAE's round trip (encode + streaming decode) on held-out samples."""
+    from training.diagnose import row, vae_round_trip
+    from training.lip_sync_check import heldout_samples, score_video
+
+    try:
+        vae = AvatarVAE(trainer.vae.eval())
+        rows = []
+        for index, sample in enumerate(heldout_samples(trainer.cfg, args.eval_samples, args.heldout_bank,
+                                                       args.eval_clips)):
+            recon = vae_round_trip(vae, sample, trainer.cfg.video.infer_frames)
+            rows.append({"sample": index, **row("vae", score_video(recon, sample.opening, sample.mouth_box,
+                                                                    sample.reference))})
+            print(json.dumps(rows[-1]), flush=True)
+        (work_dir / "eval_vae.json").write_text(json.dumps(rows, indent=1))
+    except Exception as exc:  # the weights are written; a failing evaluation must not lose them
+        print(f"VAE evaluation failed: {exc!r}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,16 +336,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-utterances", type=int, default=160)
     p.add_argument("--num-streams", type=int, default=320)
+    p.add_argument("--num-identities", type=int, default=96, help="train faces (the standard split has 24)")
+    p.add_argument("--phases", choices=("all", "vae"), default="all",
+                   help="vae: stop after the VAE (and its latent fit), writing the part bundles")
+    p.add_argument("--wall-s", type=float, default=float("inf"), help="wall-clock budget of this process")
+    p.add_argument("--reserve-s", type=float, default=40.0,
+                   help="of --wall-s, kept for writing and evaluating after training stops")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-time-s", type=float, default=float("inf"))
-    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-batch", type=int, default=48)
     p.add_argument("--vae-frames", type=int, default=12, help="talking frames per VAE example (multiple of 4)")
-    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-lr", type=float, default=1.5e-3, help="peak (warm-up, then cosine)")
     p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-time-s", type=float, default=float("inf"))
-    p.add_argument("--dit-batch", type=int, default=32)
-    p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--dit-batch", type=int, default=96)
+    p.add_argument("--dit-lr", type=float, default=8e-4, help="peak (warm-up, then cosine)")
+    p.add_argument("--latent-fit-videos", type=int, default=64, help="videos the latent statistics are fitted on")
     p.add_argument("--max-clip-index", type=int, default=6)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=50)
@@ -260,11 +360,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", default=None, help="part bundles to start DiT training from (skips the VAE)")
     p.add_argument("--bundle-only", action="store_true", help="with --init-from: only write --out and stop")
     p.add_argument("--eval-samples", type=int, default=0, help="held-out samples to score after training")
+    p.add_argument("--eval-clips", type=int, default=None, help="score only the first N clips of each sample")
+    p.add_argument("--heldout-bank", default=None,
+                   help="held-out speech saved by `training.lip_sync_check --save-bank` (machines without espeak-ng)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
+    args.t0 = started
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest 3D-conv kernels once

@@ -14,9 +14,10 @@ from model.vae import AvatarVAE, build_vae
 from training.dit_training import DiTBatch, dit_loss, encode_streams
 from training.speech import make_utterance
 from training.stream_pool import build_pool
+from training.lip_sync_check import heldout_samples, save_heldout_bank
 from training.talking_dataset import split_identities
-from training.train_tiny import geometry_of
-from training.vae_training import fit_latent_scale, to_video_tensor, vae_batch
+from training.train_tiny import geometry_of, learning_rate
+from training.vae_training import decode_latents, encode_moments, fit_latent_scale, to_video_tensor, vae_batch
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,38 @@ def test_dit_step_reaches_sink_audio_and_block_weights(setup):
                          ("patch embedding", dit.patch_embedding), ("wav2vec2", wav2vec2.feature_extractor)]:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reaches the {name}"
+
+
+def test_two_call_vae_matches_the_per_frame_loops_and_the_streaming_decoder(setup):
+    cfg, geometry, streams = setup
+    torch.manual_seed(1)
+    vae = build_vae(cfg.model.vae)
+    video = to_video_tensor(vae_batch(streams, 2, 8, np.random.default_rng(2))[0], "cpu")
+    with torch.no_grad():
+        moments = encode_moments(vae, video)
+        assert torch.allclose(moments, vae._encode(video), atol=1e-5)
+        z = moments[:, :16]
+        decoded = decode_latents(vae, z)
+        assert torch.allclose(decoded.clamp(-1, 1), vae._decode(z).sample, atol=1e-5)
+    avatar_vae = AvatarVAE(vae)
+    normalized = avatar_vae.normalize(z)
+    decoder = avatar_vae.new_decoder(normalized[:1, :, :1])
+    streamed = torch.cat([decoder.decode(normalized[:1, :, 1:2]), decoder.decode(normalized[:1, :, 2:])], dim=2)
+    assert torch.allclose(streamed, decoded[:1, :, 1:].clamp(-1, 1), atol=1e-4)
+
+
+def test_saved_heldout_speech_renders_the_same_sample(tmp_path):
+    cfg = load_config(None, {"video.size": "64*64"})
+    bank = save_heldout_bank(tmp_path / "heldout.npz", 1)
+    saved = heldout_samples(cfg, 1, bank, max_clips=2)[0]
+    fresh = heldout_samples(cfg, 1, max_clips=2)[0]
+    assert len(saved.frames) == 2 * cfg.video.infer_frames
+    assert np.array_equal(saved.frames, fresh.frames) and np.array_equal(saved.audio, fresh.audio)
+    assert np.array_equal(saved.opening, fresh.opening)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    assert learning_rate(1.0, 0.0) < 0.05
+    assert learning_rate(1.0, 0.03) == pytest.approx(1.0)
+    assert learning_rate(1.0, 1.0) == pytest.approx(0.05)
+    assert learning_rate(1.0, 0.5) > learning_rate(1.0, 0.8)

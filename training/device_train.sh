@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Train the tiny avatar on one GPU in two calls that each stop themselves within WALL_S seconds.
+#
+#   bash training/device_train.sh prepare   # here (needs espeak-ng): speech banks into $IN
+#   bash training/device_train.sh 1         # GPU call 1: the VAE -> $OUT/phase1/{parts/*.safetensors,log.txt,...}
+#   bash training/device_train.sh 2         # GPU call 2: the DiT on $IN/phase1/parts -> $OUT/phase2/tiny_avatar.safetensors
+#   DRY=1 bash training/device_train.sh 1   # the same code for a few steps on the CPU (then DRY=1 ... 2)
+#
+# $IN (default artifacts/device_in, ignored by git) holds speech_bank.npz, heldout_bank.npz and, for
+# phase 2, phase1/parts/ (copy phase 1's returned phase1/ folder there). Wheels in .whl/ (diffusers and
+# its importlib_metadata) are installed first when present: the GPU machine has no diffusers.
+set -euo pipefail
+PHASE=${1:?usage: device_train.sh prepare|1|2}
+IN=${IN:-artifacts/device_in}
+OUT=${OUT:-artifacts/device_out}
+DRY=${DRY:-0}
+WALL_S=${WALL_S:-535}   # the whole command, pip install included; the device call allows 560
+
+if [ "$PHASE" = prepare ]; then
+  PY=${PY:-.venv/bin/python}
+  mkdir -p "$IN"
+  cp artifacts/tiny_speech/speech_bank.npz "$IN/speech_bank.npz"
+  PYTHONPATH=. "$PY" -m training.lip_sync_check --save-bank "$IN/heldout_bank.npz" --count 4
+  ls -la "$IN"
+  exit 0
+fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+if [ "$DRY" = 1 ]; then
+  PY=${PY:-.venv/bin/python}
+  WORK=${WORK:-/tmp/device_train_dry}
+  # Same code, a few steps: CPU, 2 threads, tiny batches, short evaluation.
+  COMMON=(--device cpu --workers 1 --num-utterances 4 --num-streams 6 --num-identities 4
+          --vae-steps 2 --vae-batch 2 --vae-frames 4 --dit-steps 2 --dit-batch 2 --checkpoint-every 1
+          --log-every 1 --eval-samples 1 --eval-clips 2 --latent-fit-videos 4)
+else
+  PY=${PY:-python3}
+  WORK=${WORK:-/tmp/device_train}
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  COMMON=(--device cuda --workers 15 --num-utterances 128 --num-streams 512 --num-identities 96
+          --vae-steps 100000 --vae-batch 48 --vae-frames 12 --dit-steps 100000 --dit-batch 96
+          --checkpoint-every 250 --log-every 50 --eval-samples 2 --eval-clips 8)
+fi
+COMMON+=(--speech-bank "$IN/speech_bank.npz" --heldout-bank "$IN/heldout_bank.npz")
+"$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'cuda', torch.cuda.is_available())"
+
+case "$PHASE" in
+  1)
+    mkdir -p "$OUT/phase1"
+    rm -rf "$WORK/phase1"
+    "$PY" -m training.train_tiny "${COMMON[@]}" --phases vae --wall-s $((WALL_S - SECONDS)) --reserve-s 25 \
+      --work-dir "$WORK/phase1" --parts-dir "$OUT/phase1/parts" 2>&1 | tee "$OUT/phase1/log.txt"
+    cp "$WORK/phase1/summary.json" "$OUT/phase1/"
+    cp "$WORK/phase1/eval_vae.json" "$OUT/phase1/" 2>/dev/null || true
+    ;;
+  2)
+    test -f "$IN/phase1/parts/vae.safetensors" || { echo "no $IN/phase1/parts: copy phase 1's phase1/ folder into $IN" >&2; exit 2; }
+    mkdir -p "$OUT/phase2"
+    rm -rf "$WORK/phase2"
+    "$PY" -m training.train_tiny "${COMMON[@]}" --init-from "$IN/phase1/parts" --wall-s $((WALL_S - SECONDS)) \
+      --reserve-s 50 --work-dir "$WORK/phase2" --parts-dir "$OUT/phase2/parts" \
+      --out "$OUT/phase2/tiny_avatar.safetensors" 2>&1 | tee "$OUT/phase2/log.txt"
+    cp "$WORK/phase2/summary.json" "$OUT/phase2/"
+    cp "$WORK/phase2/eval.json" "$OUT/phase2/" 2>/dev/null || true
+    ;;
+  *)
+    echo "unknown phase $PHASE: use prepare, 1 or 2" >&2
+    exit 2
+    ;;
+esac
+echo "phase $PHASE done in $SECONDS s"
+ls -laR "$OUT"
