@@ -11,6 +11,7 @@ the kernel launches. On CUDA the step runs under bfloat16 autocast.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -75,8 +76,9 @@ def decode_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device | str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" \
-        else contextlib.nullcontext()
+    # VAE_FP32=1 turns bf16 autocast off (a fallback should a CUDA build misbehave under it).
+    use = torch.device(device).type == "cuda" and os.environ.get("VAE_FP32", "0") != "1"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
 def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, pixel_weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
