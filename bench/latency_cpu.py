@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Audio->video latency and A/V offset of the live path, measured end to end over loopback WebRTC.
 
-    .venv/bin/python bench/latency_cpu.py [--config configs/tiny.yaml] [--steps 4 1] [--seconds 5] [--threads 1]
+    .venv/bin/python bench/latency_cpu.py [--config configs/tiny.yaml] [--steps 4 1] [--frames 12 24]
+        [--delivery parts whole] [--seconds 5] [--threads 1] [--set key=value ...]
 
 A client sends espeak-ng speech as its microphone through the real /ws signaling; the server runs the
 model through ModelEngine. Per run it prints: when the first frame made from the speech arrived after
 that speech was sent (latency), the server's playout delay, the offset between that frame and the
-returned voice (A/V offset, + = video late), generation time per clip, received fps and dropped clips.
+returned voice (A/V offset, + = video late), generation time per clip and to its first part, received
+fps and dropped clips. `--frames` sets video.infer_frames per row (default: the config's and twice it;
+with the tiny model 12 frames are one denoised block, 24 are two); `--delivery whole` hands each clip to the session only once all its blocks
+are done (how the server worked before clips came in parts), for a side-by-side comparison.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import load_config
+from model.io_types import VideoClip
 from server.engine import ModelEngine
 from server.reference_image import drawn_reference, resize_rgb
 from tests.server.av_analysis import align_chunks, audio_timeline, first_clip_frame
@@ -38,8 +43,34 @@ def speech(seconds: float) -> np.ndarray:
         return read_wav_48k_mono(wav)[: int(seconds * 48000)]
 
 
-async def measure(cfg, steps: int, pcm: np.ndarray) -> dict:
-    engine = ModelEngine(cfg)
+class BenchEngine(ModelEngine):
+    """The real engine, counting each clip's parts; with `whole`, a clip reaches the session only when done."""
+
+    def __init__(self, cfg, whole: bool) -> None:
+        super().__init__(cfg)
+        self.whole = whole
+        self.parts_per_clip: dict[int, int] = {}  # of clips whose final part came
+        self._parts_so_far: dict[int, int] = {}
+
+    async def submit(self, session_id, window, on_part=None) -> VideoClip:
+        def count(part: VideoClip) -> None:
+            self._parts_so_far[part.clip_index] = self._parts_so_far.get(part.clip_index, 0) + 1
+            if part.final:
+                self.parts_per_clip[part.clip_index] = self._parts_so_far[part.clip_index]
+            if not self.whole and on_part is not None:
+                on_part(part)
+
+        if not self.whole:
+            return await super().submit(session_id, window, on_part=count)
+        clip = await super().submit(session_id, window)  # next_clip: all blocks, then the clip
+        count(clip)
+        if on_part is not None:
+            on_part(clip)
+        return clip
+
+
+async def measure(cfg, steps: int, pcm: np.ndarray, delivery: str = "parts") -> dict:
+    engine = BenchEngine(cfg, whole=delivery == "whole")
     await engine.load()
     server, runner = await start_server(cfg, engine)
     client = LoopbackClient(server.ws_url, pcm, config={"sample_steps": steps})
@@ -49,7 +80,7 @@ async def measure(cfg, steps: int, pcm: np.ndarray) -> dict:
         while True:
             await asyncio.sleep(0.25)
             stats = client.stats()
-            if stats and stats[-1]["latency_ms"] is not None and \
+            if stats and stats[-1]["latency_ms"] is not None and stats[-1]["clips_played"] and \
                     time.monotonic() - client.connected_s > speech_s + stats[-1]["latency_ms"] / 1000 + 1:
                 break
             if time.monotonic() - client.connected_s > 120:
@@ -68,9 +99,14 @@ async def measure(cfg, steps: int, pcm: np.ndarray) -> dict:
     sent_s = client.mic._start_s  # wall time the first speech sample was handed to WebRTC
     stats = client.stats()
     generation = [s["generation_ms"] for s in stats if s["generation_ms"] is not None]
+    first_part = [s["first_part_ms"] for s in stats if s.get("first_part_ms") is not None]
     steady = client.video[len(client.video) // 4:]
     return {
         "steps": steps,
+        "frames": cfg.video.infer_frames,
+        "parts": max(engine.parts_per_clip.values(), default=0),
+        "delivery": delivery,
+        "first_part_ms": float(np.median(first_part)) if first_part else float("nan"),
         "latency_ms": (first.arrival_s - sent_s) * 1000,
         "playout_delay_ms": stats[-1]["latency_ms"],
         "av_offset_ms": (first.arrival_s - sample0_arrival_s) * 1000,
@@ -86,22 +122,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 1])
+    parser.add_argument("--frames", type=int, nargs="+", default=None,
+                        help="video.infer_frames per row (default: the config's and twice it; tiny model: "
+                             "12 = one block per clip, 24 = two)")
+    parser.add_argument("--delivery", choices=["parts", "whole"], nargs="+", default=["parts"],
+                        help="parts: each block's frames leave as soon as they exist; whole: the clip at once")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config key, e.g. --set video.size=64*64 (repeatable)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model (runtime.num_threads)")
     args = parser.parse_args()
-    cfg = load_config(args.config, {"runtime.num_threads": args.threads})
+    overrides = {"runtime.num_threads": args.threads}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = value
     pcm = speech(args.seconds)
-    rows = [asyncio.run(measure(cfg, steps, pcm)) for steps in args.steps]
+    rows = []
+    frames_per_clip = load_config(args.config, overrides).video.infer_frames
+    for frames in args.frames or [frames_per_clip, 2 * frames_per_clip]:
+        cfg = load_config(args.config, {**overrides, "video.infer_frames": frames})
+        for delivery in args.delivery:
+            rows += [asyncio.run(measure(cfg, steps, pcm, delivery)) for steps in args.steps]
     print(f"\nlive path, {cfg.model.preset} model, {cfg.video.size} at {cfg.video.fps:g} fps, "
-          f"{cfg.video.infer_frames} frames/clip, {args.seconds:g} s of speech, {args.threads} torch thread(s), "
+          f"{args.seconds:g} s of speech, {args.threads} torch thread(s), "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    header = ("steps", "first frame after speech ms", "playout delay ms", "A/V offset ms", "voice match",
-              "generation ms/clip", "clip ms", "fps", "clips")
+    header = ("frames/clip", "parts/clip", "delivery", "steps", "first frame after speech ms", "playout delay ms",
+              "A/V offset ms", "voice match", "generation ms/clip", "first part ms", "clip ms", "fps", "clips")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows:
-        print(f"{r['steps']} | {r['latency_ms']:.0f} | {r['playout_delay_ms']:.0f} | {r['av_offset_ms']:+.1f} | "
-              f"{r['voice_match']:.2f} | {r['generation_ms']:.0f} | {r['clip_ms']:.0f} | {r['fps']:.2f} | {r['clips']}")
+        print(f"{r['frames']} | {r['parts']} | {r['delivery']} | {r['steps']} | {r['latency_ms']:.0f} | "
+              f"{r['playout_delay_ms']:.0f} | {r['av_offset_ms']:+.1f} | {r['voice_match']:.2f} | "
+              f"{r['generation_ms']:.0f} | {r['first_part_ms']:.0f} | {r['clip_ms']:.0f} | {r['fps']:.2f} | "
+              f"{r['clips']}")
     return 0
 
 
