@@ -13,6 +13,12 @@ The DiT then shards its token sequence (and the matching RoPE tables) right afte
 keeps only its shard of every K/V it caches, gathers full frames around the audio injection, and gathers
 the output tokens before the head. With no group set (the default) all three are the identity and
 `attention` is plain scaled-dot-product attention.
+
+Kernel choice: `set_attention_backend` ('auto', 'flash', 'cudnn', 'efficient', 'math', from
+`runtime.attention_backend`) puts one SDPA backend first for the DiT's attention; the others stay as
+fall-backs, so a shape or device the preferred kernel cannot take (the CPU, say) still runs.
+Compiled DiT blocks reach `attention` through `compiled_attention`, one opaque op for torch.compile,
+so the sequence-parallel all-to-all inside it never breaks the block's graph.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,12 +75,64 @@ def sequence_parallel() -> SequenceParallel:
     return _group
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+_BACKEND_ENUMS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_backend_name = "auto"
+_backend_order: list[SDPBackend] | None = None  # None: PyTorch's own choice
+
+
+def set_attention_backend(name: str) -> str:
+    """Prefer one SDPA backend for the DiT's attention ('auto' = PyTorch's choice); returns the old name."""
+    global _backend_name, _backend_order
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"--runtime.attention_backend: must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    previous = _backend_name
+    _backend_name = name
+    if name == "auto":
+        _backend_order = None
+    else:
+        first = _BACKEND_ENUMS[name]
+        _backend_order = [first] + [b for b in _BACKEND_ENUMS.values() if b != first]
+    return previous
+
+
+def attention_backend() -> str:
+    return _backend_name
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention on one device: [B, Sq, H, D] x [B, Sk, H, D] -> [B, Sq, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if _backend_order is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        with sdpa_kernel(_backend_order, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Self-attention of the DiT: q/k/v [B, S, heads, head_dim] -> [B, Sq, heads, head_dim]."""
     return _group.attention(q, k, v, local_attention)
+
+
+@torch.library.custom_op("liveavatar::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attention(q, k, v).contiguous()
+
+
+@_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`attention`, as one opaque op while torch.compile traces (eager: the plain call)."""
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v)
+    return attention(q, k, v)

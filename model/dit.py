@@ -28,6 +28,13 @@ being denoised, so positions stay bounded however long the stream runs (see `mod
 Sequence parallelism hook: every self-attention call goes through `model.attention.attention`;
 `model/parallel.py` wraps it (Ulysses all-to-all heads<->sequence) via
 `model.attention.set_sequence_parallel(...)` without touching the layers (see that module).
+
+Speed (same results within float tolerance; `AvatarDiT.apply_runtime(cfg.runtime)` after loading):
+RoPE tables are built once per position layout and kept on the device in the StreamCache; cached and
+new keys are rotated (float32 math) straight into one buffer; a block is a pure function of tensors
+(`AvatarBlock`: it returns its K/V, the caller writes the cache), so `runtime.compile` compiles it once
+for all layers without graph breaks; `runtime.fuse_qkv` runs q/k/v as one GEMM and
+`runtime.attention_backend` picks the SDPA kernel.
 """
 
 from __future__ import annotations
@@ -37,15 +44,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
 from torch import nn
 
-from model.attention import attention, local_attention, sequence_parallel
-from model.config import DiTConfig
+from model.attention import compiled_attention, local_attention, sequence_parallel, set_attention_backend
+from model.config import DiTConfig, RuntimeConfig
 from model.dit_audio import AudioInjector, CausalAudioEncoder
 from model.dit_motion import MOTION_LATENT_FRAMES, FramePackMotioner
-from model.rope import apply_rope, grid_positions, rope_tables
+from model.rope import RotationTables, grid_positions, rotate, rotate_concat, rotation_tables
 
 # The reference places the reference-image sink at latent frame 30 (Wan2.2 model_s2v.py ref_grid_sizes
 # [30, 0, 0]) and LiveAvatar rolls it forward with the stream so it stays 4..30 frames (random per call)
@@ -55,6 +63,9 @@ REF_FRAME_OFFSET = 30
 NUM_AUDIO_TOKENS = 4  # Wan2.2 WanModel_S2V num_audio_token default
 COND_MASK_NOISY, COND_MASK_REF, COND_MASK_MOTION = 0, 1, 2  # rows of `trainable_cond_mask`
 SINK_KIND_REF, SINK_KIND_MOTION = 0, 1
+# Rotation-table layouts kept per stream: the sink's, the block's and the memory's (a few while the
+# window fills, then one per ring rotation); older ones are dropped first.
+ROPE_LAYOUTS_KEPT = 16
 
 
 class StreamStateError(ValueError):
@@ -88,6 +99,7 @@ class StreamCache:
     block_positions: torch.Tensor | None = None  # [block_tokens, 3] of a block starting at frame 0
     slot_frame_start: list[int | None] = field(default_factory=list)
     next_slot: int = 0
+    rope: dict[tuple, RotationTables] = field(default_factory=dict)  # device RoPE tables per position layout
 
     @property
     def ready(self) -> bool:
@@ -112,81 +124,152 @@ class StreamCache:
         self.text_k = self.text_v = self.kv_k = self.kv_v = None
         self.slot_frame_start = [None] * self.num_slots
         self.next_slot = 0
+        self.rope = {}
 
 
-# ----------------------------------------------------------------------------- attention processors
+# ----------------------------------------------------------------------------- the transformer block
 
 
-@dataclass
-class SelfAttentionCall:
-    """What one block's self-attention needs this call: query RoPE, the cached memory, where to store K/V."""
+class AvatarBlock(WanTransformerBlock):
+    """diffusers `WanTransformerBlock` (same modules, same weight names, same math) with a streaming forward.
 
-    cos: torch.Tensor  # [S, D/2] for this call's tokens
-    sin: torch.Tensor
-    memory_k: torch.Tensor | None = None  # un-rotated [B, M, H, D]
-    memory_v: torch.Tensor | None = None
-    memory_cos: torch.Tensor | None = None  # [M, D/2]
-    memory_sin: torch.Tensor | None = None
-    store: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # gets this call's un-rotated K, V
-
-
-@dataclass
-class TextKV:
-    """A block's cached text keys/values [B, text_len, H, D], computed once per session at prefill."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-class StreamingSelfAttnProcessor:
-    """diffusers WanAttention processor for self-attention over sink + window + this block.
-
-    The block passes our `SelfAttentionCall` through the `rotary_emb` argument of
-    `WanTransformerBlock.forward`, so the diffusers block runs unchanged.
+    forward(x, text_k, text_v, temb, cos, sin, memory_k, memory_v, memory_cos, memory_sin) -> (x, k, v):
+    self-attention over the rotated memory (sink + window, un-rotated in the cache) and this call's
+    tokens, cross-attention to the text K/V cached at prefill, feed-forward; k, v are this call's
+    un-rotated keys/values, which the caller stores in the cache (commit, prefill) or drops. Tensors
+    only in, tensors out, no side effects: one graph for torch.compile, shared by every layer.
     """
 
-    def __call__(
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Fused self-attention QKV (`fuse_qkv`): to_q/to_k/to_v weights become views into these.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+        self.compiled_compute: Callable | None = None
+
+    def forward(
         self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        rotary_emb: SelfAttentionCall | None = None,
-    ) -> torch.Tensor:
-        call = rotary_emb
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        keys, values = apply_rope(k, call.cos, call.sin), v
-        if call.memory_k is not None:
-            past_k = apply_rope(call.memory_k.to(k.dtype), call.memory_cos, call.memory_sin)
-            keys = torch.cat([past_k, keys], dim=1)
-            values = torch.cat([call.memory_v.to(v.dtype), values], dim=1)
-        out = attention(apply_rope(q, call.cos, call.sin), keys, values)
-        if call.store is not None:
-            call.store(k, v)
+        x: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        temb: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        memory_k: torch.Tensor | None = None,
+        memory_v: torch.Tensor | None = None,
+        memory_cos: torch.Tensor | None = None,
+        memory_sin: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is not None and not torch.compiler.is_compiling():
+            self._check_fused()
+        compute = self.compiled_compute or AvatarBlock.compute
+        return compute(self, x, text_k, text_v, temb, cos, sin, memory_k, memory_v, memory_cos, memory_sin)
+
+    def compute(
+        self,
+        x: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        temb: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        memory_k: torch.Tensor | None,
+        memory_v: torch.Tensor | None,
+        memory_cos: torch.Tensor | None,
+        memory_sin: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's math (diffusers `WanTransformerBlock.forward`, float32 modulation and residuals)."""
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+        norm = (self.norm1(x.float()) * (1 + scale_msa) + shift_msa).type_as(x)
+        attn_out, k, v = self._self_attention(norm, cos, sin, memory_k, memory_v, memory_cos, memory_sin)
+        x = (x.float() + attn_out * gate_msa).type_as(x)
+        norm = self.norm2(x.float()).type_as(x)
+        x = x + self._text_attention(norm, text_k, text_v)
+        norm = (self.norm3(x.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(x)
+        ff = self.ffn(norm)
+        x = (x.float() + ff.float() * c_gate_msa).type_as(x)
+        return x, k, v
+
+    def _self_attention(self, hidden, cos, sin, memory_k, memory_v, memory_cos, memory_sin):
+        attn = self.attn1
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(hidden, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+        v = v.unflatten(2, (attn.heads, -1))
+        keys = rotate_concat(memory_k, k, memory_cos, memory_sin, cos, sin)
+        values = v if memory_v is None else torch.cat([memory_v.to(v.dtype), v], dim=1)
+        out = compiled_attention(rotate(q, cos, sin), keys, values)
         out = out.flatten(2).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out)), k, v
+
+    def _text_attention(self, hidden, text_k, text_v):
+        attn = self.attn2
+        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (attn.heads, -1))
+        out = local_attention(q, text_k.to(q.dtype), text_v.to(q.dtype)).flatten(2).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
+    # ---- fused QKV
 
-class CachedTextCrossAttnProcessor:
-    """diffusers WanAttention processor for text cross-attention with K/V cached at prefill.
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One [3*dim, dim] GEMM for q, k, v; to_q/to_k/to_v keep their names as views into it (no extra memory).
 
-    `WanTransformerBlock.forward` hands `encoder_hidden_states` straight to this processor: we pass `TextKV`.
-    """
+        Call after the weights are loaded and cast: a later cast or re-assignment of those parameters'
+        storage (FSDP sharding too) breaks the views, which the next forward reports.
+        """
+        if self.qkv_weight is not None:
+            return
+        linears = (self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
+        if any(_is_dtensor(p) for lin in linears for p in lin.parameters()):
+            raise ValueError("--runtime.fuse_qkv: the QKV weights are sharded (per-layer sharding); "
+                             "fused QKV needs whole weights, turn one of them off")
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears])
+        rows = linears[0].weight.shape[0]
+        for i, lin in enumerate(linears):
+            lin.weight.data = weight[i * rows : (i + 1) * rows]
+            lin.bias.data = bias[i * rows : (i + 1) * rows]
+        self.qkv_weight, self.qkv_bias = weight, bias
 
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states: TextKV | None = None,
-        attention_mask=None,
-        rotary_emb=None,
-    ) -> torch.Tensor:
-        text = encoder_hidden_states
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        out = local_attention(q, text.k.to(q.dtype), text.v.to(q.dtype)).flatten(2).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
+    def _check_fused(self) -> None:
+        if (self.attn1.to_q.weight.data_ptr() != self.qkv_weight.data_ptr()
+                or self.attn1.to_v.bias.data_ptr() != self.qkv_bias[2 * self.qkv_bias.shape[0] // 3 :].data_ptr()):
+            raise RuntimeError("fused QKV weights no longer share storage with to_q/to_k/to_v (cast, reloaded "
+                               "or sharded after fuse_qkv); fuse again after the last change of the weights")
+
+
+# Compiled graphs kept per function: (batch, frame size, memory length) combinations a process may meet.
+COMPILE_RECOMPILE_LIMIT = 64
+_COMPILED: dict[tuple[str, str], Callable] = {}
+
+
+def _compiled_block_compute(backend: str, mode: str) -> Callable:
+    """One torch.compile of `AvatarBlock.compute` per (backend, mode), shared by every block and model."""
+    key = (backend, mode)
+    if key not in _COMPILED:
+        import torch._dynamo
+
+        limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), COMPILE_RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4 * limit
+        )
+        options = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
+        _COMPILED[key] = torch.compile(
+            AvatarBlock.compute, backend=backend, dynamic=False, fullgraph=True, **options
+        )
+    return _COMPILED[key]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -214,15 +297,10 @@ class AvatarDiT(nn.Module):
         )
         self.blocks = nn.ModuleList(
             [
-                WanTransformerBlock(
-                    dim, cfg.ffn_dim, heads, "rms_norm_across_heads", cfg.cross_attn_norm, cfg.eps
-                )
+                AvatarBlock(dim, cfg.ffn_dim, heads, "rms_norm_across_heads", cfg.cross_attn_norm, cfg.eps)
                 for _ in range(cfg.num_layers)
             ]
         )
-        for block in self.blocks:
-            block.attn1.set_processor(StreamingSelfAttnProcessor())
-            block.attn2.set_processor(CachedTextCrossAttnProcessor())
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(patch))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
@@ -256,6 +334,35 @@ class AvatarDiT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    # ---- runtime options (speed only: same results within float tolerance)
+
+    def apply_runtime(self, runtime: RuntimeConfig) -> AvatarDiT:
+        """Apply `runtime.attention_backend`, `runtime.fuse_qkv` and `runtime.compile` (after weights are loaded)."""
+        set_attention_backend(runtime.attention_backend)
+        if runtime.fuse_qkv:
+            self.fuse_qkv()
+        if runtime.compile:
+            self.compile_blocks(mode=runtime.compile_mode)
+        return self
+
+    def fuse_qkv(self) -> None:
+        """Self-attention q/k/v as one GEMM in every block (`AvatarBlock.fuse_qkv`); weight names unchanged."""
+        for block in self.blocks:
+            block.fuse_qkv()
+
+    def compile_blocks(self, backend: str | None = "inductor", mode: str = "default") -> None:
+        """torch.compile the transformer block's math once for all layers (regional compilation).
+
+        Every layer runs the same compiled function (`AvatarBlock.compute`, parameters are graph inputs),
+        so the 40 layers cost one compilation per shape. Shapes are static: a stream meets one per
+        memory length (sink only, then each filled slot count) plus the sink's own pass, and each
+        (batch, frame size) adds its set; the recompile limit is raised to cover that. The K/V cache
+        writes stay outside (the block returns k, v). backend None goes back to eager.
+        """
+        compute = None if backend is None else _compiled_block_compute(backend, mode)
+        for block in self.blocks:
+            block.compiled_compute = compute
 
     # ---- streaming API
 
@@ -310,11 +417,12 @@ class AvatarDiT(nn.Module):
         cache.text_v.copy_(text_v)
         cache.sink_positions, cache.sink_kind, cache.block_positions = positions, kind, block_pos
         # The sink's own pass places it as the reference does at the stream's start (frame_start 0).
-        cos, sin = rope_tables(self._sink_positions_at(cache, 0), self.head_dim, self.device)
+        tables = self._rope(cache, ("sink",), lambda: self._sink_positions_at(cache, 0))
         _, proj = self._time_embedding(torch.zeros(b, device=self.device))
         for layer, block in enumerate(self.blocks):
-            call = SelfAttentionCall(cos, sin, store=self._sink_writer(cache, layer))
-            x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
+            x, k, v = block(x, cache.text_k[layer], cache.text_v[layer], proj, tables.cos, tables.sin)
+            cache.kv_k[layer, :, : cache.sink_tokens] = k
+            cache.kv_v[layer, :, : cache.sink_tokens] = v
 
     @torch.no_grad()
     def forward(
@@ -344,7 +452,8 @@ class AvatarDiT(nn.Module):
         self._check_block(cache, clean, audio, frame_start, committing=True)
         if cache.num_slots == 0:
             return
-        self._run_block(cache, clean, torch.zeros(clean.shape[0]), audio, frame_start, commit=True)
+        timestep = torch.zeros(clean.shape[0], device=self.device)
+        self._run_block(cache, clean, timestep, audio, frame_start, commit=True)
         self._advance_slot(cache, frame_start)
 
     @staticmethod
@@ -376,20 +485,25 @@ class AvatarDiT(nn.Module):
         temb, proj = self._time_embedding(timestep)
         audio_global, audio_local = self.casual_audio_encoder(audio.to(self.device, self.dtype))
         memory = self._memory_tables(cache, frame_start)
-        cos, sin = rope_tables(cache.block_positions, self.head_dim, self.device)
-        slot = cache.next_slot
+        mem_len = memory.length
+        tables = self._rope(cache, ("block",), lambda: cache.block_positions)
+        start = cache.sink_tokens + cache.next_slot * cache.block_tokens
         for layer, block in enumerate(self.blocks):
-            mem_len = memory[0]
-            call = SelfAttentionCall(
-                cos,
-                sin,
+            x, k, v = block(
+                x,
+                cache.text_k[layer],
+                cache.text_v[layer],
+                proj,
+                tables.cos,
+                tables.sin,
                 cache.kv_k[layer, :, :mem_len],
                 cache.kv_v[layer, :, :mem_len],
-                memory[1],
-                memory[2],
-                store=self._slot_writer(cache, layer, slot) if commit else None,
+                memory.cos,
+                memory.sin,
             )
-            x = block(x, TextKV(cache.text_k[layer], cache.text_v[layer]), proj, call)
+            if commit:
+                cache.kv_k[layer, :, start : start + cache.block_tokens] = k
+                cache.kv_v[layer, :, start : start + cache.block_tokens] = v
             if layer in self.audio_injector.injected_block_id:
                 full = self.audio_injector(layer, sp.gather_tokens(x), audio_global, audio_local)
                 x = sp.shard_tokens(full)
@@ -433,26 +547,6 @@ class AvatarDiT(nn.Module):
         cache.text_v = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.sink_tokens, cache.block_tokens, cache.latent_hw = sink_tokens, block_tokens, latent_hw
 
-    @staticmethod
-    def _sink_writer(cache: StreamCache, layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        def write(k: torch.Tensor, v: torch.Tensor) -> None:
-            cache.kv_k[layer, :, : cache.sink_tokens] = k
-            cache.kv_v[layer, :, : cache.sink_tokens] = v
-
-        return write
-
-    @staticmethod
-    def _slot_writer(
-        cache: StreamCache, layer: int, slot: int
-    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        start = cache.sink_tokens + slot * cache.block_tokens
-
-        def write(k: torch.Tensor, v: torch.Tensor) -> None:
-            cache.kv_k[layer, :, start : start + cache.block_tokens] = k
-            cache.kv_v[layer, :, start : start + cache.block_tokens] = v
-
-        return write
-
     def _sink_positions_at(self, cache: StreamCache, frame_start: int) -> torch.Tensor:
         """Sink positions relative to a block starting at `frame_start` (bounded for any frame_start).
 
@@ -469,16 +563,36 @@ class AvatarDiT(nn.Module):
         positions[:, 0] += shift
         return positions
 
-    def _memory_tables(self, cache: StreamCache, frame_start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(tokens in use, cos, sin) of sink + filled slots, positions relative to `frame_start`."""
-        parts = [self._sink_positions_at(cache, frame_start)]
-        for slot_start in cache.slot_frame_start[: cache.filled_slots]:
-            pos = cache.block_positions.clone()
-            pos[:, 0] += slot_start - frame_start
-            parts.append(pos)
-        positions = torch.cat(parts)
-        cos, sin = rope_tables(positions, self.head_dim, self.device)
-        return positions.shape[0], cos, sin
+    def _memory_tables(self, cache: StreamCache, frame_start: int) -> RotationTables:
+        """Rotation tables of sink + filled slots, positions relative to `frame_start` (cached per layout).
+
+        The positions depend on frame_start only through the motion shift (bounded by the window) and
+        the filled slots' offsets from the block: a handful of layouts for a whole stream, so after the
+        first blocks every call finds its tables on the device.
+        """
+        window_frames = cache.num_slots * self.cfg.num_frames_per_block
+        offsets = tuple(s - frame_start for s in cache.slot_frame_start[: cache.filled_slots])
+        key = ("memory", min(frame_start, window_frames), offsets)
+
+        def positions() -> torch.Tensor:
+            parts = [self._sink_positions_at(cache, frame_start)]
+            for offset in offsets:
+                pos = cache.block_positions.clone()
+                pos[:, 0] += offset
+                parts.append(pos)
+            return torch.cat(parts)
+
+        return self._rope(cache, key, positions)
+
+    def _rope(self, cache: StreamCache, key: tuple, positions: Callable[[], torch.Tensor]) -> RotationTables:
+        """The cache's rotation tables for `key`, computed (host, float64) and copied to the device once."""
+        tables = cache.rope.get(key)
+        if tables is None:
+            if len(cache.rope) >= ROPE_LAYOUTS_KEPT:
+                cache.rope.pop(next(iter(cache.rope)))
+            tables = rotation_tables(positions(), self.head_dim, self.device)
+            cache.rope[key] = tables
+        return tables
 
     def _head(self, hidden: torch.Tensor, temb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Modulated norm + projection, then un-patchify to [B, C, F, h, w] float32."""

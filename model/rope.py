@@ -9,6 +9,8 @@ cached blocks sit at negative frames, the reference sink ahead of it, FramePack 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 ROPE_THETA = 10000.0
@@ -46,9 +48,95 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, S, H, D] by the tables [S, D/2]; float32 math, x's dtype out."""
+    """Rotate adjacent channel pairs of x [B, S, H, D] by the tables [S, D/2]; float32 math, x's dtype out.
+
+    The plain form of the math (kept for reading and for tools); the DiT uses `rotate`/`rotate_concat`.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotation on the hot path
+
+
+@dataclass(frozen=True)
+class RotationTables:
+    """RoPE tables laid out for an element-wise rotation of x [B, S, H, D]: both [S, 1, D] float32.
+
+    `cos` holds each pair's cosine twice, `sin` the pair's sine as (-sin, +sin), so the rotation is
+    x * cos + swap_pairs(x) * sin: one pass over x, no stacking, and a chain torch.compile fuses whole.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.cos.shape[0]
+
+
+def rotation_tables(
+    positions: torch.Tensor,
+    head_dim: int,
+    device: torch.device | str | None = None,
+    theta: float = ROPE_THETA,
+) -> RotationTables:
+    """`RotationTables` for positions [S, 3]; angles in float64 on the host, one copy to `device`."""
+    cos, sin = rope_tables(positions, head_dim, None, theta)
+    cos2 = cos.repeat_interleave(2, dim=-1)
+    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return RotationTables(cos2[:, None].to(device), sin2[:, None].to(device))
+
+
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last dim."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _eager_fast_path() -> bool:
+    """Out-of-place kernels with `out=` save passes in eager inference; compiled or autograd code keeps it functional."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RoPE of x [B, S, H, D] by `RotationTables` cos/sin [S, 1, D]: float32 math, `dtype` (default x's) out."""
+    dtype = dtype or x.dtype
+    if _eager_fast_path():
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        _rotate_into(out, x, cos, sin)
+        return out
+    xf = x.float()
+    return (xf * cos + _swap_pairs(xf) * sin).to(dtype)
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    # x * cos promotes to float32 inside the kernel (no separate cast pass); addcmul adds swap(x) * sin in
+    # float32 and rounds once into `out`: three passes over x instead of the seven of cast/unflatten/stack.
+    torch.addcmul(x * cos, _swap_pairs(x), sin, out=out)
+
+
+def rotate_concat(
+    memory: torch.Tensor | None,
+    new: torch.Tensor,
+    memory_cos: torch.Tensor | None,
+    memory_sin: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """Rotated keys of the cached memory [B, M, H, D], then of this call [B, S, H, D] -> [B, M + S, H, D].
+
+    Eager inference rotates both straight into one buffer (no rotated copy of the memory, no cat);
+    under torch.compile (and autograd) it is rotate + cat, which inductor turns into one kernel.
+    """
+    if memory is None:
+        return rotate(new, cos, sin)
+    if not _eager_fast_path():
+        return torch.cat([rotate(memory, memory_cos, memory_sin, new.dtype), rotate(new, cos, sin)], dim=1)
+    b, m, h, d = memory.shape
+    out = torch.empty((b, m + new.shape[1], h, d), dtype=new.dtype, device=new.device)
+    _rotate_into(out[:, :m], memory, memory_cos, memory_sin)
+    _rotate_into(out[:, m:], new, cos, sin)
+    return out

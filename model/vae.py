@@ -3,14 +3,21 @@
 The decoder is causal in time: each of its 3D convolutions looks back two frames through a feature
 cache. `StreamingDecoder` keeps that cache as its own explicit state, so one session decodes clip
 after clip as if it were one long video, while the weights stay shared by every session.
+
+GPU speed (`AvatarVAE.apply_runtime`): the decoder runs in the weights' dtype (bf16 with the model),
+`runtime.vae_decode_chunk` latent frames per decoder call (the causal cache makes any chunking give
+the same frames), optionally channels_last_3d for cuDNN's NDHWC conv3d kernels; the nearest-neighbour
+upsampling runs in bf16 on CUDA (a copy of values: exact in any dtype). Nothing in the decode loop reads
+a value back to the host; the caller's copy of the frames is the only sync.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanUpsample
 
-from model.config import VAEConfig
+from model.config import RuntimeConfig, VAEConfig
 from model.vae_cpu import use_cpu_fast_paths
 
 TIME_STRIDE = 4  # video frames per latent frame (after the first)
@@ -33,6 +40,16 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKLWan:
     return vae.eval().requires_grad_(False)
 
 
+class SameDtypeUpsample(WanUpsample):
+    """`WanUpsample` without its float32 round trip on CUDA: nearest-neighbour copies values exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda" or self.mode not in ("nearest", "nearest-exact"):
+            return super().forward(x)
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             recompute_scale_factor=self.recompute_scale_factor)
+
+
 def _count_causal_convs(module: torch.nn.Module) -> int:
     return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
 
@@ -50,6 +67,25 @@ class AvatarVAE:
         self.latent_channels = vae.config.z_dim
         self._encoder_convs = _count_causal_convs(vae.encoder)
         self._decoder_convs = _count_causal_convs(vae.decoder)
+        self.decode_chunk = 1  # latent frames per decoder call (runtime.vae_decode_chunk)
+        self.channels_last = False  # activations in channels_last_3d (runtime.vae_channels_last, CUDA)
+
+    def apply_runtime(self, runtime: RuntimeConfig) -> AvatarVAE:
+        """Decode speed options: `runtime.vae_decode_chunk`, `vae_channels_last`, `cudnn_benchmark` (CUDA)."""
+        self.decode_chunk = runtime.vae_decode_chunk
+        cuda = self.device.type == "cuda"
+        if cuda:
+            for module in self.vae.decoder.modules():
+                if type(module) is WanUpsample:
+                    module.__class__ = SameDtypeUpsample
+        if runtime.vae_channels_last and cuda:
+            self.channels_last = True
+            for param in self.vae.decoder.parameters():
+                if param.ndim == 5:
+                    param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        if runtime.cudnn_benchmark and cuda:
+            torch.backends.cudnn.benchmark = True
+        return self
 
     def normalize(self, raw_latent: torch.Tensor) -> torch.Tensor:
         """VAE latent -> DiT latent, as diffusers' Wan pipelines do: (z - mean) / std."""
@@ -108,13 +144,17 @@ class StreamingDecoder:
         vae = self._vae
         with torch.inference_mode():
             x = vae.vae.post_quant_conv(vae.denormalize(latents.to(vae.device, vae.dtype)))
+            if vae.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             frames = []
-            # One latent frame per call, as diffusers' own decode loop does: the lowest peak memory,
-            # and the cache makes it identical to decoding the block at once.
-            for i in range(x.shape[2]):
-                frames.append(vae.vae.decoder(x[:, :, i:i + 1], feat_cache=self._feat_cache, feat_idx=[0],
+            # `decode_chunk` latent frames per call (default 1, as diffusers' own decode loop: the lowest
+            # peak memory); the causal cache makes every chunking give the same frames.
+            chunk = 1 if first_chunk else max(1, vae.decode_chunk)
+            for i in range(0, x.shape[2], chunk):
+                frames.append(vae.vae.decoder(x[:, :, i:i + chunk], feat_cache=self._feat_cache, feat_idx=[0],
                                               first_chunk=first_chunk and i == 0))
-            return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
+            video = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
+            return video.clamp_(-1.0, 1.0)
 
     def cache_bytes(self) -> int:
         """Bytes held by the causal cache (fixed by the frame size; the memory tests watch it)."""

@@ -77,3 +77,21 @@ def test_closed_decoder_refuses_to_decode(vae):
     assert decoder.cache_bytes() == 0
     with pytest.raises(RuntimeError, match="closed"):
         decoder.decode(torch.randn(1, 16, 1, SIZE // 8, SIZE // 8))
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 12])
+def test_decoding_several_latent_frames_per_call_gives_the_same_frames(chunk):
+    """runtime.vae_decode_chunk (fewer, larger decoder calls on a GPU) changes no frame."""
+    from model.config import RuntimeConfig
+
+    torch.manual_seed(0)
+    vae = AvatarVAE(build_vae(VAEConfig(base_dim=16, num_res_blocks=1)))
+    reference = torch.randn(1, 16, 1, SIZE // 8, SIZE // 8)
+    clips = [torch.randn(1, 16, 3, SIZE // 8, SIZE // 8) for _ in range(3)]
+    one = vae.new_decoder(reference)
+    expected = [one.decode(c) for c in clips]
+    vae.apply_runtime(RuntimeConfig(vae_decode_chunk=chunk))
+    assert vae.decode_chunk == chunk
+    chunked = vae.new_decoder(reference)
+    for clip, frames in zip(clips, expected):
+        torch.testing.assert_close(chunked.decode(clip), frames, rtol=0, atol=1e-5)
