@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, check SP=N == SP=1 on the GPUs, run the timed variants, print the table.
-#   bash bench/device_run.sh PHASE      (PHASE: a = checks + 1 GPU + SP=2 + VAE rank; b = memory cap, backends)
-#   DRY=1 bash bench/device_run.sh a    (the same steps on the CPU with the tiny config, to catch mistakes)
+#   bash bench/device_run.sh PHASE [--set KEY VALUE ...]
+#     PHASE a = checks + 1 GPU + SP=2 + VAE rank; b = memory cap, backends (2 GPUs);
+#     c = 4 GPUs (nvidia-h200-x4), under 560 s: 1/2/4-GPU Ulysses (kv_update clean_pass vs last_step,
+#         runtime.compile off vs on), tpp on 4 GPUs (4 steps), 22 GB cap with sharded weights, 1000-clip flatness.
+#     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
+#   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-PHASE=${1:-a}
+PHASE=${1:-a}; shift || true
+EXTRA=("$@")
 OUTDIR=${OUT:-/tmp/bench_out}; mkdir -p "$OUTDIR"
 RES=$OUTDIR/results.jsonl; LOG=$OUTDIR/log.txt
 if [ -d .whl ] && [ -z "${DRY:-}" ]; then
@@ -15,10 +20,12 @@ SRC=${SRC:-.}; cd "$SRC"
 PY=${PY:-python3}; TR="$PY -m torch.distributed.run --nproc-per-node 2"
 FULL=configs/liveavatar_14b.yaml
 if [ -n "${DRY:-}" ]; then
-  FULL=configs/tiny.yaml; DEV="--device cpu"; CHK="--set runtime.device cpu"; CLIPS=2; SHORT=2; LONG=3; FLAT=3
+  FULL=configs/tiny.yaml; DEV="--device cpu --set video.size 64*64"; CHK="--set runtime.device cpu"
+  CLIPS=2; SHORT=2; LONG=3; FLAT=12; FLATSIZE=64*64; N4=2; export OMP_NUM_THREADS=1
 else
-  DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; SHORT=4; LONG=200; FLAT=1000
+  DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; SHORT=4; LONG=200; FLAT=1000; FLATSIZE=256*256; N4=4
 fi
+TR4="$PY -m torch.distributed.run --nproc-per-node $N4"
 step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that matter to the console
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date +%T))"
@@ -64,6 +71,29 @@ if [ "$PHASE" = b ]; then
   wait
   step sp2_sharded 110 $TR bench/gpu_bench.py --config $FULL $DEV --clips $SHORT --vae_mode inline,stream \
        --shard_weights --label "14B SP=2 per-layer sharded weights"
+fi
+if [ "$PHASE" = c ]; then
+  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
+  TPP="--set parallel.mode tpp --set sampler.kv_update per_step --set sampler.sample_steps $N4"
+  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false  # inductor on 2 CPU cores takes minutes
+  # Budget (worst case, every step at its timeout): 200 + 45 + 100 + 90 + 100 s + install = under 560 s.
+  # Stage 1 (at most 200 s), each GPU busy: 1 GPU eager and compiled, 2 GPUs, then the 1000-clip flatness run.
+  ( CUDA_VISIBLE_DEVICES=0 step c_gpu1 200 $PY $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream \
+       --label "14B 1 GPU" ) &
+  ( CUDA_VISIBLE_DEVICES=1 step c_gpu1_compile 200 $PY $B --clips 3 --kv_update last_step --vae_mode stream \
+       --set runtime.compile $COMPILE --label "14B 1 GPU compiled" ) &
+  ( CUDA_VISIBLE_DEVICES=2,3 step c_sp2 110 $TR $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream \
+       --label "14B Ulysses SP=2"
+    CUDA_VISIBLE_DEVICES=2 step c_flat_1000 90 $PY $B --clips $FLAT --sample_steps 1 --set model.dit.num_layers 4 \
+       --set video.size $FLATSIZE --set video.infer_frames 12 --kv_update last_step --vae_mode inline \
+       --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)" ) &
+  wait
+  # Stage 2 (at most 335 s), all 4 GPUs per row: tpp == per_step on one process (tiny, float32), then timings.
+  step c_check_tpp 45 $TR4 bench/check_sp.py $CHK $TPP --set video.infer_frames 24 --clips 3
+  step c_sp4 100 $TR4 $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream --label "14B Ulysses SP=4"
+  step c_tpp4 90 $TR4 $B $TPP --clips 6 --vae_mode stream --label "14B tpp (one step per GPU)"
+  step c_cap22 100 $TR4 $B --clips 3 --kv_update last_step --vae_mode inline --shard_weights --mem_cap_gb 22 \
+       --label "14B SP=4 sharded weights, 22 GB cap"
 fi
 echo "=== table"
 $PY bench/table.py "$RES"

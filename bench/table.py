@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-HEADER = ("| label | GPUs | SP | mode | size | frames | steps | layers | clips | DiT s/clip | VAE s/clip | FPS "
-          "| TTFF s | latency s | DiT MFU | peak GB/GPU alloc (clip a -> clip b) |")
+HEADER = ("| label | GPUs | parallel | kv_update | mode | size | frames | steps | layers | clips | DiT s/clip "
+          "| VAE s/clip | FPS | TTFF s (first block) | first block s (steady) | latency s (whole clip) | DiT MFU "
+          "| peak GB/GPU alloc (clip a -> clip b) |")
 
 
 def rows_from(text: str) -> list[dict]:
@@ -22,9 +23,14 @@ def rows_from(text: str) -> list[dict]:
 def format_row(r: dict) -> str:
     a, b = r["peak_gb_clip"]
     peaks = "; ".join(f"{p[0]:.1f}->{p[1]:.1f}" for p in r["peak_alloc_gb_per_rank"])
-    return (f"| {r.get('label', '')} | {r['gpus']} | {r['sp']} | {r['mode']} | {r['size']} | {r['frames']} | "
-            f"{r['steps']} | {r['layers']} | {r['clips']} | {r['dit_s']:.3f} | {r['vae_s']:.3f} | {r['fps']:.1f} | "
-            f"{r['ttff_s']:.2f} | {r['latency_s']:.2f} | {100 * r['mfu']:.0f}% | {peaks} (clip {a}->{b}) |")
+    parallel = r.get("parallel", "-")
+    if parallel == "ulysses" or (parallel == "-" and r["sp"] > 1):
+        parallel = f"Ulysses SP={r['sp']}"
+    first = r.get("first_part_s", float("nan"))
+    return (f"| {r.get('label', '')} | {r['gpus']} | {parallel} | {r.get('kv_update', 'clean_pass')} | {r['mode']} | "
+            f"{r['size']} | {r['frames']} | {r['steps']} | {r['layers']} | {r['clips']} | {r['dit_s']:.3f} | "
+            f"{r['vae_s']:.3f} | {r['fps']:.1f} | {r['ttff_s']:.2f} | {first:.2f} | {r['latency_s']:.2f} | "
+            f"{100 * r['mfu']:.0f}% | {peaks} (clip {a}->{b}) |")
 
 
 def main(paths: list[str]) -> int:

@@ -1,10 +1,15 @@
 """KV update modes: the DiT's `store_slot` write, and the sampler's clean_pass / last_step / per_step blocks."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from model.config import load_config
+from model.config import ConfigError, load_config
 from model.dit import AvatarDiT
+from model.pipeline import AvatarModels, MotionHistory, StreamingAvatar
+from model.sampler import KVUpdate
+from tests.model.test_pipeline import reference_image, speech_windows
 
 
 def _dit_and_inputs():
@@ -37,14 +42,6 @@ def test_store_slot_writes_what_commit_writes_and_returns_the_same_velocity() ->
 
 
 # ----------------------------------------------------------------------------- the pipeline's modes
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from model.config import ConfigError  # noqa: E402
-from model.pipeline import AvatarModels, MotionHistory, StreamingAvatar  # noqa: E402
-from model.sampler import KVUpdate  # noqa: E402
-from tests.model.test_pipeline import reference_image, speech_windows  # noqa: E402
 
 SMALL = {"video.size": "64*64", "model.checkpoint": None, "video.infer_frames": 24}  # 2 blocks per clip
 
