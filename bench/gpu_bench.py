@@ -126,7 +126,7 @@ def dit_shard_units(dit: AvatarDiT) -> list[torch.nn.Module]:
 def build_vae_on(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> AvatarVAE:
     with torch.device(device):
         vae = build_vae(cfg.model.vae)
-    return AvatarVAE(vae.to(device=device, dtype=dtype))
+    return AvatarVAE(vae.to(device=device, dtype=dtype)).apply_runtime(cfg.runtime)
 
 
 # ----------------------------------------------------------------------------- one stream
