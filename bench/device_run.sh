@@ -4,6 +4,8 @@
 #     PHASE a = checks + 1 GPU + SP=2 + VAE rank; b = memory cap, backends (2 GPUs);
 #     c = 4 GPUs (nvidia-h200-x4), under 560 s: 1/2/4-GPU Ulysses (kv_update clean_pass vs last_step,
 #         runtime.compile off vs on), tpp on 4 GPUs (4 steps), 22 GB cap with sharded weights, 1000-clip flatness.
+#     e = one GPU: KV modes eager and compiled, attention backends, fused QKV, VAE options, flatness.
+#     d = phase c on 2 GPUs (nvidia-h200-x2) when 4 are not lent: 1 GPU eager/compiled, SP=2, tpp 2 steps, flatness.
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -32,7 +34,7 @@ step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that m
   local one=/tmp/step_$name.log  # only two files go back in $OUT: the whole log and the results
   timeout "$limit" "$@" >"$one" 2>&1; local rc=$?
   { echo "=== $name"; cat "$one"; } >>"$LOG"
-  grep -E "^(CHECK|RESULT)|Error|error:|out of memory|Traceback" "$one" | grep -v "^RESULT" | tail -5
+  grep -E "^(CHECK|RESULT|SPEED)|Error|error:|out of memory|Traceback" "$one" | grep -v "^RESULT" | tail -5
   sed -n '/^PROFILE/,/^Self CUDA time total/p' "$one" | cut -c1-200
   grep -h "^RESULT" "$one" | sed 's/^RESULT //' >>"$RES"
   [ $rc -ne 0 ] && echo "    $name exited $rc"
@@ -94,6 +96,41 @@ if [ "$PHASE" = c ]; then
   step c_tpp4 90 $TR4 $B $TPP --clips 6 --vae_mode stream --label "14B tpp (one step per GPU)"
   step c_cap22 100 $TR4 $B --clips 3 --kv_update last_step --vae_mode inline --shard_weights --mem_cap_gb 22 \
        --label "14B SP=4 sharded weights, 22 GB cap"
+fi
+if [ "$PHASE" = d ]; then
+  # The same measurements as phase c on a 2-GPU machine (nvidia-h200-x2), for when 4 GPUs are not lent.
+  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
+  TPP2="--set parallel.mode tpp --set sampler.kv_update per_step --set sampler.sample_steps 2"
+  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
+  # Stage 1 (at most 230 s): GPU 0 eager in both KV modes; GPU 1 compiled, then the 1000-clip flatness run.
+  ( CUDA_VISIBLE_DEVICES=0 step d_gpu1 170 $PY $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream \
+       --label "14B 1 GPU" ) &
+  ( CUDA_VISIBLE_DEVICES=1 step d_gpu1_compile 150 $PY $B --clips 3 --kv_update clean_pass,last_step \
+       --vae_mode stream --set runtime.compile $COMPILE --label "14B 1 GPU compiled"
+    CUDA_VISIBLE_DEVICES=1 step d_flat_1000 75 $PY $B --clips $FLAT --sample_steps 1 --set model.dit.num_layers 4 \
+       --set video.size $FLATSIZE --set video.infer_frames 12 --kv_update last_step --vae_mode inline \
+       --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)" ) &
+  wait
+  # Stage 2 (at most 300 s), both GPUs per row.
+  step d_sp2 110 $TR $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream --label "14B Ulysses SP=2"
+  step d_sp2_compile 110 $TR $B --clips 3 --kv_update last_step --vae_mode stream --set runtime.compile $COMPILE \
+       --label "14B Ulysses SP=2 compiled"
+  step d_tpp2 75 $TR $B $TPP2 --clips 6 --vae_mode stream --label "14B tpp 2 steps (one step per GPU)"
+fi
+if [ "$PHASE" = e ]; then
+  # One GPU (nvidia-h200 / nvidia-h100-x1), one change at a time: KV modes eager, then compiled; attention
+  # backends, fused QKV and VAE decode options; the 1000-clip flatness run. Under 560 s in all.
+  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
+  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
+  SPEED="bench/dit_speed.py"; [ -n "${DRY:-}" ] && SPEED="bench/dit_speed.py --dry"
+  step e_gpu1 150 $PY $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream --label "14B 1 GPU"
+  step e_gpu1_compile 190 $PY $B --clips 3 --kv_update clean_pass,last_step --vae_mode stream \
+       --set runtime.compile $COMPILE --label "14B 1 GPU compiled"
+  step e_options 130 $PY $SPEED --variants eager,cudnn,flash,fuse_qkv --vae --clips 1
+  step e_flat_1000 70 $PY $B --clips $FLAT --sample_steps 1 --set model.dit.num_layers 4 \
+       --set video.size $FLATSIZE --set video.infer_frames 12 --kv_update last_step --vae_mode inline \
+       --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)"
+  [ -f "$OUTDIR/dit_speed.jsonl" ] && cat "$OUTDIR/dit_speed.jsonl"
 fi
 echo "=== table"
 $PY bench/table.py "$RES"

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """DiT and VAE-decode speed options on one GPU, one change at a time, each checked against plain eager.
 
-    python3 tools/dit_speed.py --variants eager,fuse_qkv,cudnn,flash --vae      # ~4 min on one H200
-    python3 tools/dit_speed.py --variants eager,compile,compile_fused           # ~6 min (compile warm-up)
-    python3 tools/dit_speed.py --dry                                            # CPU, tiny config, ~2 min
+    python3 bench/dit_speed.py --variants eager,fuse_qkv,cudnn,flash --vae      # ~4 min on one H200
+    python3 bench/dit_speed.py --variants eager,compile,compile_fused           # ~6 min (compile warm-up)
+    python3 bench/dit_speed.py --dry                                            # CPU, tiny config, ~2 min
 
 Random bf16 weights of the configured size (the 14B preset by default; --set overrides any config key).
 One "clip" is what `StreamingAvatar` runs: a sink prefill, then per block `sample_steps` denoiser calls
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
 
     def emit(row: dict) -> None:
         row.update(info)
-        print("RESULT " + json.dumps(row), flush=True)
+        print("SPEED " + json.dumps(row), flush=True)
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 

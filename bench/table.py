@@ -16,7 +16,9 @@ def rows_from(text: str) -> list[dict]:
         line = line.strip()
         line = line.removeprefix("RESULT ")
         if line.startswith("{"):
-            rows.append(json.loads(line))
+            row = json.loads(line)
+            if "dit_s" in row and "fps" in row:  # gpu_bench rows only (dit_speed writes its own lines)
+                rows.append(row)
     return rows
 
 
