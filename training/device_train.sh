@@ -4,13 +4,15 @@
 #   bash training/device_train.sh prepare   # here (needs espeak-ng): speech banks into $IN
 #   bash training/device_train.sh 1         # GPU call 1: the VAE -> $OUT/phase1/{parts/*.safetensors,log.txt,...}
 #   bash training/device_train.sh 2         # GPU call 2: the DiT on $IN/phase1/parts -> $OUT/phase2/tiny_avatar.safetensors
+#   bash training/device_train.sh 3         # GPU call: decoder fine-tune on long streams from $IN/phase3/parts
+#                                           #   -> $OUT/phase3b/{parts/*.safetensors,log.txt,eval_drift.json,eval.json}
 #   DRY=1 bash training/device_train.sh 1   # the same code for a few steps on the CPU (then DRY=1 ... 2)
 #
 # $IN (default artifacts/device_in, ignored by git) holds speech_bank.npz, heldout_bank.npz and, for
 # phase 2, phase1/parts/ (copy phase 1's returned phase1/ folder there). Wheels in .whl/ (diffusers and
 # its importlib_metadata) are installed first when present: the GPU machine has no diffusers.
 set -euo pipefail
-PHASE=${1:?usage: device_train.sh prepare|1|2}
+PHASE=${1:?usage: device_train.sh prepare|1|2|3}
 IN=${IN:-artifacts/device_in}
 OUT=${OUT:-artifacts/device_out}
 DRY=${DRY:-0}
@@ -37,14 +39,16 @@ if [ "$DRY" = 1 ]; then
   # Same code, a few steps: CPU, 2 threads, tiny batches, short evaluation.
   COMMON=(--device cpu --workers 1 --num-utterances 4 --num-streams 6 --num-identities 4
           --vae-steps 2 --vae-batch 2 --vae-frames 4 --dit-steps 2 --dit-batch 2 --checkpoint-every 1
-          --log-every 1 --eval-samples 1 --eval-clips 2 --latent-fit-videos 4)
+          --log-every 1 --eval-samples 1 --eval-clips 2 --latent-fit-videos 4
+          --stream-steps 2 --stream-batch 2 --stream-clips 2 --stream-burn 1 --drift-clips 2)
 else
   PY=${PY:-python3}
   WORK=${WORK:-/tmp/device_train}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   COMMON=(--device cuda --workers 15 --num-utterances 128 --num-streams 512 --num-identities 96
           --vae-steps 100000 --vae-batch 48 --vae-frames 12 --dit-steps 100000 --dit-batch 96
-          --checkpoint-every 250 --log-every 50 --eval-samples 2 --eval-clips 8)
+          --checkpoint-every 250 --log-every 50 --eval-samples 2 --eval-clips 8
+          --stream-steps 100000 --stream-batch 16 --stream-clips 6 --stream-burn 3 --drift-clips 8)
 fi
 COMMON+=(--speech-bank "$IN/speech_bank.npz" --heldout-bank "$IN/heldout_bank.npz")
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
@@ -69,8 +73,20 @@ case "$PHASE" in
     cp "$WORK/phase2/summary.json" "$OUT/phase2/"
     cp "$WORK/phase2/eval.json" "$OUT/phase2/" 2>/dev/null || true
     ;;
+  3)
+    # The decoder alone on reference + (burn-in +) 6 clips through one causal cache; the encoder (and so
+    # the DiT's latents) unchanged. Only the part files come back: the bundle is over the transfer limit.
+    test -f "$IN/phase3/parts/vae.safetensors" || { echo "no $IN/phase3/parts: copy the shipped run's parts there" >&2; exit 2; }
+    mkdir -p "$OUT/phase3b"
+    rm -rf "$WORK/phase3b"
+    "$PY" -m training.train_tiny "${COMMON[@]}" --phases vae_stream --init-from "$IN/phase3/parts" \
+      --wall-s $((WALL_S - SECONDS)) --reserve-s 70 --work-dir "$WORK/phase3b" --parts-dir "$OUT/phase3b/parts" \
+      2>&1 | tee "$OUT/phase3b/log.txt"
+    cp "$WORK/phase3b/summary.json" "$OUT/phase3b/"
+    cp "$WORK/phase3b/eval_drift.json" "$WORK/phase3b/eval.json" "$OUT/phase3b/" 2>/dev/null || true
+    ;;
   *)
-    echo "unknown phase $PHASE: use prepare, 1 or 2" >&2
+    echo "unknown phase $PHASE: use prepare, 1, 2 or 3" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
     python -m training.train_tiny --device cuda --vae-time-s 110 --dit-time-s 170     # the GPU run
     python -m training.train_tiny --vae-steps 20 --dit-steps 20 --num-streams 16      # a small CPU run
+    python -m training.train_tiny --phases vae_stream --init-from PARTS --parts-dir OUT  # decoder on long streams
 
 Same classes as the 14B path at the tiny config (`configs/tiny.yaml`). The text encoder stays frozen at
 its seeded random init (the DiT learns to read whatever it gives; several prompts teach it to not care);
@@ -32,6 +33,7 @@ from training.dit_training import encode_streams, train_dit_steps
 from training.speech import load_speech_bank, make_utterance, save_speech_bank
 from training.stream_pool import StreamGeometry, build_pool
 from training.talking_dataset import split_identities, split_sentences, utterance_seed
+from training.vae_stream import decoder_parameters, train_vae_stream_steps
 from training.vae_training import fit_latent_scale, train_vae_steps
 
 PROMPTS = (
@@ -82,7 +84,9 @@ class Trainer:
             self.text_encoder = TextEncoder.build(cfg.model.text_encoder)
         self.vae.requires_grad_(True)
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step, not one per tensor
-        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0, **fused)
+        # The streaming fine-tune trains the decoder side only; the encoder stays as the DiT learned it.
+        vae_params = decoder_parameters(self.vae) if args.phases == "vae_stream" else self.vae.parameters()
+        self.vae_opt = torch.optim.AdamW(vae_params, lr=args.vae_lr, weight_decay=0.0, **fused)
         self.dit_opt = torch.optim.AdamW([
             {"params": self.dit.parameters(), "lr": args.dit_lr, "lr_scale": 1.0},
             {"params": self.wav2vec2.parameters(), "lr": args.dit_lr * 0.5, "lr_scale": 0.5}],
@@ -91,7 +95,8 @@ class Trainer:
         self.phase, self.step = "vae", 0
         self.rng = np.random.default_rng(args.seed)
         self.history: list[dict] = []
-        self.elapsed_s = {"vae": 0.0, "dit": 0.0}
+        self.elapsed_s = {"vae": 0.0, "dit": 0.0, "vae_stream": 0.0}
+        self.micro_batches = [1]  # the streaming fine-tune's gradient-accumulation split (grows on OOM)
 
     def state(self) -> dict:
         return {"phase": self.phase, "step": self.step, "rng": self.rng.bit_generator.state,
@@ -99,7 +104,8 @@ class Trainer:
                 "dit": self.dit.state_dict(), "vae": self.vae.state_dict(), "wav2vec2": self.wav2vec2.state_dict(),
                 "text_encoder": self.text_encoder.model.state_dict(),
                 # The VAE's optimizer is dropped once the VAE is done: the state file stays small enough to carry.
-                "vae_opt": self.vae_opt.state_dict() if self.phase == "vae" else {},
+                "vae_opt": self.vae_opt.state_dict() if self.phase in ("vae", "vae_stream") else {},
+                "micro_batches": self.micro_batches[0],
                 "dit_opt": self.dit_opt.state_dict()}
 
     def save(self, work_dir: Path) -> None:
@@ -121,7 +127,8 @@ class Trainer:
             self.vae_opt.load_state_dict(state["vae_opt"])
         self.dit_opt.load_state_dict(state["dit_opt"])
         self.phase, self.step, self.history = state["phase"], state["step"], state["history"]
-        self.elapsed_s = state["elapsed_s"]
+        self.elapsed_s = {"vae": 0.0, "dit": 0.0, "vae_stream": 0.0, **state["elapsed_s"]}
+        self.micro_batches[0] = state.get("micro_batches", 1)
         self.rng.bit_generator.state = state["rng"]
         return True
 
@@ -198,6 +205,8 @@ def train(args: argparse.Namespace) -> int:
                          seed=args.seed, workers=args.workers)
     print(f"{len(streams)} streams, {sum(len(s.sample.frames) for s in streams)} frames rendered in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
+    if args.phases == "vae_stream":
+        return train_vae_stream(trainer_for_stream(cfg, args, work_dir), streams, args, work_dir)
     trainer = Trainer(cfg, args)
     if trainer.restore(work_dir):
         print(f"resumed {work_dir / STATE_FILE}: phase {trainer.phase}, step {trainer.step}", flush=True)
@@ -243,9 +252,81 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def trainer_for_stream(cfg: AppConfig, args: argparse.Namespace, work_dir: Path) -> Trainer:
+    """A trainer for the streaming decoder fine-tune: resumed from --work-dir, else the --init-from parts."""
+    if not args.init_from:
+        raise SystemExit("--phases vae_stream needs --init-from PARTS_DIR (the trained bundle's parts)")
+    trainer = Trainer(cfg, args)
+    if trainer.restore(work_dir):
+        if trainer.phase != "vae_stream":
+            raise SystemExit(f"{work_dir / STATE_FILE} is from phase {trainer.phase}, not vae_stream: "
+                             "use a fresh --work-dir")
+        print(f"resumed {work_dir / STATE_FILE}: vae_stream step {trainer.step}", flush=True)
+    else:
+        read_parts(trainer, Path(args.init_from))
+        trainer.phase, trainer.step = "vae_stream", 0
+        print(f"started from the networks in {args.init_from}: decoder fine-tune on streams", flush=True)
+    return trainer
+
+
+def train_vae_stream(trainer: Trainer, streams: list, args: argparse.Namespace, work_dir: Path) -> int:
+    """Decoder on long streams through the carried cache, then parts, drift before/after and lip sync."""
+    frames_per_clip = trainer.cfg.video.infer_frames
+    encoder_before = {k: v.clone() for k, v in trainer.vae.state_dict().items() if is_encoder_side(k)}
+    before_path = work_dir / "drift_before.json"
+    if args.eval_samples and not before_path.exists():  # a resumed run keeps the first run's "before"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        before_path.write_text(json.dumps(drift_rows(trainer, args), indent=1))
+    run_phase(trainer, "vae_stream", args.stream_steps, args.stream_time_s, work_dir,
+              lambda n, at, lr_at, stop: train_vae_stream_steps(
+                  trainer.vae, trainer.vae_opt, streams, n, args.stream_batch, args.stream_clips, args.stream_burn,
+                  frames_per_clip, trainer.device, trainer.rng, bptt_clips=args.stream_bptt,
+                  micro_batches=trainer.micro_batches, log_every=args.log_every,
+                  on_log=lambda s, st: trainer.log("vae_stream", at + s, st), lr_at=lr_at, should_stop=stop),
+              args.stream_lr)
+    changed = [k for k, v in trainer.vae.state_dict().items() if is_encoder_side(k) and not torch.equal(
+        v, encoder_before[k])]
+    if changed:
+        raise RuntimeError(f"the encoder changed during the decoder fine-tune: {changed[:4]}")
+    write_parts(trainer, Path(args.parts_dir or work_dir / "parts"))
+    write_summary(trainer, work_dir)
+    if not args.eval_samples:
+        return 0
+    after = drift_rows(trainer, args)
+    before = json.loads(before_path.read_text())
+    (work_dir / "eval_drift.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
+    bundle = work_dir / "eval_bundle.safetensors"  # for the evaluation only: too large to bring back
+    write_bundle(trainer, bundle)
+    try:
+        evaluate(args.config, trainer.cfg, bundle, args.eval_samples, work_dir, args.heldout_bank, args.eval_clips)
+    except Exception as exc:  # the weights are written; a failing evaluation must not lose them
+        print(f"evaluation failed: {exc!r}", flush=True)
+    return 0
+
+
+def is_encoder_side(name: str) -> bool:
+    """Parameters the DiT's latents depend on: the encoder and quant_conv."""
+    return name.startswith(("encoder.", "quant_conv."))
+
+
+def drift_rows(trainer: Trainer, args: argparse.Namespace) -> list[dict]:
+    """Per-clip error through one StreamingDecoder (as served) on held-out samples, `--drift-clips` clips each."""
+    from training.diagnose import streaming_drift
+    from training.lip_sync_check import heldout_samples
+
+    vae = AvatarVAE(trainer.vae.eval().requires_grad_(False))
+    rows = []
+    for index, sample in enumerate(heldout_samples(trainer.cfg, args.eval_samples, args.heldout_bank,
+                                                   args.drift_clips)):
+        rows.append({"sample": index, "clips": len(sample.frames) // trainer.cfg.video.infer_frames,
+                     **streaming_drift(vae, sample, trainer.cfg.video.infer_frames)})
+        print(json.dumps({"drift": rows[-1]}), flush=True)
+    return rows
+
+
 def write_summary(trainer: Trainer, work_dir: Path) -> None:
     summary = {"elapsed_s": trainer.elapsed_s, "wall_s": round(time.perf_counter() - trainer.started, 1),
-               "last": {p: [h for h in trainer.history if h["phase"] == p][-1:] for p in ("vae", "dit")}}
+               "last": {p: [h for h in trainer.history if h["phase"] == p][-1:] for p in ("vae", "dit", "vae_stream")}}
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)
 
@@ -337,8 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-utterances", type=int, default=160)
     p.add_argument("--num-streams", type=int, default=320)
     p.add_argument("--num-identities", type=int, default=96, help="train faces (the standard split has 24)")
-    p.add_argument("--phases", choices=("all", "vae"), default="all",
-                   help="vae: stop after the VAE (and its latent fit), writing the part bundles")
+    p.add_argument("--phases", choices=("all", "vae", "vae_stream"), default="all",
+                   help="vae: stop after the VAE (and its latent fit), writing the part bundles; vae_stream: "
+                        "fine-tune the decoder of --init-from's bundle on long streams (encoder frozen)")
     p.add_argument("--wall-s", type=float, default=float("inf"), help="wall-clock budget of this process")
     p.add_argument("--reserve-s", type=float, default=40.0,
                    help="of --wall-s, kept for writing and evaluating after training stops")
@@ -352,6 +434,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dit-time-s", type=float, default=float("inf"))
     p.add_argument("--dit-batch", type=int, default=96)
     p.add_argument("--dit-lr", type=float, default=8e-4, help="peak (warm-up, then cosine)")
+    p.add_argument("--stream-steps", type=int, default=3000, help="vae_stream: decoder steps")
+    p.add_argument("--stream-time-s", type=float, default=float("inf"))
+    p.add_argument("--stream-batch", type=int, default=16, help="vae_stream: streams per step")
+    p.add_argument("--stream-clips", type=int, default=6, help="vae_stream: clips per stream with gradients")
+    p.add_argument("--stream-burn", type=int, default=3,
+                   help="vae_stream: up to this many clips decoded first without gradients (deeper caches)")
+    p.add_argument("--stream-bptt", type=int, default=0,
+                   help="vae_stream: clips per backward, cache detached between (0: through all clips)")
+    p.add_argument("--stream-lr", type=float, default=3e-4, help="vae_stream: peak (warm-up, then cosine)")
+    p.add_argument("--drift-clips", type=int, default=8, help="vae_stream: clips per held-out drift sample")
     p.add_argument("--latent-fit-videos", type=int, default=64, help="videos the latent statistics are fitted on")
     p.add_argument("--max-clip-index", type=int, default=6)
     p.add_argument("--checkpoint-every", type=int, default=100)
