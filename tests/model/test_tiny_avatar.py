@@ -44,3 +44,26 @@ def test_silence_keeps_the_mouth_closed(cfg):
     threshold = float(mouth_opening(slightly_open, sample.mouth_box)[0])
     assert threshold > 0.05
     assert report.mean_opening < threshold, (report.mean_opening, threshold)
+
+
+# DRIFT GATE, expected to fail on the run-2 bundle: through one StreamingDecoder its colours wash out from the
+# second clip on (heldout 1, mean abs error per clip 6 -> 15 -> 32 -> 34 -> 34 /255; each clip alone ~6). Once a
+# bundle from the decoder fine-tune (`bash training/device_train.sh 3`) ships and passes, delete the xfail marker.
+# strict=True: a passing bundle turns this into a failure, so the marker cannot be forgotten.
+STREAM_DRIFT_CLIPS = 5
+STREAM_DRIFT_MAX_RATIO = 2.0  # no clip worse than twice the first
+
+
+@pytest.mark.xfail(strict=True, reason="run-2 VAE washes colours out across clips through one StreamingDecoder; "
+                                       "remove once a vae_stream fine-tuned bundle ships")
+def test_streaming_decode_keeps_colours_across_clips(cfg):
+    from training.diagnose import clip_errors, vae_round_trip
+    from training.lip_sync_check import cut_sample
+
+    sample = cut_sample(make_sample("heldout", 1, cfg.video.width, cfg.video.fps, cfg.audio_sample_rate_hz),
+                        STREAM_DRIFT_CLIPS * cfg.video.infer_frames)
+    assert len(sample.frames) == STREAM_DRIFT_CLIPS * cfg.video.infer_frames
+    vae = AvatarModels.load(cfg).vae
+    errors = clip_errors(vae_round_trip(vae, sample, cfg.video.infer_frames), sample.frames, cfg.video.infer_frames)
+    assert len(errors) == STREAM_DRIFT_CLIPS
+    assert max(errors) <= STREAM_DRIFT_MAX_RATIO * errors[0], f"per-clip mean abs error (0-255): {errors}"
