@@ -19,6 +19,12 @@ Kernel choice: `set_attention_backend` ('auto', 'flash', 'cudnn', 'efficient', '
 fall-backs, so a shape or device the preferred kernel cannot take (the CPU, say) still runs.
 Compiled DiT blocks reach `attention` through `compiled_attention`, one opaque op for torch.compile,
 so the sequence-parallel all-to-all inside it never breaks the block's graph.
+
+KV cache in place: `attention_into` writes this call's (already rotated) keys and values into a slot
+of a cache slice [B, T, H, D] and attends over the whole slice: the keys and values attention reads are
+the cache itself, no per-call concatenation of the memory and the new tokens. Under torch.compile that
+is one op that declares the cache slices it mutates (`liveavatar::attention_into`), so the write and
+the attention stay in the block's graph and the slices are updated in place.
 """
 
 from __future__ import annotations
@@ -136,3 +142,47 @@ def compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v)
     return attention(q, k, v)
+
+
+@torch.library.custom_op("liveavatar::attention_into", mutates_args=("key_cache", "value_cache"))
+def _attention_into_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, start: int
+) -> torch.Tensor:
+    _write(k, v, key_cache, value_cache, start)
+    return attention(q, key_cache, value_cache).contiguous()
+
+
+@_attention_into_op.register_fake
+def _(q, k, v, key_cache, value_cache, start):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _write(k, v, key_cache, value_cache, start: int) -> None:
+    key_cache[:, start : start + k.shape[1]].copy_(k)
+    value_cache[:, start : start + v.shape[1]].copy_(v)
+
+
+def attention_into(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    start: int,
+) -> torch.Tensor:
+    """Write k, v [B, S, H, D] at tokens [start, start + S) of key_cache/value_cache [B, T, H, D] (views
+    into the stream's KV buffers), then `attention(q, key_cache, value_cache)` -> [B, Sq, H, D].
+
+    Compiled inference: one opaque op that mutates the two slices. Eager inference: the copies and
+    the call. With autograd: the same writes (the cache keeps the graph, so a later read of these keys
+    back-propagates into this call), attending over copies, since the next layer writes the same buffers.
+    """
+    grad = torch.is_grad_enabled()
+    if torch.compiler.is_compiling() and not grad:
+        return _attention_into_op(q, k.to(key_cache.dtype), v.to(value_cache.dtype), key_cache, value_cache, start)
+    if grad:
+        key_cache[:, start : start + k.shape[1]] = k.to(key_cache.dtype)
+        value_cache[:, start : start + v.shape[1]] = v.to(value_cache.dtype)
+        return attention(q, key_cache.clone(), value_cache.clone())
+    _write(k, v, key_cache, value_cache, start)
+    return attention(q, key_cache, value_cache)

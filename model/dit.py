@@ -22,19 +22,26 @@ Streaming API (what `model/pipeline.py` codes against):
         # kv_cache_blocks blocks, one clip of the reference: 4 x 3 latent frames).
 
 F = cfg.num_frames_per_block latent frames. A block attends to the sink, the committed window and
-itself, never to later blocks. RoPE is applied at read time with positions relative to the block
-being denoised, so positions stay bounded however long the stream runs (see `model/rope.py`).
+itself, never to later blocks. RoPE is relative (R(p_q) q . R(p_k) k depends on p_k - p_q only), so
+keys are stored already rotated at their absolute latent frame and never rotated again: a block's
+queries and keys are rotated at frames frame_start..., committed keys keep theirs. The sink (reference
+and motion tokens) moves with the stream (`_sink_positions_at`): its keys are kept un-rotated and
+rotated once per block into a region next to the window, shared by that block's calls. Angles are
+float64, tables float32, so hours of stream (frame ~10^6) give the output of frame 0 within float
+rounding (see `model/rope.py`).
 
 Sequence parallelism hook: every self-attention call goes through `model.attention.attention`;
 `model/parallel.py` wraps it (Ulysses all-to-all heads<->sequence) via
 `model.attention.set_sequence_parallel(...)` without touching the layers (see that module).
 
 Speed (same results within float tolerance; `AvatarDiT.apply_runtime(cfg.runtime)` after loading):
-RoPE tables are built once per position layout and kept on the device in the StreamCache; cached and
-new keys are rotated (float32 math) straight into one buffer; a block is a pure function of tensors
-(`AvatarBlock`: it returns its K/V, the caller writes the cache), so `runtime.compile` compiles it once
-for all layers without graph breaks; `runtime.fuse_qkv` runs q/k/v as one GEMM and
-`runtime.attention_backend` picks the SDPA kernel.
+RoPE tables are built on the device (no host copies) once per block; a call rotates only its own
+queries and keys, writes its keys and values into a working slot right after the rotated sink, and
+attends over one contiguous slice of the cache (no rotation of the memory, no concatenation); commit
+copies the working slot into the window. A block is a function of tensors plus that one declared
+in-place cache write (`model.attention.attention_into`), so `runtime.compile` compiles it once for all
+layers without graph breaks; `runtime.fuse_qkv` runs q/k/v as one GEMM and `runtime.attention_backend`
+picks the SDPA kernel.
 """
 
 from __future__ import annotations
@@ -49,11 +56,17 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
 from torch import nn
 
-from model.attention import compiled_attention, local_attention, sequence_parallel, set_attention_backend
+from model.attention import (
+    attention,
+    attention_into,
+    local_attention,
+    sequence_parallel,
+    set_attention_backend,
+)
 from model.config import DiTConfig, RuntimeConfig
 from model.dit_audio import AudioInjector, CausalAudioEncoder
 from model.dit_motion import MOTION_LATENT_FRAMES, FramePackMotioner
-from model.rope import RotationTables, grid_positions, rotate, rotate_concat, rotation_tables
+from model.rope import RotationTables, eager_fast_path, grid_positions, rotate, rotate_into, rotation_tables
 
 # The reference places the reference-image sink at latent frame 30 (Wan2.2 model_s2v.py ref_grid_sizes
 # [30, 0, 0]) and LiveAvatar rolls it forward with the stream so it stays 4..30 frames (random per call)
@@ -63,9 +76,8 @@ REF_FRAME_OFFSET = 30
 NUM_AUDIO_TOKENS = 4  # Wan2.2 WanModel_S2V num_audio_token default
 COND_MASK_NOISY, COND_MASK_REF, COND_MASK_MOTION = 0, 1, 2  # rows of `trainable_cond_mask`
 SINK_KIND_REF, SINK_KIND_MOTION = 0, 1
-# Rotation-table layouts kept per stream: the sink's, the block's and the memory's (a few while the
-# window fills, then one per ring rotation); older ones are dropped first.
-ROPE_LAYOUTS_KEPT = 16
+# Block rotation tables kept per stream (one per frame_start; a block's calls share one), oldest dropped first.
+ROPE_LAYOUTS_KEPT = 4
 
 
 class StreamStateError(ValueError):
@@ -77,10 +89,18 @@ class StreamStateError(ValueError):
 
 @dataclass
 class StreamCache:
-    """K/V of one stream: text (fixed), sink (ref + motion, fixed) and a ring of committed blocks.
+    """K/V of one stream: text (fixed), sink (ref + motion), a working slot and a ring of committed blocks.
 
-    Buffers are allocated once at the first `prefill` and never grow: `kv_k`/`kv_v` hold
-    [layers, B, sink_tokens + slots * block_tokens, heads, head_dim], keys un-rotated.
+    Buffers are allocated once at the first `prefill` and never grow. Per layer, with n = sink_tokens
+    and b = block_tokens (each b tokens: the working slot, then the `num_slots` window slots):
+
+        kv_k: [raw sink n | rotated sink n | working slot b | slot 0 b | ... ]   (keys)
+        kv_v: [sink n     |                  working slot b | slot 0 b | ... ]   (values)
+
+    Raw sink keys are un-rotated (`copy_sink` copies them with the values); the rotated sink holds them
+    rotated for the block at `rotated_sink_for`; the working slot holds the last call's rotated keys;
+    window slots hold committed keys rotated at their absolute frames. A call attends over
+    kv_k[n : 2n + (1 + filled) b] and kv_v[: n + (1 + filled) b], one slice each.
     """
 
     batch_size: int
@@ -89,8 +109,8 @@ class StreamCache:
     num_slots: int
     text_k: torch.Tensor | None = None  # [L, B, text_len, H, D]
     text_v: torch.Tensor | None = None
-    kv_k: torch.Tensor | None = None  # [L, B, sink + slots*block, H, D]
-    kv_v: torch.Tensor | None = None
+    kv_k: torch.Tensor | None = None  # [L, B, 2 * sink + (1 + slots) * block, H, D]
+    kv_v: torch.Tensor | None = None  # [L, B, sink + (1 + slots) * block, H, D]
     sink_tokens: int = 0
     block_tokens: int = 0
     latent_hw: tuple[int, int] | None = None
@@ -99,7 +119,11 @@ class StreamCache:
     block_positions: torch.Tensor | None = None  # [block_tokens, 3] of a block starting at frame 0
     slot_frame_start: list[int | None] = field(default_factory=list)
     next_slot: int = 0
-    rope: dict[tuple, RotationTables] = field(default_factory=dict)  # device RoPE tables per position layout
+    # (frame_start, sink_positions object) the rotated sink was made for: a new sink (prefill, copy_sink)
+    # brings a new positions tensor, so holding the object tells a stale rotation apart.
+    rotated_sink_for: tuple[int, torch.Tensor] | None = None
+    rope: dict[tuple, RotationTables] = field(default_factory=dict)  # block tables per frame_start
+    device_positions: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -114,6 +138,17 @@ class StreamCache:
         starts = [s for s in self.slot_frame_start if s is not None]
         return max(starts) if starts else None
 
+    def slot_start(self, slot: int) -> int:
+        """First token of window slot `slot` in kv_v (add sink_tokens for kv_k); -1 is the working slot."""
+        return self.sink_tokens + (1 + slot) * self.block_tokens
+
+    def window_k(self) -> torch.Tensor:
+        """Keys of the committed window slots [L, B, slots * block, H, D] (a view)."""
+        return self.kv_k[:, :, self.sink_tokens + self.slot_start(0) :]
+
+    def window_v(self) -> torch.Tensor:
+        return self.kv_v[:, :, self.slot_start(0) :]
+
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (constant after the first prefill)."""
         tensors = (self.text_k, self.text_v, self.kv_k, self.kv_v)
@@ -124,7 +159,9 @@ class StreamCache:
         self.text_k = self.text_v = self.kv_k = self.kv_v = None
         self.slot_frame_start = [None] * self.num_slots
         self.next_slot = 0
+        self.rotated_sink_for = None
         self.rope = {}
+        self.device_positions = {}
 
 
 # ----------------------------------------------------------------------------- the transformer block
@@ -133,11 +170,13 @@ class StreamCache:
 class AvatarBlock(WanTransformerBlock):
     """diffusers `WanTransformerBlock` (same modules, same weight names, same math) with a streaming forward.
 
-    forward(x, text_k, text_v, temb, cos, sin, memory_k, memory_v, memory_cos, memory_sin) -> (x, k, v):
-    self-attention over the rotated memory (sink + window, un-rotated in the cache) and this call's
-    tokens, cross-attention to the text K/V cached at prefill, feed-forward; k, v are this call's
-    un-rotated keys/values, which the caller stores in the cache (commit, prefill) or drops. Tensors
-    only in, tensors out, no side effects: one graph for torch.compile, shared by every layer.
+    forward(x, text_k, text_v, temb, cos, sin, key_cache, value_cache, start, return_keys) -> (x, k):
+    rotates this call's queries and keys by cos/sin, writes its keys and values at token `start` of
+    key_cache/value_cache (this layer's slices of the stream cache, memory keys already rotated) and
+    self-attends over the whole slices; then cross-attention to the text K/V cached at prefill and the
+    feed-forward. k: this call's un-rotated keys with `return_keys` (the sink's prefill keeps them),
+    else None. The cache write is the one side effect, declared to torch.compile (`attention_into`), so
+    the block is one graph, shared by every layer.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -155,15 +194,15 @@ class AvatarBlock(WanTransformerBlock):
         temb: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        memory_k: torch.Tensor | None = None,
-        memory_v: torch.Tensor | None = None,
-        memory_cos: torch.Tensor | None = None,
-        memory_sin: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        start: int,
+        return_keys: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.qkv_weight is not None and not torch.compiler.is_compiling():
             self._check_fused()
         compute = self.compiled_compute or AvatarBlock.compute
-        return compute(self, x, text_k, text_v, temb, cos, sin, memory_k, memory_v, memory_cos, memory_sin)
+        return compute(self, x, text_k, text_v, temb, cos, sin, key_cache, value_cache, start, return_keys)
 
     def compute(
         self,
@@ -173,26 +212,26 @@ class AvatarBlock(WanTransformerBlock):
         temb: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        memory_k: torch.Tensor | None,
-        memory_v: torch.Tensor | None,
-        memory_cos: torch.Tensor | None,
-        memory_sin: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        start: int,
+        return_keys: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block's math (diffusers `WanTransformerBlock.forward`, float32 modulation and residuals)."""
         shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
             self.scale_shift_table + temb.float()
         ).chunk(6, dim=1)
         norm = (self.norm1(x.float()) * (1 + scale_msa) + shift_msa).type_as(x)
-        attn_out, k, v = self._self_attention(norm, cos, sin, memory_k, memory_v, memory_cos, memory_sin)
+        attn_out, k = self._self_attention(norm, cos, sin, key_cache, value_cache, start)
         x = (x.float() + attn_out * gate_msa).type_as(x)
         norm = self.norm2(x.float()).type_as(x)
         x = x + self._text_attention(norm, text_k, text_v)
         norm = (self.norm3(x.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(x)
         ff = self.ffn(norm)
         x = (x.float() + ff.float() * c_gate_msa).type_as(x)
-        return x, k, v
+        return x, (k if return_keys else None)
 
-    def _self_attention(self, hidden, cos, sin, memory_k, memory_v, memory_cos, memory_sin):
+    def _self_attention(self, hidden, cos, sin, key_cache, value_cache, start):
         attn = self.attn1
         if self.qkv_weight is not None:
             q, k, v = F.linear(hidden, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
@@ -201,11 +240,15 @@ class AvatarBlock(WanTransformerBlock):
         q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
         v = v.unflatten(2, (attn.heads, -1))
-        keys = rotate_concat(memory_k, k, memory_cos, memory_sin, cos, sin)
-        values = v if memory_v is None else torch.cat([memory_v.to(v.dtype), v], dim=1)
-        out = compiled_attention(rotate(q, cos, sin), keys, values)
+        q_rot = rotate(q, cos, sin, key_cache.dtype)
+        if eager_fast_path():  # eager inference: rotate the keys straight into their cache slot
+            rotate_into(key_cache[:, start : start + k.shape[1]], k, cos, sin)
+            value_cache[:, start : start + v.shape[1]].copy_(v)
+            out = attention(q_rot, key_cache, value_cache)
+        else:
+            out = attention_into(q_rot, rotate(k, cos, sin, key_cache.dtype), v, key_cache, value_cache, start)
         out = out.flatten(2).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out)), k, v
+        return attn.to_out[1](attn.to_out[0](out)), k
 
     def _text_attention(self, hidden, text_k, text_v):
         attn = self.attn2
@@ -356,9 +399,10 @@ class AvatarDiT(nn.Module):
 
         Every layer runs the same compiled function (`AvatarBlock.compute`, parameters are graph inputs),
         so the 40 layers cost one compilation per shape. Shapes are static: a stream meets one per
-        memory length (sink only, then each filled slot count) plus the sink's own pass, and each
-        (batch, frame size) adds its set; the recompile limit is raised to cover that. The K/V cache
-        writes stay outside (the block returns k, v). backend None goes back to eager.
+        attended length (sink + working slot, then each filled slot count) plus the sink's own pass,
+        and each (batch, frame size) adds its set; the recompile limit is raised to cover that. The
+        call's K/V write into the cache is inside the graph (`attention_into`); the commit copy and
+        the sink's once-per-block rotation stay outside. backend None goes back to eager.
         """
         compute = None if backend is None else _compiled_block_compute(backend, mode)
         for block in self.blocks:
@@ -416,13 +460,16 @@ class AvatarDiT(nn.Module):
         cache.text_k.copy_(text_k)
         cache.text_v.copy_(text_v)
         cache.sink_positions, cache.sink_kind, cache.block_positions = positions, kind, block_pos
-        # The sink's own pass places it as the reference does at the stream's start (frame_start 0).
-        tables = self._rope(cache, ("sink",), lambda: self._sink_positions_at(cache, 0))
+        # The sink's own pass places it as the reference does at the stream's start (frame_start 0),
+        # which is also where the rotated sink it writes belongs: a block at frame 0 reuses it.
+        tables = rotation_tables(self._sink_positions_abs(cache, 0), self.head_dim, self.device)
         _, proj = self._time_embedding(torch.zeros(b, device=self.device))
+        n = cache.sink_tokens
         for layer, block in enumerate(self.blocks):
-            x, k, v = block(x, cache.text_k[layer], cache.text_v[layer], proj, tables.cos, tables.sin)
-            cache.kv_k[layer, :, : cache.sink_tokens] = k
-            cache.kv_v[layer, :, : cache.sink_tokens] = v
+            x, k = block(x, cache.text_k[layer], cache.text_v[layer], proj, tables.cos, tables.sin,
+                         cache.kv_k[layer, :, n : 2 * n], cache.kv_v[layer, :, :n], 0, return_keys=True)
+            cache.kv_k[layer, :, :n] = k
+        cache.rotated_sink_for = (0, cache.sink_positions)
 
     @torch.no_grad()
     def forward(
@@ -484,29 +531,21 @@ class AvatarDiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=self.device, dtype=torch.float32).reshape(-1).expand(b)
         temb, proj = self._time_embedding(timestep)
         audio_global, audio_local = self.casual_audio_encoder(audio.to(self.device, self.dtype))
-        memory = self._memory_tables(cache, frame_start)
-        mem_len = memory.length
-        tables = self._rope(cache, ("block",), lambda: cache.block_positions)
-        start = cache.sink_tokens + cache.next_slot * cache.block_tokens
+        self._rotate_sink(cache, frame_start)
+        tables = self._block_tables(cache, frame_start)
+        n = cache.sink_tokens
+        span = cache.slot_start(cache.filled_slots)  # sink + working slot + filled window slots
         for layer, block in enumerate(self.blocks):
-            x, k, v = block(
-                x,
-                cache.text_k[layer],
-                cache.text_v[layer],
-                proj,
-                tables.cos,
-                tables.sin,
-                cache.kv_k[layer, :, :mem_len],
-                cache.kv_v[layer, :, :mem_len],
-                memory.cos,
-                memory.sin,
-            )
-            if commit:
-                cache.kv_k[layer, :, start : start + cache.block_tokens] = k
-                cache.kv_v[layer, :, start : start + cache.block_tokens] = v
+            # this layer's rotated sink, working slot and window: the call's K/V go to the working slot
+            x, _ = block(x, cache.text_k[layer], cache.text_v[layer], proj, tables.cos, tables.sin,
+                         cache.kv_k[layer, :, n : n + span], cache.kv_v[layer, :, :span], n)
             if layer in self.audio_injector.injected_block_id:
                 full = self.audio_injector(layer, sp.gather_tokens(x), audio_global, audio_local)
                 x = sp.shard_tokens(full)
+        if commit:  # the working slot becomes the window's next slot (all layers, one copy each)
+            work, slot, end = cache.slot_start(-1), cache.slot_start(cache.next_slot), cache.slot_start(0)
+            cache.kv_k[:, :, n + slot : n + slot + cache.block_tokens] = cache.kv_k[:, :, n + work : n + end]
+            cache.kv_v[:, :, slot : slot + cache.block_tokens] = cache.kv_v[:, :, work:end]
         return x, temb
 
     def _time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,11 +577,12 @@ class AvatarDiT(nn.Module):
         self, cache: StreamCache, sink_tokens: int, block_tokens: int, latent_hw: tuple[int, int]
     ) -> None:
         layers, heads = self.cfg.num_layers, self.cfg.num_heads
-        total = sink_tokens + cache.num_slots * block_tokens
-        kv_shape = (layers, cache.batch_size, total, heads, self.head_dim)
+        values = sink_tokens + (1 + cache.num_slots) * block_tokens  # sink, working slot, window
+        k_shape = (layers, cache.batch_size, sink_tokens + values, heads, self.head_dim)  # + rotated sink
+        v_shape = (layers, cache.batch_size, values, heads, self.head_dim)
         text_shape = (layers, cache.batch_size, self.cfg.text_len, heads, self.head_dim)
-        cache.kv_k = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
-        cache.kv_v = torch.zeros(kv_shape, device=cache.device, dtype=cache.dtype)
+        cache.kv_k = torch.zeros(k_shape, device=cache.device, dtype=cache.dtype)
+        cache.kv_v = torch.zeros(v_shape, device=cache.device, dtype=cache.dtype)
         cache.text_k = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.text_v = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.sink_tokens, cache.block_tokens, cache.latent_hw = sink_tokens, block_tokens, latent_hw
@@ -563,34 +603,54 @@ class AvatarDiT(nn.Module):
         positions[:, 0] += shift
         return positions
 
-    def _memory_tables(self, cache: StreamCache, frame_start: int) -> RotationTables:
-        """Rotation tables of sink + filled slots, positions relative to `frame_start` (cached per layout).
+    def _device_positions(self, cache: StreamCache, name: str, host: torch.Tensor) -> torch.Tensor:
+        """`host` (positions; kinds: 1.0 where the reference) as float64 on the model's device, copied
+        once per tensor object (prefill and copy_sink bring new ones), never per block."""
+        held = cache.device_positions.get(name)
+        if held is None or held[0] is not host:
+            device = self.device if self.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+            values = (host == SINK_KIND_REF) if name == "sink_kind" else host
+            held = (host, values.to(device, torch.float64))
+            cache.device_positions[name] = held
+        return held[1]
 
-        The positions depend on frame_start only through the motion shift (bounded by the window) and
-        the filled slots' offsets from the block: a handful of layouts for a whole stream, so after the
-        first blocks every call finds its tables on the device.
-        """
+    def _sink_positions_abs(self, cache: StreamCache, frame_start: int) -> torch.Tensor:
+        """Absolute positions (float64, on the device) of the sink for the block at `frame_start`:
+        `_sink_positions_at` shifted by frame_start, computed on the device (no host copy per block)."""
+        base = self._device_positions(cache, "sink", cache.sink_positions)
+        is_ref = self._device_positions(cache, "sink_kind", cache.sink_kind)
         window_frames = cache.num_slots * self.cfg.num_frames_per_block
-        offsets = tuple(s - frame_start for s in cache.slot_frame_start[: cache.filled_slots])
-        key = ("memory", min(frame_start, window_frames), offsets)
+        motion = frame_start - min(frame_start, window_frames)
+        ref = frame_start + REF_FRAME_OFFSET
+        positions = base.clone()
+        positions[:, 0] += motion + (ref - motion) * is_ref
+        return positions
 
-        def positions() -> torch.Tensor:
-            parts = [self._sink_positions_at(cache, frame_start)]
-            for offset in offsets:
-                pos = cache.block_positions.clone()
-                pos[:, 0] += offset
-                parts.append(pos)
-            return torch.cat(parts)
+    def _rotate_sink(self, cache: StreamCache, frame_start: int) -> None:
+        """Rotate the raw sink keys for the block at `frame_start` into the rotated-sink region, once per
+        block (and after each new sink): every call of the block (denoising steps, commit) reuses it."""
+        done = cache.rotated_sink_for
+        if done is not None and done[0] == frame_start and done[1] is cache.sink_positions:
+            return
+        tables = rotation_tables(self._sink_positions_abs(cache, frame_start), self.head_dim, self.device)
+        n = cache.sink_tokens
+        for layer in range(cache.kv_k.shape[0]):  # per layer: a float32 temporary of one layer's sink
+            if eager_fast_path():
+                rotate_into(cache.kv_k[layer, :, n : 2 * n], cache.kv_k[layer, :, :n], tables.cos, tables.sin)
+            else:
+                cache.kv_k[layer, :, n : 2 * n] = rotate(cache.kv_k[layer, :, :n], tables.cos, tables.sin)
+        cache.rotated_sink_for = (frame_start, cache.sink_positions)
 
-        return self._rope(cache, key, positions)
-
-    def _rope(self, cache: StreamCache, key: tuple, positions: Callable[[], torch.Tensor]) -> RotationTables:
-        """The cache's rotation tables for `key`, computed (host, float64) and copied to the device once."""
+    def _block_tables(self, cache: StreamCache, frame_start: int) -> RotationTables:
+        """Rotation tables of the block's tokens at their absolute frames (built on the device, once per block)."""
+        key = ("block", frame_start)
         tables = cache.rope.get(key)
         if tables is None:
+            positions = self._device_positions(cache, "block", cache.block_positions).clone()
+            positions[:, 0] += frame_start
             if len(cache.rope) >= ROPE_LAYOUTS_KEPT:
                 cache.rope.pop(next(iter(cache.rope)))
-            tables = rotation_tables(positions(), self.head_dim, self.device)
+            tables = rotation_tables(positions, self.head_dim, self.device)
             cache.rope[key] = tables
         return tables
 

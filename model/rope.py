@@ -3,8 +3,10 @@
 Same math as Wan's `rope_params`/`rope_apply` and diffusers' `WanRotaryPosEmbed`: the head dim is split
 into time/height/width parts (head_dim - 4*(head_dim//6), 2*(head_dim//6), 2*(head_dim//6)), each
 rotated by position * theta^(-2i/d) on adjacent channel pairs. Tables here are computed from positions
-rather than looked up, because the streaming DiT places tokens relative to the block being denoised:
-cached blocks sit at negative frames, the reference sink ahead of it, FramePack motion tokens behind.
+rather than looked up: the streaming DiT rotates every token at its absolute latent frame (the block's,
+each cached block's once when it is written, the sink's once per block), so streams of hours reach
+frame indices near 10^6. Angles are float64 (on the positions' device), tables float32: exact enough
+there (the float32 cast, ~6e-8, dominates), and only differences of positions reach attention.
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ def rope_tables(
     device: torch.device | str | None = None,
     theta: float = ROPE_THETA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [S, head_dim // 2] (float32) for positions [S, 3] (frame, row, col)."""
+    """cos, sin [S, head_dim // 2] (float32) for positions [S, 3] (frame, row, col); float64 angles.
+
+    Computed where `positions` live (no host round trip for device positions), then moved to `device`.
+    """
     positions = positions.to(torch.float64)
     angles = []
     for axis, dim in enumerate(rope_split(head_dim)):
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        steps = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)
+        inv_freq = 1.0 / theta ** (steps / dim)
         angles.append(positions[:, axis : axis + 1] * inv_freq[None, :])
     angle = torch.cat(angles, dim=1)
     return angle.cos().float().to(device), angle.sin().float().to(device)
@@ -50,7 +56,7 @@ def rope_tables(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x [B, S, H, D] by the tables [S, D/2]; float32 math, x's dtype out.
 
-    The plain form of the math (kept for reading and for tools); the DiT uses `rotate`/`rotate_concat`.
+    The plain form of the math (kept for reading and for tools); the DiT uses `rotate`/`rotate_into`.
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
@@ -84,7 +90,7 @@ def rotation_tables(
     device: torch.device | str | None = None,
     theta: float = ROPE_THETA,
 ) -> RotationTables:
-    """`RotationTables` for positions [S, 3]; angles in float64 on the host, one copy to `device`."""
+    """`RotationTables` for positions [S, 3]; float64 angles where the positions are, float32 tables on `device`."""
     cos, sin = rope_tables(positions, head_dim, None, theta)
     cos2 = cos.repeat_interleave(2, dim=-1)
     sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
@@ -96,7 +102,7 @@ def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
-def _eager_fast_path() -> bool:
+def eager_fast_path() -> bool:
     """Out-of-place kernels with `out=` save passes in eager inference; compiled or autograd code keeps it functional."""
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
@@ -104,7 +110,7 @@ def _eager_fast_path() -> bool:
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """RoPE of x [B, S, H, D] by `RotationTables` cos/sin [S, 1, D]: float32 math, `dtype` (default x's) out."""
     dtype = dtype or x.dtype
-    if _eager_fast_path():
+    if eager_fast_path():
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         _rotate_into(out, x, cos, sin)
         return out
@@ -112,31 +118,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.d
     return (xf * cos + _swap_pairs(xf) * sin).to(dtype)
 
 
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """RoPE of x [B, S, H, D] written into `out` (same shape, any float dtype; e.g. a KV cache slice).
+
+    Eager inference only (no autograd, not under torch.compile): float32 math inside the kernels,
+    one rounding into `out`, no temporary of x's size in x's dtype.
+    """
+    _rotate_into(out, x, cos, sin)
+
+
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     # x * cos promotes to float32 inside the kernel (no separate cast pass); addcmul adds swap(x) * sin in
     # float32 and rounds once into `out`: three passes over x instead of the seven of cast/unflatten/stack.
     torch.addcmul(x * cos, _swap_pairs(x), sin, out=out)
-
-
-def rotate_concat(
-    memory: torch.Tensor | None,
-    new: torch.Tensor,
-    memory_cos: torch.Tensor | None,
-    memory_sin: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> torch.Tensor:
-    """Rotated keys of the cached memory [B, M, H, D], then of this call [B, S, H, D] -> [B, M + S, H, D].
-
-    Eager inference rotates both straight into one buffer (no rotated copy of the memory, no cat);
-    under torch.compile (and autograd) it is rotate + cat, which inductor turns into one kernel.
-    """
-    if memory is None:
-        return rotate(new, cos, sin)
-    if not _eager_fast_path():
-        return torch.cat([rotate(memory, memory_cos, memory_sin, new.dtype), rotate(new, cos, sin)], dim=1)
-    b, m, h, d = memory.shape
-    out = torch.empty((b, m + new.shape[1], h, d), dtype=new.dtype, device=new.device)
-    _rotate_into(out[:, :m], memory, memory_cos, memory_sin)
-    _rotate_into(out[:, m:], new, cos, sin)
-    return out

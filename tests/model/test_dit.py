@@ -9,7 +9,7 @@ import torch
 
 from model import attention as attention_seam
 from model.config import load_config
-from model.dit import AvatarDiT, StreamCache, StreamStateError
+from model.dit import AvatarBlock, AvatarDiT, StreamCache, StreamStateError
 from model.dit_audio import CausalAudioEncoder
 
 LATENT_HW = (16, 16)  # 128*128 video
@@ -80,15 +80,60 @@ def test_bfloat16_model_and_cache_give_float32_velocity_close_to_float32(cfg) ->
     assert rel < 0.05
 
 
-def test_forward_does_not_modify_the_cache(dit, cfg) -> None:
+def _stream_state(cache: StreamCache) -> tuple:
+    """What a forward must leave alone: raw sink keys, sink values, the committed window, the text, the ring."""
+    n = cache.sink_tokens
+    return (cache.kv_k[:, :, :n].clone(), cache.kv_v[:, :, :n].clone(), cache.window_k().clone(),
+            cache.window_v().clone(), cache.text_k.clone(), list(cache.slot_frame_start), cache.next_slot)
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a[:5], b[:5])) and a[5:] == b[5:]
+
+
+def test_forward_does_not_modify_the_stream_state(dit, cfg) -> None:
+    """A forward writes only scratch (the working slot, the rotated sink for its block), not the stream."""
     cache = _started(dit, cfg)
     latents, audio = _block(cfg, 0)
     dit.commit(cache, latents, audio, 0)
-    before = (cache.kv_k.clone(), cache.kv_v.clone(), list(cache.slot_frame_start), cache.next_slot)
+    before = _stream_state(cache)
     latents, audio = _block(cfg, 1)
     dit(latents, torch.tensor([900.0]), audio, cache, cfg.num_frames_per_block)
-    assert torch.equal(cache.kv_k, before[0]) and torch.equal(cache.kv_v, before[1])
-    assert (cache.slot_frame_start, cache.next_slot) == (before[2], before[3])
+    assert _same_state(_stream_state(cache), before)
+
+
+def test_keys_are_stored_rotated_at_their_absolute_frames(dit, cfg) -> None:
+    """Committed keys = the block's un-rotated keys rotated at frames frame_start...; the sink's raw keys
+    rotated for the block being denoised sit in the rotated-sink region."""
+    from model.rope import apply_rope, rope_tables
+
+    f = cfg.num_frames_per_block
+    cache = _started(dit, cfg)
+    latents, audio = _block(cfg, 0)
+    captured = {}
+
+    def spy(block, *args):  # args: x .. start, return_keys; keep the un-rotated keys of layer 0
+        x, k = AvatarBlock.compute(block, *args[:-1], True)
+        captured.setdefault("k", k)
+        return x, (k if args[-1] else None)
+
+    dit.blocks[0].compiled_compute = spy
+    try:
+        dit.commit(cache, latents, audio, 2 * f)
+    finally:
+        dit.blocks[0].compiled_compute = None
+    n = cache.sink_tokens
+    positions = cache.block_positions.clone()
+    positions[:, 0] += 2 * f
+    expected = apply_rope(captured["k"], *rope_tables(positions, dit.head_dim))
+    slot = cache.slot_start(0)
+    torch.testing.assert_close(cache.kv_k[0, :, n + slot : n + slot + cache.block_tokens], expected,
+                               atol=1e-6, rtol=1e-5)
+    sink_positions = dit._sink_positions_at(cache, 2 * f)
+    sink_positions[:, 0] += 2 * f
+    expected_sink = apply_rope(cache.kv_k[0, :, :n], *rope_tables(sink_positions, dit.head_dim))
+    torch.testing.assert_close(cache.kv_k[0, :, n : 2 * n], expected_sink, atol=1e-6, rtol=1e-5)
+    assert cache.rotated_sink_for[0] == 2 * f
 
 
 def test_cache_keeps_its_size_and_buffers_over_many_commits(dit, cfg) -> None:
@@ -104,6 +149,16 @@ def test_cache_keeps_its_size_and_buffers_over_many_commits(dit, cfg) -> None:
     assert (cache.kv_k.data_ptr(), cache.kv_v.data_ptr(), cache.text_k.data_ptr()) == pointers
     # the window holds the newest kv_cache_blocks - 1 blocks
     assert sorted(cache.slot_frame_start) == [f * b for b in range(12 - (cfg.kv_cache_blocks - 1), 12)]
+
+
+def test_cache_memory_is_the_window_plus_a_rotated_sink_and_one_working_block(dit, cfg) -> None:
+    cache = _started(dit, cfg)
+    n, b, slots = cache.sink_tokens, cache.block_tokens, cache.num_slots
+    layers, heads, head_dim = cfg.num_layers, cfg.num_heads, cfg.dim // cfg.num_heads
+    assert cache.kv_v.shape == (layers, 1, n + (1 + slots) * b, heads, head_dim)
+    assert cache.kv_k.shape == (layers, 1, 2 * n + (1 + slots) * b, heads, head_dim)
+    window_only = 2 * (n + slots * b)  # what K + V of sink + window alone take, in tokens
+    assert cache.kv_k.shape[2] + cache.kv_v.shape[2] - window_only == n + 2 * b
 
 
 def test_a_block_never_sees_future_blocks(dit, cfg) -> None:
@@ -182,12 +237,12 @@ def test_prefill_again_replaces_the_sink_and_keeps_the_window(dit, cfg) -> None:
     cache = _started(dit, cfg)
     latents, audio = _block(cfg, 0)
     dit.commit(cache, latents, audio, 0)
-    window = cache.kv_k[:, :, cache.sink_tokens :].clone()
+    window = cache.window_k().clone(), cache.window_v().clone()
     sink = cache.kv_k[:, :, : cache.sink_tokens].clone()
     ref, text = _inputs(cfg, 7)
     motion = torch.randn(1, 16, 12, *LATENT_HW)
     dit.prefill(cache, ref, text, motion_latents=motion)
-    assert torch.equal(cache.kv_k[:, :, cache.sink_tokens :], window)
+    assert torch.equal(cache.window_k(), window[0]) and torch.equal(cache.window_v(), window[1])
     assert not torch.equal(cache.kv_k[:, :, : cache.sink_tokens], sink)
     assert cache.slot_frame_start[0] == 0
 
@@ -256,3 +311,44 @@ def test_head_dim_tables_cover_wan_split(cfg) -> None:
     assert rope_split(128) == (44, 42, 42)  # Wan 14B head dim 128: rope_params(1024, d - 4*(d//6)) etc.
     small = dataclasses.replace(cfg)
     assert sum(rope_split(small.dim // small.num_heads)) == small.dim // small.num_heads
+
+
+def _window_then_block(model: AvatarDiT, cfg, offset: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Velocity of a block at frame `offset` after the same full window of committed blocks before it."""
+    f = cfg.num_frames_per_block
+    cache = model.new_cache(1, "cpu", dtype)
+    ref, text = _inputs(cfg, 0)
+    model.prefill(cache, ref, text)
+    for i, block in enumerate(range(offset // f - cfg.kv_cache_blocks + 1, offset // f)):
+        latents, audio = _block(cfg, i)
+        model.commit(cache, latents, audio, block * f)
+    latents, audio = _block(cfg, 99)
+    return model(latents, torch.tensor([400.0]), audio, cache, offset)
+
+
+LONG_STREAM_FRAME = 1_000_002  # latent frame of a block ~17 hours into a stream (4 video frames each, 16 fps)
+
+
+def test_a_block_hours_into_the_stream_gives_the_output_at_its_start(dit, cfg) -> None:
+    """Keys are rotated at absolute frames near 10^6: float64 angles keep the output that of frame 30."""
+    near = _window_then_block(dit, cfg, 30)
+    far = _window_then_block(dit, cfg, LONG_STREAM_FRAME)
+    torch.testing.assert_close(far, near, atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16_streams_do_not_drift_with_stream_length(cfg) -> None:
+    """In bf16 (weights and cache) the distance to the float32 output stays that of bf16 rounding at
+    frame 30, frame 9030 and frame ~10^6: absolute rotation adds no error that grows with the frame index."""
+    torch.manual_seed(0)
+    exact = AvatarDiT(cfg).eval()
+    low = AvatarDiT(cfg).eval()
+    low.load_state_dict(exact.state_dict())
+    low.cast(torch.bfloat16)
+    reference = _window_then_block(exact, cfg, 30)
+    errors = []
+    for offset in (30, 9030, LONG_STREAM_FRAME):
+        out = _window_then_block(low, cfg, offset, torch.bfloat16)
+        errors.append(float((out - reference).norm() / reference.norm()))
+        torch.testing.assert_close(out, _window_then_block(low, cfg, 30, torch.bfloat16), atol=2e-2, rtol=1e-2)
+    assert errors[0] < 0.05
+    assert max(errors) < 1.2 * errors[0], errors

@@ -1,5 +1,5 @@
-"""DiT speed paths give the results of the plain ones: RoPE tables cached per layout, fused RoPE + concat,
-the compiled block, fused QKV, the SDPA backend switch (CPU, tiny sizes)."""
+"""DiT speed paths give the results of the plain ones: keys rotated once into the cache (tables built on the
+device once per block), the compiled block, fused QKV, the SDPA backend switch (CPU, tiny sizes)."""
 
 from __future__ import annotations
 
@@ -131,21 +131,30 @@ def test_rotation_equals_the_reference_rope(dtype, grad) -> None:
     torch.testing.assert_close(out, expected, atol=atol, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotate_concat_equals_rotating_each_part_then_cat(dtype, grad) -> None:
+def test_rotate_into_a_cache_slice_equals_the_reference_rope(dtype) -> None:
     head_dim = 32
-    mem_pos, new_pos = _positions(70, 1), _positions(24, 2)
-    mem_t, new_t = rope.rotation_tables(mem_pos, head_dim), rope.rotation_tables(new_pos, head_dim)
-    memory = torch.randn(1, 70, 4, head_dim).to(dtype)
-    new = torch.randn(1, 24, 4, head_dim).to(dtype)
-    with torch.set_grad_enabled(grad):
-        keys = rope.rotate_concat(memory, new, mem_t.cos, mem_t.sin, new_t.cos, new_t.sin)
-    expected = torch.cat(
-        [apply_rope_reference(memory, *rope_tables_reference(mem_pos, head_dim)),
-         apply_rope_reference(new, *rope_tables_reference(new_pos, head_dim))], dim=1)
+    positions = _positions(24, 2)
+    tables = rope.rotation_tables(positions, head_dim)
+    x = torch.randn(1, 24, 4, head_dim).to(dtype)
+    cache = torch.zeros(1, 40, 4, head_dim, dtype=dtype)
+    with torch.no_grad():
+        rope.rotate_into(cache[:, 10:34], x, tables.cos, tables.sin)
+    expected = apply_rope_reference(x, *rope_tables_reference(positions, head_dim))
     atol = 1e-6 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(keys, expected, atol=atol, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(cache[:, 10:34], expected, atol=atol, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert not cache[:, :10].any() and not cache[:, 34:].any()
+
+
+def test_tables_at_frame_a_million_are_float64_exact() -> None:
+    """Angles near 10^6 rad: the float32 tables are the float64 ones rounded once (no float32 angle error)."""
+    head_dim = 128
+    positions = torch.tensor([[1_000_002.0, 7.0, 11.0], [1_000_004.0, 0.0, 3.0]], dtype=torch.float64)
+    cos, sin = rope.rope_tables(positions, head_dim)
+    angle = torch.cat([positions[:, a : a + 1] * (1.0 / rope.ROPE_THETA ** (
+        torch.arange(0, d, 2, dtype=torch.float64) / d))[None] for a, d in enumerate(rope.rope_split(head_dim))], 1)
+    torch.testing.assert_close(cos.double(), angle.cos(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(sin.double(), angle.sin(), atol=1e-7, rtol=0)
 
 
 def test_block_equals_the_diffusers_block_with_the_reference_processors(cfg) -> None:
@@ -159,8 +168,13 @@ def test_block_equals_the_diffusers_block_with_the_reference_processors(cfg) -> 
     text_k, text_v = torch.randn(2, 1, cfg.text_len, heads, head_dim, generator=g)
     memory_k, memory_v = torch.randn(2, 1, 80, heads, head_dim, generator=g)
     new_pos, mem_pos = _positions(48, 4), _positions(80, 5)
-    new_t, mem_t = rope.rotation_tables(new_pos, head_dim), rope.rotation_tables(mem_pos, head_dim)
-    out, k, v = block(x, text_k, text_v, temb, new_t.cos, new_t.sin, memory_k, memory_v, mem_t.cos, mem_t.sin)
+    new_t = rope.rotation_tables(new_pos, head_dim)
+    # the cache: memory keys stored rotated at their positions, then the call's slot (48 tokens, garbage)
+    key_cache = torch.cat([apply_rope_reference(memory_k, *rope_tables_reference(mem_pos, head_dim)),
+                           torch.randn(1, 48, heads, head_dim, generator=g)], dim=1)
+    value_cache = torch.cat([memory_v, torch.randn(1, 48, heads, head_dim, generator=g)], dim=1)
+    with torch.no_grad():
+        out, k = block(x, text_k, text_v, temb, new_t.cos, new_t.sin, key_cache, value_cache, 80, return_keys=True)
 
     reference = WanTransformerBlock(cfg.dim, cfg.ffn_dim, heads, "rms_norm_across_heads", cfg.cross_attn_norm,
                                     cfg.eps).eval()
@@ -171,16 +185,19 @@ def test_block_equals_the_diffusers_block_with_the_reference_processors(cfg) -> 
     with torch.no_grad():
         expected = reference(x, None, temb, None)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(k, reference.attn1.processor.k, atol=1e-6, rtol=1e-5)  # un-rotated, for the cache
-    torch.testing.assert_close(v, reference.attn1.processor.v, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(k, reference.attn1.processor.k, atol=1e-6, rtol=1e-5)  # un-rotated (the sink's)
+    rotated = apply_rope_reference(reference.attn1.processor.k, *rope_tables_reference(new_pos, head_dim))
+    torch.testing.assert_close(key_cache[:, 80:], rotated, atol=1e-6, rtol=1e-5)  # written rotated in the slot
+    torch.testing.assert_close(value_cache[:, 80:], reference.attn1.processor.v, atol=1e-6, rtol=1e-5)
 
 
-def test_rope_tables_are_computed_once_per_layout_not_per_call(cfg, monkeypatch) -> None:
-    """After the window has filled and rotated once, no call builds tables (no host work, no copies)."""
+def test_rope_work_is_once_per_block_not_per_call(cfg, monkeypatch) -> None:
+    """A block builds its tables and rotates the sink once, however many calls it makes; positions
+    reach the device once per new sink (prefill), not per block."""
     model = _model(cfg)
     built = []
-    real = dit_module.rotation_tables
-    monkeypatch.setattr(dit_module, "rotation_tables", lambda *a, **k: built.append(1) or real(*a, **k))
+    real_tables = dit_module.rotation_tables
+    monkeypatch.setattr(dit_module, "rotation_tables", lambda *a, **k: built.append(1) or real_tables(*a, **k))
     f = cfg.num_frames_per_block
     g = torch.Generator().manual_seed(0)
     h, w = LATENT_HW
@@ -189,42 +206,41 @@ def test_rope_tables_are_computed_once_per_layout_not_per_call(cfg, monkeypatch)
     latents = torch.randn(1, 16, f, h, w, generator=g)
     audio = torch.randn(1, 4 * f, cfg.num_audio_layers, cfg.audio_dim, generator=g)
     model.prefill(cache, ref, text)
-    warm_blocks = 2 * cfg.kv_cache_blocks
-    for b in range(warm_blocks):
-        model(latents, torch.tensor([500.0]), audio, cache, b * f)
-        model.commit(cache, latents, audio, b * f)
-    layouts = len(built)
-    assert layouts <= dit_module.ROPE_LAYOUTS_KEPT and len(cache.rope) == layouts
-    for b in range(warm_blocks, warm_blocks + 6):
-        model.prefill(cache, ref, text)  # a new clip refreshes the sink; the tables stay
-        for _ in range(2):
+    assert len(built) == 1  # the sink's own pass
+    sink_rotations = []
+    monkeypatch.setattr(dit_module, "rotate_into", lambda *a: sink_rotations.append(a[0].shape) or rope.rotate_into(*a))
+    for b in range(2 * cfg.kv_cache_blocks):
+        built.clear()
+        sink_rotations.clear()
+        device_block_positions = cache.device_positions["block"][1] if b else None
+        for _ in range(3):  # denoising steps
             model(latents, torch.tensor([500.0]), audio, cache, b * f)
         model.commit(cache, latents, audio, b * f)
-    assert len(built) == layouts
+        # block 0 reuses the sink rotated by prefill (frame 0); later blocks build block + sink tables once
+        assert len(built) == (1 if b == 0 else 2)
+        # the sink is rotated once (one write per layer), the calls' own keys go to the working slot
+        sink_writes = [s for s in sink_rotations if s[1] == cache.sink_tokens]
+        assert len(sink_writes) == (0 if b == 0 else cfg.num_layers)
+        if b:
+            assert cache.device_positions["block"][1] is device_block_positions
 
 
-def test_cached_tables_equal_tables_built_for_the_call(cfg) -> None:
+def test_block_tables_equal_tables_at_absolute_positions(cfg) -> None:
     model = _model(cfg)
-    f = cfg.num_frames_per_block
     cache = model.new_cache(1, "cpu", torch.float32)
     g = torch.Generator().manual_seed(0)
     h, w = LATENT_HW
     model.prefill(cache, torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 5, cfg.text_dim, generator=g))
-    latents = torch.randn(1, 16, f, h, w, generator=g)
-    audio = torch.randn(1, 4 * f, cfg.num_audio_layers, cfg.audio_dim, generator=g)
-    for b in range(7):
-        cached = model._memory_tables(cache, b * f)
-        fresh_cache = dataclasses.replace(cache, rope={})
-        fresh = model._memory_tables(fresh_cache, b * f)
-        assert torch.equal(cached.cos, fresh.cos) and torch.equal(cached.sin, fresh.sin)
-        positions = [model._sink_positions_at(cache, b * f)]
-        for start in cache.slot_frame_start[: cache.filled_slots]:
-            pos = cache.block_positions.clone()
-            pos[:, 0] += start - b * f
-            positions.append(pos)
-        cos, _ = rope_tables_reference(torch.cat(positions), model.head_dim)
-        torch.testing.assert_close(cached.cos[:, 0, ::2], cos, rtol=0, atol=0)
-        model.commit(cache, latents, audio, b * f)
+    for start in (0, 3, 9030, 1_000_002):
+        tables = model._block_tables(cache, start)
+        positions = cache.block_positions.clone()
+        positions[:, 0] += start
+        cos, sin = rope_tables_reference(positions, model.head_dim)
+        torch.testing.assert_close(tables.cos[:, 0, ::2], cos, rtol=0, atol=0)
+        torch.testing.assert_close(tables.sin[:, 0, 1::2], sin, rtol=0, atol=0)
+        sink = model._sink_positions_at(cache, start)
+        sink[:, 0] += start
+        torch.testing.assert_close(model._sink_positions_abs(cache, start), sink, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- compile, fused QKV, backends
@@ -272,10 +288,9 @@ def test_explain_finds_no_graph_break_in_the_block_with_a_forced_backend(cfg) ->
     heads, head_dim = cfg.num_heads, cfg.dim // cfg.num_heads
     x = torch.randn(1, 48, cfg.dim)
     tables = rope.rotation_tables(_positions(48, 0), head_dim)
-    memory = rope.rotation_tables(_positions(64, 1), head_dim)
     args = (block, x, torch.randn(1, cfg.text_len, heads, head_dim), torch.randn(1, cfg.text_len, heads, head_dim),
-            torch.randn(1, 6, cfg.dim), tables.cos, tables.sin, torch.randn(1, 64, heads, head_dim),
-            torch.randn(1, 64, heads, head_dim), memory.cos, memory.sin)
+            torch.randn(1, 6, cfg.dim), tables.cos, tables.sin, torch.randn(1, 64 + 48, heads, head_dim),
+            torch.randn(1, 64 + 48, heads, head_dim), 64)
     with torch.inference_mode():
         explained = torch._dynamo.explain(dit_module.AvatarBlock.compute)(*args)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
