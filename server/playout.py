@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
+
 
 class PlayoutClock:
-    """Maps wall time to stream time: `stream_t = wall - anchor - delay`.
+    """Maps wall time to stream time: `stream_t = min(wall - anchor - delay, ready_until)`.
 
     `anchor` is when stream time 0 arrived (the earliest arrival seen over a sliding window, so slow
     drift between the browser's sample clock and ours is followed). `delay` is the audio->video
     latency: unknown (nothing plays) until the first clip (or its first part) is ready, then the
-    largest recent generation latency plus a margin; it rises at once when a clip or a part of one is
-    late and falls gently.
+    largest recent generation latency plus a margin; it falls gently when the model is ahead.
+
+    The clock never runs past the video that is ready (`ready_until`, the end of the contiguous frames
+    queued so far): when the next part is late, stream time stands still, so the video waits on its
+    last frame and the returned voice waits in silence at the same stream time, and both go on together
+    when the part arrives. The time stood still is added to the delay, and a rise of the delay (a late
+    part raises the target to its latency plus the margin) is played the same way, as a hold, never as
+    a step back in stream time: what was shown is never shown again.
     """
 
     def __init__(self, margin_s: float, anchor_window_s: float = 10.0, latency_history: int = 8,
@@ -27,10 +35,18 @@ class PlayoutClock:
         self._max_fall_per_clip_s = max_fall_per_clip_s
         self.delay_s: float | None = None
         self.last_latency_s: float | None = None
+        self._hold: tuple[float, float] | None = None  # (wall, stream time): stands still from there while the delay rises
+        self._ready_until_s: float | None = None  # stream time where the contiguous ready video ends
+        self._ready_ahead: list[tuple[float, float]] = []  # ready ranges past a range still being made
 
     @property
     def anchor_s(self) -> float | None:
         return self._anchor_candidates[0][1] if self._anchor_candidates else None
+
+    @property
+    def ready_until_s(self) -> float | None:
+        """Stream time up to which video is ready (or known to have none); playout stops there."""
+        return self._ready_until_s
 
     def note_audio(self, stream_end_s: float, arrival_wall_s: float) -> None:
         """Audio up to `stream_end_s` arrived at `arrival_wall_s` (monotonic seconds)."""
@@ -42,8 +58,9 @@ class PlayoutClock:
         while arrival_wall_s - self._anchor_candidates[0][0] > self._anchor_window_s:
             self._anchor_candidates.popleft()
 
-    def note_clip_ready(self, clip_t0_s: float, ready_wall_s: float, first_part: bool = True) -> float | None:
-        """A clip (or a part of one) starting at stream time `clip_t0_s` is ready; update the delay.
+    def note_clip_ready(self, clip_t0_s: float, clip_end_s: float, ready_wall_s: float,
+                        first_part: bool = True) -> float | None:
+        """A clip (or a part of one) covering stream time [`clip_t0_s`, `clip_end_s`) is ready; update the delay.
 
         Returns its latency. Parts of one clip count as one clip: the first part (the viewer's first
         frame) opens the clip's latency entry and lets the delay fall a step; a later part can only
@@ -52,6 +69,8 @@ class PlayoutClock:
         anchor = self.anchor_s
         if anchor is None:
             return None
+        self._settle(ready_wall_s)
+        self._add_ready(clip_t0_s, clip_end_s)
         latency_s = ready_wall_s - anchor - clip_t0_s
         fall_s = 0.0
         if first_part or not self._latencies_s:
@@ -61,15 +80,63 @@ class PlayoutClock:
         else:
             self._latencies_s[-1] = max(self._latencies_s[-1], latency_s)
         target_s = max(self._latencies_s) + self.margin_s
-        if self.delay_s is None or target_s > self.delay_s:
+        if self.delay_s is None:
+            self.delay_s = target_s
+        elif target_s > self.delay_s:
+            now_t = self._unheld_time(ready_wall_s)
+            self._hold = (ready_wall_s, min(now_t, self._ready_until_s))
             self.delay_s = target_s
         else:
             self.delay_s = max(target_s, self.delay_s - fall_s)
         return latency_s
 
+    def note_no_video(self, t0_s: float, end_s: float, wall_s: float) -> None:
+        """No video will come for stream time [`t0_s`, `end_s`) (a dropped or failed clip): play through it."""
+        self._settle(wall_s)
+        self._add_ready(t0_s, end_s)
+
     def stream_time_at(self, wall_s: float) -> float | None:
         """Stream time that plays at `wall_s`, or None before the first clip sets the delay."""
-        anchor = self.anchor_s
-        if anchor is None or self.delay_s is None:
+        times = self.stream_times_at(np.array([wall_s], dtype=np.float64))
+        return None if times is None else float(times[0])
+
+    def stream_times_at(self, walls_s: np.ndarray) -> np.ndarray | None:
+        """`stream_time_at` for many wall times at once (the audio track asks once per sample)."""
+        if self.anchor_s is None or self.delay_s is None:
             return None
-        return wall_s - anchor - self.delay_s
+        times = self._unheld_time(walls_s)
+        if self._ready_until_s is not None:
+            times = np.minimum(times, self._ready_until_s)
+        return times
+
+    def delay_at(self, wall_s: float) -> float | None:
+        """The delay the viewer sees at `wall_s`, counting a stall still going on."""
+        t = self.stream_time_at(wall_s)
+        return None if t is None else wall_s - self.anchor_s - t
+
+    def _unheld_time(self, walls_s):
+        """Stream time by the delay alone (no ready limit); a delay rise stands still instead of going back."""
+        times = walls_s - self.anchor_s - self.delay_s
+        if self._hold is not None:
+            hold_wall_s, hold_t = self._hold
+            times = np.maximum(times, np.minimum(hold_t, hold_t + walls_s - hold_wall_s))
+        return times
+
+    def _settle(self, wall_s: float) -> None:
+        """Before the ready range grows at `wall_s`: a stall going on becomes part of the delay, so
+        playout resumes from where it stood, not from where the wall clock has got to."""
+        if self.delay_s is None or self._ready_until_s is None or self.anchor_s is None:
+            return
+        unheld_t = float(self._unheld_time(wall_s))
+        if unheld_t > self._ready_until_s:
+            self.delay_s = wall_s - self.anchor_s - self._ready_until_s
+            self._hold = None
+
+    def _add_ready(self, t0_s: float, end_s: float) -> None:
+        eps = 1e-6
+        if self._ready_until_s is None:
+            self._ready_until_s = t0_s
+        self._ready_ahead.append((t0_s, end_s))
+        self._ready_ahead.sort()
+        while self._ready_ahead and self._ready_ahead[0][0] <= self._ready_until_s + eps:
+            self._ready_until_s = max(self._ready_until_s, self._ready_ahead.pop(0)[1])

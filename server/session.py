@@ -125,10 +125,11 @@ class Session:
     def stats(self) -> dict[str, Any]:
         """What the page's readout shows; sent about once a second."""
         gen = self._engine.stats(self.session_id)
-        delay_s = self.clock.delay_s
+        delay_s = self.clock.delay_at(time.monotonic())  # a stall going on counts
         return {
             "frames_sent": self.video_track.frames_sent,
             "clip_frames_sent": self.video_track.clip_frames_sent,
+            "held_frames_sent": self.video_track.held_frames_sent,
             "idle_frames_sent": self.video_track.idle_frames_sent,
             "queue_depth": gen.queue_depth,
             "clips_done": gen.clips_done,
@@ -166,12 +167,16 @@ class Session:
     async def _make_clip(self, window: AudioWindow) -> None:
         try:
             await self._engine.submit(self.session_id, window, on_part=self._play_part)
-        except (ClipDropped, SessionClosed):
+        except ClipDropped:
+            self._no_video(window)
+            return
+        except SessionClosed:
             return
         except SessionLost as exc:
             self.fail("worker_failed", str(exc))
             return
         except Exception as exc:  # the model failed on this clip; the session goes on with idle frames
+            self._no_video(window)
             self.clips_failed += 1
             log.exception("session %s: clip %d failed", self.session_id, window.clip_index)
             self._report("clip_failed", f"clip {window.clip_index} could not be generated: {exc}")
@@ -183,10 +188,17 @@ class Session:
         The first part sets the clip's latency (what the viewer waits for); a clip counts as played once,
         on its final part.
         """
-        self.clock.note_clip_ready(part.t0, time.monotonic(), first_part=part.offset == 0)
+        self.clock.note_clip_ready(part.t0, part.t0 + part.duration_s, time.monotonic(),
+                                   first_part=part.offset == 0)
         self.video_track.add_clip(part)
         if part.final:
             self.clips_played += 1
+
+    def _no_video(self, window: AudioWindow) -> None:
+        """A clip that will not come (dropped, or failed part-way): playout goes on through its time
+        with idle frames and the voice, instead of waiting for it."""
+        clip_s = self.format.frames_per_clip / self.format.fps
+        self.clock.note_no_video(window.t0, window.t0 + clip_s, time.monotonic())
 
     def _report(self, code: str, message: str) -> None:
         if self._on_error is not None:

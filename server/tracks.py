@@ -55,13 +55,17 @@ class AvatarVideoTrack(MediaStreamTrack):
     """The avatar: clip frames at the stream time the clock says plays now, idle frames otherwise.
 
     A clip may come in parts; each is queued and played by its own t0 exactly like a whole clip, so
-    frames flow across parts and clips without a seam, and idle frames fill only a true gap.
+    frames flow across parts and clips without a seam. When the clock stands still at the end of the
+    ready video (the next part is late) the last frame is held: the avatar pauses mid-word, as the
+    returned voice does, instead of jumping to the reference pose and back. Idle frames fill the time
+    before the first clip, a true gap (a dropped clip, with later video queued) and a hold longer than
+    `max_hold_s` (the clips stopped coming).
     """
 
     kind = "video"
 
     def __init__(self, clock: PlayoutClock, reference_rgb: np.ndarray, fps: float,
-                 breath_period_s: float = 4.0, breath_depth: float = 0.04) -> None:
+                 breath_period_s: float = 4.0, breath_depth: float = 0.04, max_hold_s: float = 3.0) -> None:
         super().__init__()
         self._clock = clock
         self._idle_base = reference_rgb.astype(np.float32)
@@ -71,8 +75,12 @@ class AvatarVideoTrack(MediaStreamTrack):
         self._clips: deque[VideoClip] = deque()
         self._breath_period_s = breath_period_s
         self._breath_depth = breath_depth
+        self._max_hold_frames = round(max_hold_s * fps)
+        self._last_rgb: np.ndarray | None = None
+        self._held_frames = 0  # frames the current hold has lasted
         self.frames_sent = 0
         self.clip_frames_sent = 0
+        self.held_frames_sent = 0
         self.idle_frames_sent = 0
 
     def add_clip(self, clip: VideoClip) -> None:
@@ -100,17 +108,28 @@ class AvatarVideoTrack(MediaStreamTrack):
         gain = 1.0 + self._breath_depth * math.sin(2 * math.pi * wall_s / self._breath_period_s)
         return np.clip(self._idle_base * gain, 0, 255).astype(np.uint8)
 
+    def frame_at(self, wall_s: float) -> np.ndarray:
+        """The frame to send at `wall_s` (counted in the clip/held/idle totals)."""
+        stream_t = self._clock.stream_time_at(wall_s)
+        # the frame stays on screen for the next 1/fps: show the one made for the middle of that time
+        rgb = self._clip_frame_at(stream_t + 0.5 / self.fps) if stream_t is not None else None
+        if rgb is not None:
+            self._last_rgb, self._held_frames = rgb, 0
+            self.clip_frames_sent += 1
+            return rgb
+        waiting = self._last_rgb is not None and not self._clips  # nothing queued past now: the next part is late
+        if waiting and self._held_frames < self._max_hold_frames:
+            self._held_frames += 1
+            self.held_frames_sent += 1
+            return self._last_rgb
+        self.idle_frames_sent += 1
+        return self.idle_frame(wall_s)
+
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
         wall_s = await self._pacer.next_tick()
-        stream_t = self._clock.stream_time_at(wall_s)
-        rgb = self._clip_frame_at(stream_t) if stream_t is not None else None
-        if rgb is None:
-            rgb = self.idle_frame(wall_s)
-            self.idle_frames_sent += 1
-        else:
-            self.clip_frames_sent += 1
+        rgb = self.frame_at(wall_s)
         self.frames_sent += 1
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts = round(self._pacer.index * VIDEO_CLOCK_RATE / self.fps)
@@ -121,8 +140,10 @@ class AvatarVideoTrack(MediaStreamTrack):
 class SyncedAudioTrack(MediaStreamTrack):
     """The user's own voice sent back, read at the clock's stream time so it lands with its frames.
 
-    When the delay grows the read position waits (silence is sent); when it shrinks the read position
-    skips ahead, so the returned voice never drifts from the video by more than `tolerance_s`.
+    Every output sample asks the clock which stream time plays at its wall time: while the stream time
+    advances the voice plays from there, while it stands still (the video waits for a late part, or a
+    delay rise is held) silence is sent, and when it jumps ahead (the delay fell) the read position
+    skips ahead; so the returned voice never drifts from the video by more than `tolerance_s`.
     """
 
     kind = "audio"
@@ -169,18 +190,23 @@ class SyncedAudioTrack(MediaStreamTrack):
         return out
 
     def _next_samples(self, wall_s: float) -> np.ndarray:
-        stream_t = self._clock.stream_time_at(wall_s)
         n = self._frame_samples
+        walls = wall_s + np.arange(n + 1) / self._rate_hz
+        stream_t = self._clock.stream_times_at(walls)
         if stream_t is None:
             return np.zeros(n, dtype=np.int16)
-        wanted = round(stream_t * self._rate_hz)
+        position = stream_t * self._rate_hz  # stream sample at each output sample's wall time
+        running = np.flatnonzero(np.diff(position) > 0.5)  # output samples during which the stream advances
+        pcm = np.zeros(n, dtype=np.int16)
+        if not len(running):
+            return pcm  # the stream stands still: silence
+        wanted = round(position[running[0]])
         if self._cursor is None or wanted - self._cursor > self._tolerance:
             self._cursor = wanted  # first audio, or the delay shrank: skip ahead
-        lead = self._cursor - wanted
-        silence = min(lead, n) if lead > self._tolerance else 0  # the delay grew: wait in silence
-        pcm = np.zeros(n, dtype=np.int16)
-        pcm[silence:] = self._read(self._cursor, n - silence)
-        self._cursor += n - silence
+        elif self._cursor - wanted > self._tolerance:  # the stream stepped back: wait in silence until it is here
+            running = running[self._cursor - wanted:]
+        pcm[running] = self._read(self._cursor, len(running))
+        self._cursor += len(running)
         return pcm
 
     async def recv(self) -> av.AudioFrame:

@@ -46,11 +46,12 @@ def test_returned_voice_waits_for_the_first_clip_then_plays_from_stream_start():
         track.push(frame)
     clock.note_audio(1.0, arrival_wall_s=101.0)  # stream time 0 arrived at wall 100
     assert not track._next_samples(100.5).any(), "silence until a clip sets the delay"
-    clock.note_clip_ready(0.0, ready_wall_s=100.9)  # latency 0.9 s -> delay 1.0 s
+    clock.note_clip_ready(0.0, 0.75, ready_wall_s=100.9)  # latency 0.9 s -> delay 1.0 s
     assert clock.delay_s == pytest.approx(1.0)
     first = track._next_samples(101.0)  # plays stream time 0
     expected = (8000 * np.sin(2 * np.pi * 440 * np.arange(960) / 48000)).astype(np.int16)
     assert np.abs(first.astype(int) - expected).max() <= 2
-    # a later, slower clip raises the delay at once: the voice pauses (silence) instead of jumping
-    clock.note_clip_ready(0.75, ready_wall_s=101.0 + 1.0)  # latency 1.25 s -> delay 1.35 s
-    assert not track._next_samples(101.02).any()
+    # a later, slower clip raises the delay: the voice pauses (silence) instead of jumping
+    clock.note_clip_ready(0.75, 1.5, ready_wall_s=101.0 + 1.0)  # latency 1.25 s -> delay 1.35 s
+    assert clock.delay_s == pytest.approx(1.35)
+    assert not track._next_samples(102.02).any()

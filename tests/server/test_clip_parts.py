@@ -292,11 +292,11 @@ def test_the_clock_counts_a_clips_parts_as_one_clip():
     falls one step per clip (not per part), so parts do not make it fall faster."""
     clock = PlayoutClock(margin_s=0.1, latency_history=1, max_fall_per_clip_s=0.05)
     clock.note_audio(10.0, arrival_wall_s=110.0)  # stream time 0 arrived at wall 100
-    assert clock.note_clip_ready(0.0, 100.5, first_part=True) == pytest.approx(0.5)
+    assert clock.note_clip_ready(0.0, 0.75, 100.5, first_part=True) == pytest.approx(0.5)
     assert clock.delay_s == pytest.approx(0.6)
-    clock.note_clip_ready(0.75, 101.5, first_part=False)  # latency 0.75: late, the delay rises now
+    clock.note_clip_ready(0.75, 1.5, 101.5, first_part=False)  # latency 0.75: late, the delay rises now
     assert clock.delay_s == pytest.approx(0.85) and clock.last_latency_s == pytest.approx(0.5)
     for t0 in (1.5, 2.25):  # the next clip's parts, both early: one fall step for the clip
-        clock.note_clip_ready(t0, 100.0 + t0 + 0.2, first_part=t0 == 1.5)
+        clock.note_clip_ready(t0, t0 + 0.75, 100.0 + t0 + 0.2, first_part=t0 == 1.5)
     assert clock.delay_s == pytest.approx(0.80)
     assert clock.last_latency_s == pytest.approx(0.2)
