@@ -8,8 +8,17 @@ import time
 import numpy as np
 import pytest
 
+from model.io_types import VideoClip
 from server.reference_image import drawn_reference, resize_rgb
-from tests.server.av_analysis import align_chunks, audio_timeline, first_clip_frame, looks_like
+from server.tracks import AvatarVideoTrack
+from tests.server.av_analysis import (
+    align_chunks,
+    audio_timeline,
+    first_clip_frame,
+    idle_distance,
+    is_clip_frame,
+    nearest_made_frame,
+)
 from tests.server.conftest import start_server
 from tests.server.webrtc_client import LoopbackClient
 
@@ -22,6 +31,24 @@ def speech_played(client: LoopbackClient, speech_s: float, elapsed_s: float) -> 
     if not stats or stats[-1]["latency_ms"] is None:
         return False  # no clip has played yet
     return elapsed_s > speech_s + stats[-1]["latency_ms"] / 1000 + 1.0
+
+
+@pytest.fixture
+def queued_parts(monkeypatch: pytest.MonkeyPatch) -> list[VideoClip]:
+    """Every clip part the server queues for playout: the frames the model made, with their clip and stream time.
+
+    The test needs them to tell clip frames from idle ones: the trained avatar paints the reference so
+    closely that no fixed likeness threshold to the reference separates the two.
+    """
+    parts: list[VideoClip] = []
+    add_clip = AvatarVideoTrack.add_clip
+
+    def recording_add_clip(track: AvatarVideoTrack, clip: VideoClip) -> None:
+        add_clip(track, clip)
+        parts.append(clip)
+
+    monkeypatch.setattr(AvatarVideoTrack, "add_clip", recording_add_clip)
+    return parts
 
 
 async def run_client(server, speech_pcm: np.ndarray, until_s: float, during=None, done=None) -> LoopbackClient:
@@ -44,7 +71,7 @@ async def run_client(server, speech_pcm: np.ndarray, until_s: float, during=None
     return client
 
 
-async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_cfg, speech_pcm):
+async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_cfg, speech_pcm, queued_parts):
     server, runner = await start_server(tiny_cfg, tiny_engine)
     try:
         client = await run_client(server, speech_pcm, until_s=40)
@@ -66,8 +93,10 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_
 
     # frames made from the speech arrive, and differ from the idle (reference) frames
     reference = resize_rgb(drawn_reference(), *fmt.frame_size)
-    assert looks_like(video[0].rgb, reference), "before the first clip the avatar shows idle frames"
-    clip_frames = [v for v in video if not looks_like(v.rgb, reference)]
+    assert queued_parts, "the server queued no clip for playout"
+    made = np.concatenate([p.frames for p in queued_parts])
+    assert not is_clip_frame(video[0].rgb, reference, made), "before the first clip the avatar shows idle frames"
+    clip_frames = [v for v in video if is_clip_frame(v.rgb, reference, made)]
     assert len(clip_frames) >= fmt.frames_per_clip, f"only {len(clip_frames)} clip frames arrived"
 
     # the returned audio is the user's own voice, every voiced half second of it
@@ -81,7 +110,15 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_
     # ... and it lands with the video made from it: stream time 0 (the first sample sent) is clip 0's first frame.
     # Measured within clip 0 only: when generation is slower than real time the voice pauses (with the video)
     # at the end of each late clip or part, so a chunk reaching past clip 0 could land after such a pause.
-    first = first_clip_frame(video, reference)
+    clip0_parts = [p for p in queued_parts if p.clip_index == 0]
+    assert clip0_parts and clip0_parts[0].t0 == 0 and clip0_parts[0].offset == 0, "clip 0 was not played"
+    clip0_made = np.concatenate([p.frames for p in clip0_parts])
+    first = first_clip_frame(video, reference, clip0_made)
+    assert first is not None, "no frame of clip 0 arrived"
+    assert first is first_clip_frame(video, reference, made), "a frame of a later clip arrived before clip 0"
+    codec_error = nearest_made_frame(first.rgb, clip0_made)[1]
+    assert idle_distance(first.rgb, reference) > 2 * codec_error, \
+        "clip 0's first frame cannot be told apart from an idle frame"
     clip0 = round(fmt.frames_per_clip / fmt.fps * 48000)
     opening = next((c for c in align_chunks(speech_pcm[:clip0], pcm, 0.125) if c.peak > 0.8), None)
     assert opening is not None, "the speech must begin in clip 0"
