@@ -75,6 +75,7 @@ class ChunkAlignment:
     start_samples: int  # where the chunk begins in the sent speech
     lag_samples: int  # where it begins in the received audio
     peak: float
+    samples: int = 0  # its length in the sent speech
 
 
 def align_chunks(sent: np.ndarray, received: np.ndarray, chunk_s: float = 0.5) -> list[ChunkAlignment]:
@@ -93,8 +94,38 @@ def align_chunks(sent: np.ndarray, received: np.ndarray, chunk_s: float = 0.5) -
         if np.sqrt(np.mean(piece ** 2)) < 0.3 * loud:
             continue  # a pause: nothing to recognise
         found = align(piece, received)
-        chunks.append(ChunkAlignment(start, found.lag_samples, found.peak))
+        chunks.append(ChunkAlignment(start, found.lag_samples, found.peak, size))
     return chunks
+
+
+def align_pieces(sent: np.ndarray, received: np.ndarray, chunk_s: float = 0.5, min_s: float = 0.125,
+                 whole: float = 0.8) -> list[ChunkAlignment]:
+    """`align_chunks`, where a chunk that does not come back whole is split in halves, each aligned on its own.
+
+    The returned voice pauses wherever playout stands still (a late part, a delay rise held), and that can
+    be at any stream time, so a chunk may come back in pieces with a short silence between them; each
+    piece must still be the sent voice. Halving stops at `min_s` (shorter pieces match speech elsewhere).
+    """
+    sent = sent.astype(np.float64)
+    loud = np.sqrt(np.mean(sent ** 2))
+    pieces: list[ChunkAlignment] = []
+
+    def place(start: int, size: int) -> None:
+        found = align(sent[start:start + size], received)
+        if found.peak > whole or size < 2 * int(min_s * RATE_HZ):
+            pieces.append(ChunkAlignment(start, found.lag_samples, found.peak, size))
+            return
+        half = size // 2
+        for part_start, part_size in ((start, half), (start + half, size - half)):
+            if np.sqrt(np.mean(sent[part_start:part_start + part_size] ** 2)) >= 0.3 * loud:
+                place(part_start, part_size)
+
+    for chunk in align_chunks(sent, received, chunk_s):
+        if chunk.peak > whole:
+            pieces.append(chunk)
+        else:
+            place(chunk.start_samples, chunk.samples)
+    return pieces
 
 
 def first_clip_frame(video: list[ReceivedVideo], reference_rgb: np.ndarray,

@@ -13,6 +13,7 @@ from server.reference_image import drawn_reference, resize_rgb
 from server.tracks import AvatarVideoTrack
 from tests.server.av_analysis import (
     align_chunks,
+    align_pieces,
     audio_timeline,
     first_clip_frame,
     idle_distance,
@@ -99,13 +100,17 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_
     clip_frames = [v for v in video if is_clip_frame(v.rgb, reference, made)]
     assert len(clip_frames) >= fmt.frames_per_clip, f"only {len(clip_frames)} clip frames arrived"
 
-    # the returned audio is the user's own voice, every voiced half second of it
+    # the returned audio is the user's own voice, nearly every voiced half second of it whole; one with a
+    # playout pause inside it (generation slower than real time) comes back in pieces, each unchanged
     pcm, arrival = audio_timeline(client.audio)
-    chunks = align_chunks(speech_pcm, pcm)
-    peaks = [c.peak for c in chunks]
-    assert len(chunks) >= 4, f"only {len(chunks)} voiced chunks in the test speech"
-    assert np.median(peaks) > 0.8 and min(peaks) > 0.5, f"returned voice does not match the speech: {peaks}"
-    assert all(b.lag_samples > a.lag_samples for a, b in itertools.pairwise(chunks)), "voice came back out of order"
+    pieces = align_pieces(speech_pcm, pcm)
+    found = [p for p in pieces if p.peak > 0.8]
+    voiced_s = sum(p.samples for p in pieces) / 48000
+    found_s = sum(p.samples for p in found) / 48000
+    summary = [(p.start_samples / 48000, round(p.peak, 2)) for p in pieces]
+    assert voiced_s >= 2.0, f"only {voiced_s:.2f} s of voiced speech in the test speech"
+    assert found_s >= 0.9 * voiced_s, f"only {found_s:.2f} of {voiced_s:.2f} s came back: {summary}"
+    assert all(b.lag_samples > a.lag_samples for a, b in itertools.pairwise(found)), "voice came back out of order"
 
     # ... and it lands with the video made from it: stream time 0 (the first sample sent) is clip 0's first frame.
     # Measured within clip 0 only: when generation is slower than real time the voice pauses (with the video)
