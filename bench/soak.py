@@ -119,10 +119,15 @@ async def run_soak(cfg: AppConfig, audio_s: float, sample_every_s: float = 30.0,
                     await asyncio.sleep(0.005)
                 await asyncio.sleep(0)
             fed_s += min(chunk_s, audio_s - fed_s)
+
         def accounted() -> int:  # every window ends played, failed or dropped
             return session.clips_played + session.clips_failed + engine.stats(session.session_id).clips_dropped
 
-        while accounted() < result.windows:
+        def engine_accounted() -> int:  # the engine counts a clip done just after its last part reaches the session
+            stats = engine.stats(session.session_id)
+            return stats.clips_done + stats.clips_dropped + session.clips_failed
+
+        while accounted() < result.windows or engine_accounted() < result.windows:
             await asyncio.sleep(0.01)
         stats = engine.stats(session.session_id)
         result.audio_s = fed_s
