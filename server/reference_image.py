@@ -113,11 +113,11 @@ def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = image.shape[:2]
     target = width / height
     if w / h > target:
-        new_w = int(round(h * target))
+        new_w = round(h * target)
         left = (w - new_w) // 2
         image = image[:, left:left + new_w]
     else:
-        new_h = int(round(w / target))
+        new_h = round(w / target)
         top = (h - new_h) // 2
         image = image[top:top + new_h]
     pil = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.Resampling.BICUBIC)

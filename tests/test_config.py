@@ -72,7 +72,7 @@ def test_missing_config_file_is_named() -> None:
 
 
 def test_command_line_overrides_every_key_and_reports_errors(capsys) -> None:
-    command, args, cfg = parse_args(["--port", "9001", "--sample_steps=2", "--host", "0.0.0.0"])
+    command, _args, cfg = parse_args(["--port", "9001", "--sample_steps=2", "--host", "0.0.0.0"])
     assert command == "serve"
     assert (cfg.server.port, cfg.sampler.sample_steps, cfg.server.host) == (9001, 2, "0.0.0.0")
     assert main(["--sample_steps", "9"]) == 2

@@ -36,7 +36,7 @@ def mouth_track(clean: np.ndarray, sample_rate_hz: int, fps: float, num_frames: 
     """Mouth pose for every frame from clean speech (loudness of the vowel band, smoothed; spectral centroid)."""
     if num_frames is None:
         num_frames = frame_count(len(clean), sample_rate_hz, fps)
-    window_len = int(round(2 * sample_rate_hz / fps))
+    window_len = round(2 * sample_rate_hz / fps)
     window = np.hanning(window_len).astype(np.float32)
     padded = np.pad(clean.astype(np.float32), (window_len, window_len))
     starts = (np.round((np.arange(num_frames) + 0.5) / fps * sample_rate_hz).astype(int)

@@ -27,7 +27,7 @@ class StreamGeometry:
 
     @property
     def clip_samples(self) -> int:
-        return int(round(self.frames_per_clip / self.fps * self.sample_rate_hz))
+        return round(self.frames_per_clip / self.fps * self.sample_rate_hz)
 
 
 @dataclass

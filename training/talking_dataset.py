@@ -99,7 +99,7 @@ def render_sample(identity: Identity, utterance: Utterance, motion_seed: int, si
     track = mouth_track(utterance.clean, utterance.sample_rate_hz, fps)
     motion = head_motion(motion_seed, len(track), fps)
     frames = render_video(identity, track, motion, size)
-    num_samples = int(round(len(track) / fps * utterance.sample_rate_hz))
+    num_samples = round(len(track) / fps * utterance.sample_rate_hz)
     return TalkingSample(frames=frames, audio=utterance.samples[:num_samples], sample_rate_hz=utterance.sample_rate_hz,
                          fps=fps, opening=track.opening, spread=track.spread, mouth_box=mouth_box(identity, size),
                          reference=reference_image(identity, size), identity=identity, text=utterance.text,

@@ -247,7 +247,7 @@ def train(args: argparse.Namespace) -> int:
         try:
             evaluate(args.config, cfg, Path(args.out), args.eval_samples, work_dir, args.heldout_bank,
                      args.eval_clips)
-        except Exception as exc:  # the weights are written; a failing evaluation must not lose them
+        except Exception as exc:  # noqa: BLE001 - the weights are written; a failing evaluation must not lose them
             print(f"evaluation failed: {exc!r}", flush=True)
     return 0
 
@@ -299,7 +299,7 @@ def train_vae_stream(trainer: Trainer, streams: list, args: argparse.Namespace, 
     write_bundle(trainer, bundle)
     try:
         evaluate(args.config, trainer.cfg, bundle, args.eval_samples, work_dir, args.heldout_bank, args.eval_clips)
-    except Exception as exc:  # the weights are written; a failing evaluation must not lose them
+    except Exception as exc:  # noqa: BLE001 - the weights are written; a failing evaluation must not lose them
         print(f"evaluation failed: {exc!r}", flush=True)
     return 0
 
@@ -403,7 +403,7 @@ def evaluate_vae(trainer: Trainer, args: argparse.Namespace, work_dir: Path) -> 
                                                                     sample.reference))})
             print(json.dumps(rows[-1]), flush=True)
         (work_dir / "eval_vae.json").write_text(json.dumps(rows, indent=1))
-    except Exception as exc:  # the weights are written; a failing evaluation must not lose them
+    except Exception as exc:  # noqa: BLE001 - the weights are written; a failing evaluation must not lose them
         print(f"VAE evaluation failed: {exc!r}", flush=True)
 
 

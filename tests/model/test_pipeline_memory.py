@@ -51,8 +51,8 @@ def test_memory_is_flat_from_clip_10_to_clip_100():
         retained = retained_rss_bytes()
         if clip_number in (10, NUM_CLIPS):
             session = avatar._session
-            marks[clip_number] = dict(retained=retained, peak=peak_rss_bytes(), dit=session.dit_cache.nbytes(),
-                                      vae=session.decoder.cache_bytes(), motion=tuple(session.motion_latents.shape))
+            marks[clip_number] = {"retained": retained, "peak": peak_rss_bytes(), "dit": session.dit_cache.nbytes(),
+                                      "vae": session.decoder.cache_bytes(), "motion": tuple(session.motion_latents.shape)}
     at_10, at_100 = marks[10], marks[NUM_CLIPS]
     assert (at_100["dit"], at_100["vae"], at_100["motion"]) == (at_10["dit"], at_10["vae"], at_10["motion"])
     mib = 2**20

@@ -12,9 +12,9 @@ from model.dit import AvatarDiT
 from model.text_encoder import TextEncoder
 from model.vae import AvatarVAE, build_vae
 from training.dit_training import DiTBatch, dit_loss, encode_streams
+from training.lip_sync_check import heldout_samples, save_heldout_bank
 from training.speech import make_utterance
 from training.stream_pool import build_pool
-from training.lip_sync_check import heldout_samples, save_heldout_bank
 from training.talking_dataset import split_identities
 from training.train_tiny import geometry_of, learning_rate
 from training.vae_training import decode_latents, encode_moments, fit_latent_scale, to_video_tensor, vae_batch
@@ -30,7 +30,7 @@ def setup():
 
 
 def test_latent_scale_fold_keeps_reconstruction_and_unit_scale(setup):
-    cfg, geometry, streams = setup
+    cfg, _geometry, streams = setup
     vae = build_vae(cfg.model.vae)
     video = to_video_tensor(vae_batch(streams, 2, 4, np.random.default_rng(1))[0], "cpu")
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_dit_step_reaches_sink_audio_and_block_weights(setup):
 
 
 def test_two_call_vae_matches_the_per_frame_loops_and_the_streaming_decoder(setup):
-    cfg, geometry, streams = setup
+    cfg, _geometry, streams = setup
     torch.manual_seed(1)
     vae = build_vae(cfg.model.vae)
     video = to_video_tensor(vae_batch(streams, 2, 8, np.random.default_rng(2))[0], "cpu")
