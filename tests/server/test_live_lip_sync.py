@@ -217,5 +217,5 @@ async def test_live_video_follows_heldout_speech(live_engine, live_cfg, heldout,
         pytest.xfail("not yet reliable on a machine that cannot keep up: the clock now stalls with the video "
                      "(server/playout.py), so no late clip's voice plays over idle frames, but with a stall at every "
                      "clip the voice comes back in 0.75 s runs and heard_at() misplaces runs that are entirely quiet "
-                     "(no voiced chunk gives their offset); on top of the model's own +1 frame lag the best lag then "
-                     f"lands on +2 for some samples. Measured:\n{table}")
+                     "(no voiced chunk gives their offset), and the best lag can land on +2 for some samples. "
+                     f"Measured:\n{table}")
