@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_bench import materialise_random
 from model import attention as attention_seam
 from model.config import AppConfig, load_config
 from model.dit import AvatarDiT
@@ -59,18 +59,7 @@ def random_dit(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> Avat
     with torch.device("meta"):
         dit = AvatarDiT(cfg.model.dit)
     dit.cast(dtype)
-    dit.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.runtime.seed)
-    with torch.no_grad():
-        for name, param in dit.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=gen)
-            elif name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+    materialise_random(dit, device, seed=cfg.runtime.seed)
     return dit.eval().requires_grad_(False)
 
 
