@@ -6,7 +6,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch.multiprocessing as mp
+
+from model.io_types import AudioWindow
 
 
 def free_port() -> int:
@@ -33,3 +36,14 @@ def run_in_group(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
         mp.start_processes(_entry, args=(world_size, free_port(), fn, args, results), nprocs=world_size,
                            join=True, start_method="spawn")
         return [results[r] for r in range(world_size)]
+
+
+def random_session_inputs(context_samples: int, clip_samples: int, clips: int) -> tuple[np.ndarray, list[AudioWindow]]:
+    """A random reference image and `clips` windows of quiet noise: the same on every rank (fixed seed)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
+    windows = []
+    for i in range(clips):
+        samples = (0.1 * rng.standard_normal(context_samples + clip_samples)).astype(np.float32)
+        windows.append(AudioWindow(samples, context_samples, t0=i * clip_samples / 16000, clip_index=i))
+    return image, windows

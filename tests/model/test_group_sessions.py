@@ -12,21 +12,12 @@ import torch
 
 from model import parallel
 from model.config import load_config
-from model.io_types import AudioWindow
-from tests.model.group_runner import run_in_group
+from tests.model.group_runner import random_session_inputs, run_in_group
 
 CLIPS = 2
 PROMPT = "a person talking"
 
 
-def _inputs(context_samples: int, clip_samples: int) -> tuple[np.ndarray, list[AudioWindow]]:
-    rng = np.random.default_rng(3)
-    image = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
-    windows = []
-    for i in range(CLIPS):
-        samples = (0.1 * rng.standard_normal(context_samples + clip_samples)).astype(np.float32)
-        windows.append(AudioWindow(samples, context_samples, t0=i * clip_samples / 16000, clip_index=i))
-    return image, windows
 
 
 async def _serve_clips(cfg) -> list[np.ndarray]:
@@ -35,7 +26,7 @@ async def _serve_clips(cfg) -> list[np.ndarray]:
     engine = ModelEngine(cfg)
     await engine.load()
     fmt = engine.stream_format
-    image, windows = _inputs(fmt.context_samples, fmt.clip_samples)
+    image, windows = random_session_inputs(fmt.context_samples, fmt.clip_samples, CLIPS)
     await engine.start("s", image, PROMPT)
     frames = [(await engine.submit("s", w)).frames for w in windows]
     await engine.close()
@@ -65,7 +56,7 @@ def test_two_rank_group_serves_the_clips_of_one_process() -> None:
     torch.set_num_threads(1)
     cfg = load_config(None)
     avatar = StreamingAvatar(AvatarModels.load(cfg), cfg, seed=cfg.runtime.seed)
-    image, windows = _inputs(avatar.context_samples, avatar.clip_samples)
+    image, windows = random_session_inputs(avatar.context_samples, avatar.clip_samples, CLIPS)
     avatar.start(image, PROMPT)
     expected = [avatar.next_clip(w).frames for w in windows]
 

@@ -8,9 +8,8 @@ import torch
 
 from model import parallel
 from model.config import load_config
-from model.io_types import AudioWindow
 from model.parallel import LaunchError, plan_layout
-from tests.model.group_runner import run_in_group
+from tests.model.group_runner import random_session_inputs, run_in_group
 
 # random weights, 2 blocks per clip (the motion context skips the block still in flight), 2 steps
 SETTINGS = {"video.size": "64*64", "model.checkpoint": None, "video.infer_frames": 24, "sampler.sample_steps": 2,
@@ -18,14 +17,6 @@ SETTINGS = {"video.size": "64*64", "model.checkpoint": None, "video.infer_frames
 CLIPS = 3
 
 
-def _inputs(context_samples: int, clip_samples: int) -> tuple[np.ndarray, list[AudioWindow]]:
-    rng = np.random.default_rng(3)
-    image = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
-    windows = []
-    for i in range(CLIPS):
-        samples = (0.1 * rng.standard_normal(context_samples + clip_samples)).astype(np.float32)
-        windows.append(AudioWindow(samples, context_samples, t0=i * clip_samples / 16000, clip_index=i))
-    return image, windows
 
 
 def _tpp_worker() -> dict:
@@ -40,7 +31,7 @@ def _tpp_worker() -> dict:
             return {"blocks": follow(models, cfg, group)}
         try:
             avatar = new_avatar(models, cfg, seed=cfg.runtime.seed)
-            image, windows = _inputs(avatar.context_samples, avatar.clip_samples)
+            image, windows = random_session_inputs(avatar.context_samples, avatar.clip_samples, CLIPS)
             avatar.start(image, "a person talking")
             refused = ""
             try:
@@ -65,7 +56,7 @@ def test_two_rank_tpp_gives_the_frames_of_per_step_on_one_process() -> None:
     torch.set_num_threads(1)
     cfg = load_config(None, SETTINGS)
     avatar = StreamingAvatar(AvatarModels.load(cfg), cfg, seed=cfg.runtime.seed)
-    image, windows = _inputs(avatar.context_samples, avatar.clip_samples)
+    image, windows = random_session_inputs(avatar.context_samples, avatar.clip_samples, CLIPS)
     avatar.start(image, "a person talking")
     expected = [avatar.next_clip(w).frames for w in windows]
 
