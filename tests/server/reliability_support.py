@@ -20,6 +20,7 @@ import websockets
 from aiortc import RTCPeerConnection
 
 from model.config import AppConfig, load_config
+from model.io_types import AudioWindow
 from server.engine import ModelEngine
 from tests.server.conftest import RunningServer, start_server
 
@@ -153,3 +154,11 @@ def server_state(server: RunningServer) -> Any:
     from server.signaling import STATE_KEY
 
     return server.app[STATE_KEY]
+
+
+def noise_window(engine: ModelEngine, clip_index: int) -> AudioWindow:
+    """Window `clip_index` of quiet noise in the engine's format, as the window cutter would hand it over."""
+    fmt = engine.stream_format
+    rng = np.random.default_rng(clip_index)
+    samples = (0.1 * rng.standard_normal(fmt.context_samples + fmt.clip_samples)).astype(np.float32)
+    return AudioWindow(samples, fmt.context_samples, clip_index * fmt.clip_samples / fmt.sample_rate_hz, clip_index)

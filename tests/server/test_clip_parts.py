@@ -20,7 +20,7 @@ from server.playout import PlayoutClock
 from server.reference_image import drawn_reference
 from server.session import Session
 from server.tracks import VIDEO_CLOCK_RATE
-from tests.server.reliability_support import mic_frames
+from tests.server.reliability_support import mic_frames, noise_window
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,11 +46,7 @@ async def engine():
     await engine.close()
 
 
-def window(engine: ModelEngine, clip_index: int) -> AudioWindow:
-    fmt = engine.stream_format
-    rng = np.random.default_rng(clip_index)
-    samples = (0.1 * rng.standard_normal(fmt.context_samples + fmt.clip_samples)).astype(np.float32)
-    return AudioWindow(samples, fmt.context_samples, clip_index * fmt.clip_samples / fmt.sample_rate_hz, clip_index)
+window = noise_window  # window n of quiet noise in the engine's format
 
 
 class GatedAvatar:

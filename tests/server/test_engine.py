@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from model.config import load_config
-from model.io_types import AudioWindow
 from server.engine import ModelEngine
 from server.reference_image import drawn_reference
 from server.seam import ClipDropped, EngineBusy, SessionClosed
+from tests.server.reliability_support import noise_window
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,11 +26,7 @@ async def engine():
     await engine.close()
 
 
-def window(engine: ModelEngine, clip_index: int) -> AudioWindow:
-    fmt = engine.stream_format
-    rng = np.random.default_rng(clip_index)
-    samples = (0.1 * rng.standard_normal(fmt.context_samples + fmt.clip_samples)).astype(np.float32)
-    return AudioWindow(samples, fmt.context_samples, clip_index * fmt.clip_samples / fmt.sample_rate_hz, clip_index)
+window = noise_window  # window n of quiet noise in the engine's format
 
 
 async def test_a_session_beyond_the_limit_is_refused_at_once(engine):
