@@ -66,6 +66,7 @@ from model.attention import (
 from model.config import DiTConfig, RuntimeConfig
 from model.dit_audio import AudioInjector, CausalAudioEncoder
 from model.dit_motion import MOTION_LATENT_FRAMES, FramePackMotioner
+from model.parallel import is_sharded
 from model.rope import RotationTables, eager_fast_path, grid_positions, rotate, rotate_into, rotation_tables
 
 # The reference places the reference-image sink at latent frame 30 (Wan2.2 model_s2v.py ref_grid_sizes
@@ -268,7 +269,7 @@ class AvatarBlock(WanTransformerBlock):
         if self.qkv_weight is not None:
             return
         linears = (self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
-        if any(_is_dtensor(p) for lin in linears for p in lin.parameters()):
+        if any(is_sharded(p) for lin in linears for p in lin.parameters()):
             raise ValueError("--runtime.fuse_qkv: the QKV weights are sharded (per-layer sharding); "
                              "fused QKV needs whole weights, turn one of them off")
         weight = torch.cat([lin.weight for lin in linears])
@@ -308,11 +309,6 @@ def _compiled_block_compute(backend: str, mode: str) -> Callable:
         )
     return _COMPILED[key]
 
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 # ----------------------------------------------------------------------------- the model

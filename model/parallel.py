@@ -516,3 +516,10 @@ def check_token_split(cfg: Any, sp_size: int) -> None:
               if cfg.model.dit.num_heads % n == 0 and block % n == 0 and sink % n == 0]
         raise LaunchError(f"at --video.size {cfg.video.size} the DiT's token counts {bad} do not split over "
                           f"{sp_size} DiT ranks; use a DiT rank count in {ok} or another size")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether a parameter is a per-layer shard (FSDP2 DTensor) rather than a whole local tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
