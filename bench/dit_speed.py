@@ -42,6 +42,10 @@ DIT_VARIANTS = {
     "compile_autotune": {"runtime.compile": True, "runtime.compile_mode": "max-autotune-no-cudagraphs"},
     "fuse_qkv": {"runtime.fuse_qkv": True},
     "compile_fused": {"runtime.compile": True, "runtime.fuse_qkv": True},
+    # float8 layers replace the bf16 ones for good: these come after every bf16 variant
+    "fp8_weights": {"runtime.fp8": "weights"},
+    "fp8_gemm": {"runtime.fp8": "gemm"},
+    "fp8_gemm_compile": {"runtime.fp8": "gemm", "runtime.compile": True},
 }
 # name -> VAE runtime overrides; channels_last and cudnn benchmark are one-way, so they come last
 VAE_VARIANTS = {

@@ -44,6 +44,7 @@ from model import parallel
 from model.config import AppConfig, load_config, replace_key
 from model.dit import AvatarDiT
 from model.dit_motion import MOTION_LATENT_FRAMES
+from model.fp8 import Fp8Linear
 from model.pipeline import MotionHistory, copy_sink, generate_block
 from model.sampler import FlowMatchSchedule, KVUpdate
 from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae
@@ -63,8 +64,16 @@ def materialise_random(module: torch.nn.Module, device: torch.device, seed: int)
     """
     module.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
+    fp8_layers = {name: m for name, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    fp8_params = {f"{name}.{leaf}" for name in fp8_layers for leaf in ("weight", "weight_scale")}
     with torch.no_grad():
+        for name, layer in fp8_layers.items():  # float8 layers: a random bf16 matrix, quantised row by row
+            full = torch.empty(layer.out_features, layer.in_features, dtype=torch.bfloat16, device=device)
+            layer.fill(full.normal_(0.0, layer.in_features ** -0.5, generator=gen))
+            del full
         for name, param in module.named_parameters():
+            if name in fp8_params:
+                continue
             # one whole parameter at a time (never the whole model), then this rank's shard of it
             full = torch.empty(param.shape, dtype=param.dtype, device=device)
             if param.ndim >= 2:
@@ -94,6 +103,9 @@ def build_dit(cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype,
     with torch.device("meta"):
         dit = AvatarDiT(cfg.model.dit)
     dit.cast(dtype)
+    # float8 layers swapped in on meta, before sharding: the ranks then shard and gather float8 bits
+    if getattr(cfg.runtime, "fp8", "none") != "none":
+        dit.quantize_fp8(cfg.runtime.fp8)
     if shard_weights:
         group.shard_layers(dit, dit_shard_units(dit))
     materialise_random(dit, group.device, seed=cfg.runtime.seed)
@@ -586,7 +598,9 @@ def summarise(args, cfg: AppConfig, group: parallel.ParallelGroup, mode: str, kv
         "sp": group.sp_size,
         "parallel": cfg.parallel.mode if group.world_size > 1 else "-",
         "kv_update": kv_update,
+        "fp8": getattr(cfg.runtime, "fp8", "none"),
         "mode": mode + ("+fsdp" if args.shard_weights else "")
+        + (f"+fp8-{cfg.runtime.fp8}" if getattr(cfg.runtime, "fp8", "none") != "none" else "")
         + ("+compile" if args.compile or cfg.runtime.compile else "")
         + (f"+{args.sdpa}" if args.sdpa != "default" else "")
         + (f"+cap{args.mem_cap_gb:g}GB" if args.mem_cap_gb else ""),

@@ -61,6 +61,12 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
+    # Bounded-context streaming decode (`StreamingDecoder`): with stream_context_frames P > 0, every
+    # stream_restart_frames latent frames the decoder starts a fresh causal cache, primed with the reference and
+    # the last P latent frames (their output discarded), so a decoder that drifts through its own cache (the tiny
+    # bundle's) cannot drift for long. 0 = one continuous cache, as the Wan VAE is trained to decode (14B model).
+    stream_context_frames: int = 0
+    stream_restart_frames: int = 3
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,7 @@ class RuntimeConfig:
     compile_mode: str = "default"  # torch.compile mode of the DiT block (no CUDA-graph modes: the cache moves)
     attention_backend: str = "auto"  # SDPA kernel preferred for the DiT's attention
     fuse_qkv: bool = False  # self-attention q/k/v as one GEMM (weights concatenated after loading)
+    fp8: str = "none"  # DiT linear layers in float8: none | weights (memory) | gemm (memory + FP8 GEMMs), model/fp8.py
     vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
     vae_channels_last: bool = False  # VAE decoder weights/activations in channels_last_3d on CUDA
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (first clip slower)
@@ -204,6 +211,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _PARALLEL_MODES = ("ulysses", "tpp")
 _ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/attention.py ATTENTION_BACKENDS
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+FP8_MODES = ("none", "weights", "gemm")  # model/fp8.py
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
 
 
@@ -218,6 +226,11 @@ def _check(cfg: AppConfig) -> None:
              f"every layer must be in 0..{dit.num_layers - 1}, got {list(dit.audio_inject_layers)}")
     _require(dit.num_frames_per_block >= 1, "model.dit.num_frames_per_block", "must be >= 1")
     _require(dit.kv_cache_blocks >= 1, "model.dit.kv_cache_blocks", "must be >= 1")
+    vae = cfg.model.vae
+    _require(vae.stream_context_frames >= 0, "model.vae.stream_context_frames",
+             f"must be >= 0 latent frames (0 = one continuous decoder cache), got {vae.stream_context_frames}")
+    _require(vae.stream_restart_frames >= 1, "model.vae.stream_restart_frames",
+             f"must be >= 1 latent frame between decoder cache restarts, got {vae.stream_restart_frames}")
     size = cfg.video.size
     parts = size.split("*")
     _require(len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts), "video.size",
@@ -246,6 +259,10 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.runtime.compile_mode in _COMPILE_MODES, "runtime.compile_mode",
              f"must be one of {_COMPILE_MODES} (CUDA-graph modes would replay stale cache addresses), "
              f"got {cfg.runtime.compile_mode!r}")
+    _require(cfg.runtime.fp8 in FP8_MODES, "runtime.fp8", f"must be one of {FP8_MODES}, got {cfg.runtime.fp8!r}")
+    _require(cfg.runtime.fp8 == "none" or not cfg.runtime.fuse_qkv, "runtime.fuse_qkv",
+             "fused QKV concatenates bf16 weights; it cannot be combined with --runtime.fp8 "
+             f"{cfg.runtime.fp8} (turn one of them off)")
     _require(cfg.runtime.vae_decode_chunk >= 1, "runtime.vae_decode_chunk",
              f"must be >= 1 latent frame, got {cfg.runtime.vae_decode_chunk}")
     _require(cfg.parallel.mode in _PARALLEL_MODES, "parallel.mode",

@@ -66,6 +66,7 @@ from model.attention import (
 from model.config import DiTConfig, RuntimeConfig
 from model.dit_audio import AudioInjector, CausalAudioEncoder
 from model.dit_motion import MOTION_LATENT_FRAMES, FramePackMotioner
+from model.fp8 import Fp8Linear, QuantizedActivations, fp8_gemm_supported, quantize_linears
 from model.parallel import is_sharded
 from model.rope import RotationTables, eager_fast_path, grid_positions, rotate, rotate_into, rotation_tables
 
@@ -236,6 +237,10 @@ class AvatarBlock(WanTransformerBlock):
         attn = self.attn1
         if self.qkv_weight is not None:
             q, k, v = F.linear(hidden, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        elif isinstance(attn.to_q, Fp8Linear) and attn.to_q.gemm:  # one float8 quantisation for q, k and v
+            xq = QuantizedActivations.of(hidden)
+            q, k, v = (attn.to_q.forward_quantized(xq), attn.to_k.forward_quantized(xq),
+                       attn.to_v.forward_quantized(xq))
         else:
             q, k, v = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
         q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
@@ -377,13 +382,38 @@ class AvatarDiT(nn.Module):
     # ---- runtime options (speed only: same results within float tolerance)
 
     def apply_runtime(self, runtime: RuntimeConfig) -> AvatarDiT:
-        """Apply `runtime.attention_backend`, `runtime.fuse_qkv` and `runtime.compile` (after weights are loaded)."""
+        """Apply `runtime.attention_backend`, `runtime.fp8`, `runtime.fuse_qkv` and `runtime.compile` (after weights
+        are loaded; float8 layers may also be swapped in on the meta device before, see `quantize_fp8`)."""
         set_attention_backend(runtime.attention_backend)
+        if runtime.fp8 != "none":
+            self.quantize_fp8(runtime.fp8)
         if runtime.fuse_qkv:
             self.fuse_qkv()
         if runtime.compile:
             self.compile_blocks(mode=runtime.compile_mode)
         return self
+
+    def quantize_fp8(self, mode: str) -> int:
+        """Linear layers of the blocks and audio injectors in float8 (`model/fp8.py`); returns how many.
+
+        Embeddings, time/text projections and the output head stay as they are: they are small and set
+        the scale of everything after them.
+        """
+        if mode == "gemm" and self.device.type != "meta" and not fp8_gemm_supported(self.device):
+            raise ValueError(f"--runtime.fp8 gemm: {torch.cuda.get_device_name(self.device)} has no float8 tensor "
+                             "cores (compute capability 8.9+ needed); use --runtime.fp8 weights")
+        if self.is_fp8:  # already float8: switch between widening the weights and float8 GEMMs
+            if mode == "none":
+                raise ValueError("--runtime.fp8 none: this model's weights are float8 already; reload it")
+            layers = [m for m in self.modules() if isinstance(m, Fp8Linear)]
+            for layer in layers:
+                layer.gemm = mode == "gemm"
+            return len(layers)
+        return quantize_linears([self.blocks, self.audio_injector], mode)
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(isinstance(m, Fp8Linear) for m in self.blocks.modules())
 
     def fuse_qkv(self) -> None:
         """Self-attention q/k/v as one GEMM in every block (`AvatarBlock.fuse_qkv`); weight names unchanged."""

@@ -93,7 +93,7 @@ def test_uneven_token_count_is_refused_with_advice() -> None:
         group.shard_tokens(torch.zeros(1, 7, 4))
 
 
-def _dit_two_blocks(shard_weights: bool) -> dict:
+def _dit_two_blocks(shard_weights: bool, fp8: str = "none") -> dict:
     """Prefill, denoise and commit one block, then denoise the next: the DiT's whole streaming surface."""
     from model.config import load_config
     from model.dit import AvatarDiT
@@ -102,6 +102,7 @@ def _dit_two_blocks(shard_weights: bool) -> dict:
     group = parallel.current() if shard_weights else parallel.start_group("cpu", cfg.model.dit.num_heads, env={})
     torch.manual_seed(0)  # the same weights on every rank
     dit = AvatarDiT(cfg.model.dit).eval()
+    dit.quantize_fp8(fp8)  # float8 bits (uint8) are what the sharded ranks gather
     if shard_weights:
         dit = group.shard_layers(dit, list(dit.blocks) + list(dit.audio_injector.injector))
     d = cfg.model.dit
@@ -117,22 +118,24 @@ def _dit_two_blocks(shard_weights: bool) -> dict:
         first = dit(blocks[0], t, audio, cache, 0)
         dit.commit(cache, blocks[0], audio, 0)
         second = dit(blocks[1], t, audio, cache, d.num_frames_per_block)
-    shard_rows = [p.to_local().shape[0] for p in dit.blocks[0].ffn.parameters() if p.ndim == 2] if shard_weights else []
-    full_rows = [p.shape[0] for p in dit.blocks[0].ffn.parameters() if p.ndim == 2]
+    matrices = [p for name, p in dit.blocks[0].ffn.named_parameters() if name.endswith(".weight")]
+    shard_rows = [p.to_local().shape[0] for p in matrices] if shard_weights else []
+    full_rows = [p.shape[0] for p in matrices]
     return {"out": torch.cat([first, second], dim=2), "shard_rows": shard_rows, "full_rows": full_rows}
 
 
-def _sharded_worker() -> dict:
+def _sharded_worker(fp8: str = "none") -> dict:
     group = parallel.start_group("cpu", num_heads=4)
     try:
-        return _dit_two_blocks(shard_weights=True)
+        return _dit_two_blocks(shard_weights=True, fp8=fp8)
     finally:
         group.shutdown()
 
 
-def test_per_layer_sharded_weights_with_ulysses_equal_one_process() -> None:
-    expected = _dit_two_blocks(shard_weights=False)["out"]
-    for r in run_in_group(_sharded_worker, 2):
+@pytest.mark.parametrize("fp8", ["none", "weights"])
+def test_per_layer_sharded_weights_with_ulysses_equal_one_process(fp8: str) -> None:
+    expected = _dit_two_blocks(shard_weights=False, fp8=fp8)["out"]
+    for r in run_in_group(_sharded_worker, 2, fp8):
         torch.testing.assert_close(r["out"], expected, rtol=1e-4, atol=1e-4)
         # each rank keeps half the rows of every weight matrix of a block, not the whole layer
         assert r["shard_rows"] == [rows // 2 for rows in r["full_rows"]]
