@@ -6,8 +6,8 @@
 #         runtime.compile off vs on), tpp on 4 GPUs (4 steps), 22 GB cap with sharded weights, 1000-clip flatness.
 #     e = one GPU: KV modes eager and compiled, attention backends, fused QKV, VAE options, flatness.
 #     d = phase c on 2 GPUs (nvidia-h200-x2) when 4 are not lent: 1 GPU eager/compiled, SP=2, tpp 2 steps, flatness.
-#     f = one GPU: runtime.fp8 (float8 weights, float8 GEMMs, compiled) against bf16; g = one GPU: profiles of a
-#         steady clip (bf16, fp8) and the 1000-clip flatness run; h = 2 GPUs: fp8 with SP=2, fp8 + sharded weights
+#     f = one GPU: runtime.fp8 (float8 weights, float8 GEMMs, compiled) against bf16; g = one GPU: compile
+#         (bf16, fp8) in the stream bench and the 1000-clip flatness run; h = 2 GPUs: fp8 with SP=2, fp8 + sharded weights
 #         under the 22 GB cap, tpp in fp8.
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
@@ -148,15 +148,20 @@ if [ "$PHASE" = f ]; then
   [ -f "$OUTDIR/dit_speed.jsonl" ] && cat "$OUTDIR/dit_speed.jsonl"
 fi
 if [ "$PHASE" = g ]; then
-  # One GPU: where the time goes now (profile of one steady last_step clip, bf16 and fp8), then the
-  # 1000-clip flatness run at reduced cost.
+  # One GPU: torch.compile measured for real (bf16 and fp8; the stream bench's FLOP count used to leave the
+  # compiled blocks eager), then the 1000-clip flatness run at reduced cost.
   B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
-  step g_profile_bf16 120 $PY $B --clips 2 --kv_update last_step --vae_mode inline --profile --label "14B 1 GPU profile"
-  step g_profile_fp8 120 $PY $B --clips 2 --kv_update last_step --vae_mode inline --profile --set runtime.fp8 gemm \
-       --label "14B 1 GPU fp8 profile"
-  step g_flat_1000 280 $PY $B --clips $FLAT --sample_steps 1 --set model.dit.num_layers 4 \
+  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
+  SPEED="bench/dit_speed.py"; [ -n "${DRY:-}" ] && SPEED="bench/dit_speed.py --dry"
+  step g_options 200 $PY $SPEED --variants eager,compile,fp8_gemm,fp8_gemm_compile --clips 2
+  step g_gpu1_compile 110 $PY $B --clips 3 --kv_update last_step --vae_mode stream --set runtime.compile $COMPILE \
+       --label "14B 1 GPU compiled"
+  step g_gpu1_fp8_compile 110 $PY $B --clips 3 --kv_update last_step --vae_mode stream --set runtime.fp8 gemm \
+       --set runtime.compile $COMPILE --label "14B 1 GPU fp8 gemm compiled"
+  step g_flat_1000 250 $PY $B --clips $FLAT --sample_steps 1 --set model.dit.num_layers 4 \
        --set video.size $FLATSIZE --set video.infer_frames 12 --kv_update last_step --vae_mode inline \
        --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)"
+  [ -f "$OUTDIR/dit_speed.jsonl" ] && cat "$OUTDIR/dit_speed.jsonl"
 fi
 if [ "$PHASE" = h ]; then
   # Two GPUs (nvidia-h200-x2): float8 with Ulysses SP=2; float8 + per-layer sharding under a 22 GB cap

@@ -295,7 +295,7 @@ def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: tor
                 warm.clip(i)
             warmup_s = time.perf_counter() - warm_start
             # FLOPs of a clip with the KV window full (a stream's first clip attends to fewer keys)
-            flops = count_flops(lambda w=warm: w.clip(args.warmup_clips))
+            flops = count_flops(lambda w=warm: w.clip(args.warmup_clips), dit)
             if args.profile and group.rank == 0:
                 print_profile(lambda w=warm: w.clip(args.warmup_clips + 1), device)
             warm = None  # its cache goes before the measured sessions
@@ -414,8 +414,8 @@ def tpp_clip_flops(dit: AvatarDiT, cfg: AppConfig, device: torch.device, dtype: 
     for i in range(cache.num_slots):  # fill the window
         dit(noises[0], t, block_audio, cache, i * d.num_frames_per_block, store_slot=True)
     frame = cache.num_slots * d.num_frames_per_block
-    call = count_flops(lambda: dit(noises[0], t, block_audio, cache, frame))
-    prefill = count_flops(lambda: dit.prefill(cache, ref_latent, text))
+    call = count_flops(lambda: dit(noises[0], t, block_audio, cache, frame), dit)
+    prefill = count_flops(lambda: dit.prefill(cache, ref_latent, text), dit)
     cache.clear()
     return blocks * steps * call + prefill
 
@@ -568,13 +568,24 @@ def run_vae_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: tor
     return {"vae_rank_s_per_clip": statistics.median(vae_s[1:] or vae_s), "vae_rank_peak_gb": peaks[-1][0]}
 
 
-def count_flops(fn) -> float:
-    """Floating-point operations of one call of `fn` (matmuls, convolutions, attention) on this rank."""
+def count_flops(fn, dit: AvatarDiT) -> float:
+    """Floating-point operations of one call of `fn` (matmuls, convolutions, attention) on this rank.
+
+    The count runs the blocks eager: torch.compile cannot trace under the counter's dispatch mode, and a
+    frame it fails on stays eager for good, which would leave every later (timed) call uncompiled.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    compiled = [getattr(block, "compiled_compute", None) for block in dit.blocks]
+    for block in dit.blocks:
+        block.compiled_compute = None
     counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    try:
+        with counter:
+            fn()
+    finally:
+        for block, compute in zip(dit.blocks, compiled):
+            block.compiled_compute = compute
     return float(counter.get_total_flops())
 
 
