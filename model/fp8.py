@@ -8,9 +8,10 @@
            absolute maximum), and the product taken by `torch._scaled_mm` in float8 with a bf16 result:
            about twice the bf16 tensor-core rate on H100/H200 (compute capability >= 8.9).
 
-The float8 bits live in a uint8 parameter (viewed as float8 when used): per-layer sharding and the CPU's
-gloo backend gather bytes without needing a float8 type. Row scaling means a row-sharded weight (FSDP
-shards dim 0) quantises shard by shard to the same bits as whole.
+The float8 bits live in a bfloat16 parameter, two per element ([out, in/2], viewed as float8 [out, in] when
+used): per-layer sharding (FSDP2 makes every shard a parameter that may require gradients, so it must be a
+floating type) and the CPU's gloo backend (no float8 type) then move it as plain 16-bit words, bit for bit.
+Row scaling means a row-sharded weight (FSDP shards dim 0) quantises shard by shard to the same bits as whole.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
 _GEMM_ALIGN = 16  # _scaled_mm needs both matrix dims of the weight divisible by 16
+_CARRIER = torch.bfloat16  # the parameter's storage type: two float8 values per element
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +72,7 @@ class Fp8Linear(nn.Module):
                  device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.in_features, self.out_features, self.gemm = in_features, out_features, gemm
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.uint8, device=device),
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=_CARRIER, device=device),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features, 1, dtype=torch.float32, device=device),
                                          requires_grad=False)
@@ -93,6 +95,7 @@ class Fp8Linear(nn.Module):
     def fill(self, weight: torch.Tensor) -> None:
         """Quantise the whole [out, in] `weight` into this layer; a row-sharded (DTensor) weight keeps its rows."""
         bits, scale = quantize_rows(weight.to(self.weight_scale.device))
+        bits = bits.view(_CARRIER)
         target = self.weight
         if hasattr(target, "to_local"):  # per-layer sharded: this rank's rows only
             local = target.to_local()
@@ -107,7 +110,12 @@ class Fp8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight widened to `dtype` (what `weights` mode multiplies by)."""
-        return (self.weight.view(FP8_DTYPE).to(dtype) * self.weight_scale.to(dtype))
+        return self.fp8_weight.to(dtype) * self.weight_scale.to(dtype)
+
+    @property
+    def fp8_weight(self) -> torch.Tensor:
+        """The float8 [out, in] matrix (a view of the bits in `weight`)."""
+        return self.weight.view(torch.uint8).view(FP8_DTYPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gemm:
@@ -118,7 +126,7 @@ class Fp8Linear(nn.Module):
         """The float8 GEMM on activations already quantised (q, k and v share one quantisation of their input)."""
         # CUDA's row-scaled float8 GEMM writes bf16 only; the CPU's also writes float32.
         out_dtype = xq.dtype if xq.bits.device.type == "cpu" and xq.dtype == torch.float32 else torch.bfloat16
-        out = torch._scaled_mm(xq.bits, self.weight.view(FP8_DTYPE).t(), scale_a=xq.scale,
+        out = torch._scaled_mm(xq.bits, self.fp8_weight.t(), scale_a=xq.scale,
                                scale_b=self.weight_scale.t(), out_dtype=out_dtype,
                                bias=None if self.bias is None else self.bias.to(out_dtype))
         return out.to(xq.dtype).reshape(*xq.lead_shape, self.out_features)
