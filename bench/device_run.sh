@@ -163,6 +163,19 @@ if [ "$PHASE" = g ]; then
        --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)"
   [ -f "$OUTDIR/dit_speed.jsonl" ] && cat "$OUTDIR/dit_speed.jsonl"
 fi
+if [ "$PHASE" = j ]; then
+  # Two GPUs: float8 + per-layer sharded weights under the 22 GB cap, eager blocks (compiled blocks under
+  # FSDP recompile per layer), the smaller KV window only if the default does not fit.
+  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
+  F="--set runtime.fp8 gemm"; CAP="--mem_cap_gb 22"; [ -n "${DRY:-}" ] && CAP=""
+  step j_sp2_fp8_sharded_cap 150 $TR $B --clips 3 --kv_update last_step --vae_mode inline $F \
+       --shard_weights $CAP --label "14B SP=2 fp8 gemm, sharded weights, 22 GB cap"
+  if ! grep -q "22 GB cap" "$RES" 2>/dev/null; then
+    step j_sp2_fp8_sharded_cap_kv3 120 $TR $B --clips 3 --kv_update last_step --vae_mode inline $F \
+         --shard_weights $CAP --set model.dit.kv_cache_blocks 3 \
+         --label "14B SP=2 fp8 gemm, sharded weights, KV window 2 blocks, 22 GB cap"
+  fi
+fi
 if [ "$PHASE" = i ]; then
   # Two GPUs: float8 + per-layer sharded weights under the 22 GB cap (smaller KV window only if the default
   # does not fit), then a profile of SP=2 float8 compiled (where the time goes at SP=2).
