@@ -29,11 +29,15 @@ class StackedFrameCausalConv3d(WanCausalConv3d):
         kt, kh, kw = self.kernel_size
         st, sh, sw = self.stride
         batch, channels = x.shape[:2]
-        # [B, C, T_out, H, W, kt] -> [B*T_out, kt*C, H, W]: frame-major channels match the reshaped weight
+        # [B, C, T_out, H, W, kt] -> [B*T_out, kt*C, H, W]: frame-major channels match the reshaped weight.
+        # Both in channels_last (NHWC) memory: oneDNN's NHWC kernels run this VAE's few-channel convs about
+        # a third faster than NCHW on 2 cores (same sums, float rounding aside).
         windows = x.unfold(2, kt, st)
         t_out, height, width = windows.shape[2], windows.shape[3], windows.shape[4]
-        stacked = windows.permute(0, 2, 5, 1, 3, 4).reshape(batch * t_out, kt * channels, height, width)
+        stacked = windows.permute(0, 2, 3, 4, 5, 1).reshape(batch * t_out, height, width, kt * channels)
+        stacked = stacked.permute(0, 3, 1, 2)
         weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * channels, kh, kw)
+        weight = weight.contiguous(memory_format=torch.channels_last)
         out = F.conv2d(stacked, weight, self.bias, stride=(sh, sw), padding=(self._padding[2], self._padding[0]))
         return out.reshape(batch, t_out, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
