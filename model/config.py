@@ -61,12 +61,14 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
-    # Bounded-context streaming decode (`StreamingDecoder`): with stream_context_frames P > 0, every
-    # stream_restart_frames latent frames the decoder starts a fresh causal cache, primed with the reference and
-    # the last P latent frames (their output discarded), so a decoder that drifts through its own cache (the tiny
-    # bundle's) cannot drift for long. 0 = one continuous cache, as the Wan VAE is trained to decode (14B model).
+    # Bounded-context streaming decode (model/vae.py `StreamingDecoder`): with stream_context_frames P > 0, every
+    # stream_restart_frames R latent frames the decoder swaps its causal cache for a fresh one primed with the
+    # reference and the last P latent frames, so a decoder that drifts through its own cache (the tiny bundle's)
+    # cannot drift for long; costs P extra latent frames of decoding per R. 0 = one continuous cache, as the Wan
+    # VAE is trained to decode (the 14B model).
     stream_context_frames: int = 0
-    stream_restart_frames: int = 3
+    stream_restart_frames: int = 9
+    stream_crossfade: bool = True  # fade from the old cache's frames to the fresh one's over the P shared frames
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,9 @@ def _check(cfg: AppConfig) -> None:
     vae = cfg.model.vae
     _require(vae.stream_context_frames >= 0, "model.vae.stream_context_frames",
              f"must be >= 0 latent frames (0 = one continuous decoder cache), got {vae.stream_context_frames}")
-    _require(vae.stream_restart_frames >= 1, "model.vae.stream_restart_frames",
-             f"must be >= 1 latent frame between decoder cache restarts, got {vae.stream_restart_frames}")
+    _require(vae.stream_restart_frames >= max(1, vae.stream_context_frames), "model.vae.stream_restart_frames",
+             f"must be >= 1 latent frame between decoder cache restarts and >= model.vae.stream_context_frames "
+             f"({vae.stream_context_frames}: one successor cache at a time), got {vae.stream_restart_frames}")
     size = cfg.video.size
     parts = size.split("*")
     _require(len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts), "video.size",

@@ -70,7 +70,7 @@ class AvatarModels:
         modules["dit"].apply_runtime(cfg.runtime)
         return cls(
             dit=modules["dit"],
-            vae=AvatarVAE(modules["vae"]).apply_runtime(cfg.runtime),
+            vae=AvatarVAE(modules["vae"]).apply_runtime(cfg.runtime).apply_stream(cfg.model.vae),
             audio_encoder=AudioEncoder(modules["audio_encoder"], cfg.audio_sample_rate_hz),
             text_encoder=TextEncoder(modules["text_encoder"], make_tokenizer(cfg.model.text_encoder, checkpoint_dir),
                                      cfg.model.text_encoder.text_len),

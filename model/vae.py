@@ -4,6 +4,14 @@ The decoder is causal in time: each of its 3D convolutions looks back two frames
 cache. `StreamingDecoder` keeps that cache as its own explicit state, so one session decodes clip
 after clip as if it were one long video, while the weights stay shared by every session.
 
+Bounded context (`model.vae.stream_context_frames` P > 0): a decoder that was never trained on long
+streams (the tiny bundle's) drifts through its own cache, clip after clip. Then every
+`stream_restart_frames` R latent frames the decoder swaps its cache for a fresh one that has seen only
+what a new session would (the reference latent as first chunk) and the last P latent frames: no cache
+is ever older than P + R latent frames, while the causal convs still see the frames before each
+swap, so the video continues across it. A fresh cache needs a few latent frames to settle, so
+`stream_crossfade` fades the output from the old cache to the new one over those P frames.
+
 GPU speed (`AvatarVAE.apply_runtime`): the decoder runs in the weights' dtype (bf16 with the model),
 `runtime.vae_decode_chunk` latent frames per decoder call (the causal cache makes any chunking give
 the same frames), optionally channels_last_3d for cuDNN's NDHWC conv3d kernels; the nearest-neighbour
@@ -69,6 +77,16 @@ class AvatarVAE:
         self._decoder_convs = _count_causal_convs(vae.decoder)
         self.decode_chunk = 1  # latent frames per decoder call (runtime.vae_decode_chunk)
         self.channels_last = False  # activations in channels_last_3d (runtime.vae_channels_last, CUDA)
+        self.stream_context_frames = 0  # model.vae.stream_context_frames: 0 = one continuous cache
+        self.stream_restart_frames = 9  # model.vae.stream_restart_frames (only with a context)
+        self.stream_crossfade = True  # model.vae.stream_crossfade (only with a context)
+
+    def apply_stream(self, cfg: VAEConfig) -> AvatarVAE:
+        """Every later `new_decoder` uses the config's bounded context (`stream_context_frames` > 0) or not."""
+        self.stream_context_frames = cfg.stream_context_frames
+        self.stream_restart_frames = cfg.stream_restart_frames
+        self.stream_crossfade = cfg.stream_crossfade
+        return self
 
     def apply_runtime(self, runtime: RuntimeConfig) -> AvatarVAE:
         """Decode speed options: `runtime.vae_decode_chunk`, `vae_channels_last`, `cudnn_benchmark` (CUDA)."""
@@ -110,9 +128,15 @@ class AvatarVAE:
         mean = moments[:, : self.latent_channels]
         return self.normalize(mean)
 
-    def new_decoder(self, prime_latent: torch.Tensor) -> StreamingDecoder:
-        """A decoder for one session, its causal cache primed with `prime_latent` (the reference)."""
-        return StreamingDecoder(self, prime_latent)
+    def new_decoder(self, prime_latent: torch.Tensor, context_frames: int | None = None,
+                    restart_frames: int | None = None, crossfade: bool | None = None) -> StreamingDecoder:
+        """A decoder for one session, its causal cache primed with `prime_latent` (the reference).
+
+        `context_frames`/`restart_frames` override `apply_stream`'s (the drift diagnosis compares both ways)."""
+        context = self.stream_context_frames if context_frames is None else context_frames
+        restart = self.stream_restart_frames if restart_frames is None else restart_frames
+        return StreamingDecoder(self, prime_latent, context, restart, self.stream_crossfade if crossfade is None
+                                else crossfade)
 
 
 class StreamingDecoder:
@@ -123,24 +147,83 @@ class StreamingDecoder:
     discarded), so every clip's L latent frames decode to exactly 4L frames and clip 0 continues from
     the reference image. The cache holds the last two time steps of each causal conv's input: its size
     is fixed by the frame size, whatever the number of clips.
+
+    With `context_frames` P > 0 (module docstring) the cache in use is replaced every `restart_frames`
+    R latent frames by one that has seen only the reference and the last P latent frames. That
+    successor is started P frames ahead, from a copy of the cache as primed by the reference, and
+    decodes those P frames alongside the cache in use: at the restart it holds exactly what a fresh
+    cache primed with the reference and then fed the last P frames would, without a burst of extra work
+    at the restart and without a buffer of old latents. With `crossfade`, the output of those P
+    overlapping frames fades from the old cache's frames to the successor's, so the restart is not a
+    step. Restarts fall on latent-frame counts, not on calls, so any split of the stream into calls
+    (clips, blocks, `decode_chunk`) gives the same frames, as with the continuous cache (P = 0).
     """
 
-    def __init__(self, vae: AvatarVAE, prime_latent: torch.Tensor) -> None:
+    def __init__(self, vae: AvatarVAE, prime_latent: torch.Tensor, context_frames: int = 0,
+                 restart_frames: int = 9, crossfade: bool = True) -> None:
+        if not 0 <= context_frames <= restart_frames:
+            raise ValueError(f"need 0 <= context_frames <= restart_frames, got {context_frames} and {restart_frames} "
+                             "(model.vae.stream_context_frames, stream_restart_frames)")
         self._vae = vae
         self._feat_cache: list[torch.Tensor | str | None] | None = [None] * vae._decoder_convs
         self.frames_decoded = 0
-        self._decode_latents(prime_latent[:, :, :1], first_chunk=True)
+        self.restarts = 0
+        self._context_frames = context_frames
+        self._restart_frames = restart_frames
+        self._crossfade = crossfade
+        self._next_cache: list[torch.Tensor | str | None] | None = None  # the successor, during the overlap
+        self._since_restart = 0  # latent frames decoded on the cache in use
+        self._decode_latents(prime_latent[:, :, :1], first_chunk=True, cache=self._feat_cache)
+        # every successor starts from this state (entries are replaced, never written in place: a list copy will do)
+        self._primed = list(self._feat_cache) if context_frames else None
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B,16,L,h,w] -> video [B,3,4L,8h,8w] in [-1,1], continuing the previous clip."""
         if self._feat_cache is None:
             raise RuntimeError("this StreamingDecoder was closed; start a new session to decode again")
-        video = self._decode_latents(latents, first_chunk=False)
+        if not self._context_frames:
+            video = self._decode_latents(latents, first_chunk=False, cache=self._feat_cache)
+        else:
+            video = self._decode_bounded(latents)
         self.frames_decoded += video.shape[2]
         return video
 
-    def _decode_latents(self, latents: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+    def _decode_bounded(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode in runs that end where the successor starts or takes over; the successor decodes its runs too."""
+        overlap_from = self._restart_frames - self._context_frames  # position where the successor starts
+        parts = []
+        start = 0
+        while start < latents.shape[2]:
+            since = self._since_restart
+            run_end = overlap_from if since < overlap_from else self._restart_frames  # in the current window
+            stop = min(latents.shape[2], start + run_end - since)
+            run = latents[:, :, start:stop]
+            video = self._decode_latents(run, first_chunk=False, cache=self._feat_cache)
+            if since >= overlap_from:
+                if self._next_cache is None:
+                    self._next_cache = list(self._primed)
+                fresh = self._decode_latents(run, first_chunk=False, cache=self._next_cache)
+                if self._crossfade:
+                    video = video.lerp_(fresh, self._fade_weights(since - overlap_from, video))
+            parts.append(video)
+            self._since_restart += stop - start
+            start = stop
+            if self._since_restart == self._restart_frames:
+                self._feat_cache, self._next_cache = self._next_cache, None
+                self._since_restart = 0
+                self.restarts += 1
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _fade_weights(self, offset: int, video: torch.Tensor) -> torch.Tensor:
+        """Successor's weight for each frame of a run `offset` latent frames into the overlap: a ramp over 4P frames."""
+        steps = TIME_STRIDE * self._context_frames + 1
+        first = TIME_STRIDE * offset + 1
+        ramp = torch.arange(first, first + video.shape[2], device=video.device, dtype=video.dtype) / steps
+        return ramp.view(1, 1, -1, 1, 1)
+
+    def _decode_latents(self, latents: torch.Tensor, first_chunk: bool,
+                        cache: list[torch.Tensor | str | None]) -> torch.Tensor:
         vae = self._vae
         with torch.inference_mode():
             x = vae.vae.post_quant_conv(vae.denormalize(latents.to(vae.device, vae.dtype)))
@@ -151,15 +234,20 @@ class StreamingDecoder:
             # peak memory); the causal cache makes every chunking give the same frames.
             chunk = 1 if first_chunk else max(1, vae.decode_chunk)
             for i in range(0, x.shape[2], chunk):
-                frames.append(vae.vae.decoder(x[:, :, i:i + chunk], feat_cache=self._feat_cache, feat_idx=[0],
+                frames.append(vae.vae.decoder(x[:, :, i:i + chunk], feat_cache=cache, feat_idx=[0],
                                               first_chunk=first_chunk and i == 0))
             video = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
             return video.clamp_(-1.0, 1.0)
 
     def cache_bytes(self) -> int:
-        """Bytes held by the causal cache (fixed by the frame size; the memory tests watch it)."""
-        return sum(t.numel() * t.element_size() for t in self._feat_cache or [] if isinstance(t, torch.Tensor))
+        """Bytes held by the causal cache, and with a bounded context by the primed copy and the successor
+        during an overlap (fixed by the frame size and the position in the restart cycle; the memory tests watch it)."""
+        held = {id(t): t for c in (self._feat_cache, self._primed, self._next_cache) for t in c or []
+                if isinstance(t, torch.Tensor)}
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     def close(self) -> None:
-        """Drop the causal cache (the session is over)."""
+        """Drop the causal caches (the session is over)."""
         self._feat_cache = None
+        self._next_cache = None
+        self._primed = None

@@ -41,6 +41,9 @@ def test_short_and_dotted_overrides_reach_the_same_key() -> None:
         ("dtype", "int8", "--runtime.dtype: must be one of"),
         ("port", "70000", "--server.port: must be in 0..65535"),
         ("model.dit.num_heads", "3", "--model.dit.dim: must be a positive multiple of model.dit.num_heads"),
+        ("stream_context_frames", "-1", "--model.vae.stream_context_frames: must be >= 0"),
+        ("stream_context_frames", "12", "--model.vae.stream_restart_frames: must be >= 1 latent frame"),
+        ("stream_restart_frames", "0", "--model.vae.stream_restart_frames: must be >= 1 latent frame"),
     ],
 )
 def test_bad_values_name_the_flag(flag: str, value: str, words: str) -> None:

@@ -9,13 +9,20 @@ server's `StreamingDecoder`, clip by clip: if that row already loses the mouth, 
     python -m training.diagnose --drift --bundle B --count 2 --clips 8 [--heldout-bank artifacts/device_in/heldout_bank.npz]
 
 `--drift` prints the colour drift of the streaming decode instead: the mean absolute error (0-255) of each
-clip of the VAE round trip through one `StreamingDecoder` (as served), next to each clip decoded by a fresh
-decoder primed with the reference (`drift_ratio`: the worst streamed clip over the first).
+clip of the VAE round trip through one `StreamingDecoder` on one continuous cache (`streamed`), through the
+bounded-context decoder as served (`bounded`: model.vae.stream_* of configs/tiny.yaml, changed with e.g.
+`--set model.vae.stream_context_frames=2`) when its context is > 0, and each clip decoded by a fresh decoder
+primed with the reference (`fresh`); `drift_ratio` is the worst clip over the first. `jump` says whether the
+video continues across clips: the mean absolute difference (0-255) from the last frame of each clip to the
+first of the next (`clip_start`), the same between neighbouring frames inside a clip (`inside`), and the
+largest step between two neighbouring frames anywhere (`max`); `truth_jump` is that of the true frames.
+`decode_ms_per_clip` is the decoder's mean time per clip on this machine (`--threads`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import numpy as np
 import torch
@@ -29,16 +36,25 @@ from training.vae_training import to_video_tensor
 
 
 @torch.inference_mode()
-def vae_round_trip(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int) -> np.ndarray:
-    """True frames -> causal encode (reference first) -> streaming decode clip by clip -> uint8 frames."""
+def vae_round_trip(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int, context_frames: int | None = None,
+                   restart_frames: int | None = None, timings: list[float] | None = None) -> np.ndarray:
+    """True frames -> causal encode (reference first) -> streaming decode clip by clip -> uint8 frames.
+
+    The decoder is the served one (the VAE's `apply_stream` settings) unless `context_frames`/`restart_frames`
+    say otherwise; each clip's decode time (s) is appended to `timings` when given."""
     usable = len(sample.frames) // frames_per_clip * frames_per_clip
     video = to_video_tensor(np.concatenate([sample.reference[None], sample.frames[:usable]])[None], vae.device)
     moments = vae.vae._encode(video.to(vae.dtype))
     latents = vae.normalize(moments[:, : vae.latent_channels])
     ref_latent = vae.encode_reference(image_to_tensor(sample.reference))
-    decoder = vae.new_decoder(ref_latent)
+    decoder = vae.new_decoder(ref_latent, context_frames, restart_frames)
     per_clip = frames_per_clip // TIME_STRIDE
-    clips = [decoder.decode(latents[:, :, 1 + k: 1 + k + per_clip]) for k in range(0, latents.shape[2] - 1, per_clip)]
+    clips = []
+    for k in range(0, latents.shape[2] - 1, per_clip):
+        start = time.perf_counter()
+        clips.append(decoder.decode(latents[:, :, 1 + k: 1 + k + per_clip]))
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
     return video_to_frames(torch.cat(clips, dim=2))
 
 
@@ -58,22 +74,49 @@ def fresh_decoder_round_trip(vae: AvatarVAE, sample: TalkingSample, frames_per_c
         video = to_video_tensor(np.concatenate([sample.reference[None], sample.frames[start:start + frames_per_clip]])
                                 [None], vae.device)
         latents = vae.normalize(vae.vae._encode(video.to(vae.dtype))[:, : vae.latent_channels])
-        clips.append(vae.new_decoder(ref_latent).decode(latents[:, :, 1:]))
+        clips.append(vae.new_decoder(ref_latent, context_frames=0).decode(latents[:, :, 1:]))
     return video_to_frames(torch.cat(clips, dim=2))
 
 
+def frame_jumps(frames: np.ndarray, frames_per_clip: int) -> dict:
+    """Mean absolute difference (0-255) between consecutive frames: across each clip boundary, inside clips, largest."""
+    diffs = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # diffs[i]: frame i -> i + 1
+    at_start = np.arange(len(diffs)) % frames_per_clip == frames_per_clip - 1
+    return {"clip_start": round(float(diffs[at_start].mean()), 2) if at_start.any() else None,
+            "inside": round(float(diffs[~at_start].mean()), 2), "max": round(float(diffs.max()), 2)}
+
+
+def _decode_row(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int, context_frames: int | None,
+                restart_frames: int | None) -> dict:
+    """Errors, drift ratio, frame steps and decode time of one round trip (None: the VAE's own settings)."""
+    timings: list[float] = []
+    frames = vae_round_trip(vae, sample, frames_per_clip, context_frames, restart_frames, timings)
+    errors = clip_errors(frames, sample.frames, frames_per_clip)
+    return {"errors": errors, "drift_ratio": round(max(errors) / max(errors[0], 1e-6), 2), "worst": max(errors),
+            "jump": frame_jumps(frames, frames_per_clip),
+            "decode_ms_per_clip": round(1000 * float(np.mean(timings)), 1)}
+
+
 def streaming_drift(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int) -> dict:
-    """Per-clip error of the served decode (one StreamingDecoder across clips) and of fresh decoders per clip."""
-    streamed = clip_errors(vae_round_trip(vae, sample, frames_per_clip), sample.frames, frames_per_clip)
+    """Per-clip error of one StreamingDecoder on a continuous cache (`streamed`), of the bounded-context decoder
+    (`bounded`, the VAE's `apply_stream` settings, when its context is > 0) and of fresh decoders per clip."""
+    continuous = _decode_row(vae, sample, frames_per_clip, 0, None)
     fresh = clip_errors(fresh_decoder_round_trip(vae, sample, frames_per_clip), sample.frames, frames_per_clip)
-    return {"streamed": streamed, "fresh": fresh, "drift_ratio": round(max(streamed) / max(streamed[0], 1e-6), 2),
-            "worst": max(streamed)}
+    result = {"streamed": continuous.pop("errors"), "fresh": fresh, **continuous}
+    if vae.stream_context_frames > 0:
+        result["bounded"] = {"context_frames": vae.stream_context_frames, "restart_frames": vae.stream_restart_frames,
+                             "crossfade": vae.stream_crossfade,
+                             **_decode_row(vae, sample, frames_per_clip, None, None)}
+    result["truth_jump"] = frame_jumps(sample.frames, frames_per_clip)
+    return result
 
 
-def drift(bundle: str, count: int, clips: int, heldout_bank: str | None = None, threads: int = 2) -> list[dict]:
-    """`streaming_drift` of a bundle's VAE on the first `count` held-out samples, `clips` clips each."""
+def drift(bundle: str, count: int, clips: int, heldout_bank: str | None = None, threads: int = 2,
+          overrides: dict | None = None) -> list[dict]:
+    """`streaming_drift` of a bundle's VAE on the first `count` held-out samples, `clips` clips each
+    (the bounded decoder as configured: tiny.yaml with `overrides`)."""
     torch.set_num_threads(threads)
-    cfg = load_config(None, {"model.checkpoint": bundle})
+    cfg = load_config(None, {**(overrides or {}), "model.checkpoint": bundle})
     vae = AvatarModels.load(cfg).vae
     rows = []
     for index, sample in enumerate(heldout_samples(cfg, count, heldout_bank, clips)):
@@ -92,10 +135,10 @@ def row(name: str, report: LipSyncReport) -> dict:
             "mean_opening": round(report.mean_opening, 3)}
 
 
-def diagnose(bundle: str, count: int, full: bool, threads: int = 2) -> list[dict]:
+def diagnose(bundle: str, count: int, full: bool, threads: int = 2, overrides: dict | None = None) -> list[dict]:
     """Rows of (ground truth, VAE round trip[, full model]) per held-out sample."""
     torch.set_num_threads(threads)
-    cfg = load_config(None, {"model.checkpoint": bundle})
+    cfg = load_config(None, {**(overrides or {}), "model.checkpoint": bundle})
     models = AvatarModels.load(cfg)
     avatar = StreamingAvatar(models, cfg) if full else None
     rows = []
@@ -121,11 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift", action="store_true", help="per-clip error of the streaming VAE decode instead")
     p.add_argument("--clips", type=int, default=8, help="with --drift: clips per sample (fewer if it is shorter)")
     p.add_argument("--heldout-bank", default=None, help="saved held-out speech (machines without espeak-ng)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set model.vae.stream_context_frames=2 (repeatable)")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            p.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = value
     if args.drift:
-        drift(args.bundle, args.count, args.clips, args.heldout_bank)
+        drift(args.bundle, args.count, args.clips, args.heldout_bank, args.threads, overrides)
         return 0
-    diagnose(args.bundle, args.count, args.full)
+    diagnose(args.bundle, args.count, args.full, args.threads, overrides)
     return 0
 
 

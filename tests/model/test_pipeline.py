@@ -1,6 +1,8 @@
 """StreamingAvatar: the model side of the server contract, on the tiny config with random weights."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,8 +89,14 @@ def test_same_seed_gives_the_same_video_and_another_seed_another(models, cfg):
 
 
 def test_clips_decode_as_one_continuous_video(models, cfg):
-    """Frames of clip after clip equal one decode of the whole latent stream: no restart at a clip boundary."""
-    avatar = started(models, cfg)
+    """Frames of clip after clip equal one decode of the whole latent stream: no restart at a clip boundary
+    (on one continuous decoder cache, model.vae.stream_context_frames 0; tests/model/test_vae.py covers the
+    bounded one)."""
+    models.vae.apply_stream(dataclasses.replace(cfg.model.vae, stream_context_frames=0))
+    try:
+        avatar = started(models, cfg)
+    finally:
+        models.vae.apply_stream(cfg.model.vae)
     latents, frames = [], []
     for window in speech_windows(avatar, 3):
         latents.append(avatar.denoise_clip(window))
