@@ -217,7 +217,9 @@ class ParallelGroup:
             raise LaunchError(
                 f"a sequence of {length} tokens does not split over {n} DiT ranks; pick a resolution and "
                 f"frames whose token count per latent frame is a multiple of {n}, or use fewer GPUs")
-        return x.narrow(dim, self.sp_rank * (length // n), length // n)
+        # contiguous: the compiled block is specialised on strides, and a view of the full sequence
+        # would give it a second layout to compile for
+        return x.narrow(dim, self.sp_rank * (length // n), length // n).contiguous()
 
     def gather_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Concatenate every DiT rank's token shard along `dim`, in rank order (inverse of shard_tokens)."""
@@ -395,7 +397,9 @@ def _gather_on_direct_calls(root: torch.nn.Module, layers: list[torch.nn.Module]
                 continue
 
             def before_sub(module, args, _layer=layer):
-                if id(_layer) in running or state["open"] is _layer:
+                # Compiled block code runs only inside its layer's own forward (weights gathered); returning
+                # first keeps torch.compile from guarding on which layer this is (one graph for all layers).
+                if torch.compiler.is_compiling() or id(_layer) in running or state["open"] is _layer:
                     return
                 ready()
                 close_open()
