@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import materialise_random
 from model import attention as attention_seam
 from model.config import AppConfig, load_config
 from model.dit import AvatarDiT
 from model.sampler import FlowMatchSchedule, denoise_block
 from model.vae import AvatarVAE, build_vae
+from model.weights import fill_random
 
 # name -> runtime overrides; variants that change the weights (fusion) run after those that do not
 DIT_VARIANTS = {
@@ -63,7 +63,7 @@ def random_dit(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> Avat
     with torch.device("meta"):
         dit = AvatarDiT(cfg.model.dit)
     dit.cast(dtype)
-    materialise_random(dit, device, seed=cfg.runtime.seed)
+    fill_random(dit, device, seed=cfg.runtime.seed)
     return dit.eval().requires_grad_(False)
 
 

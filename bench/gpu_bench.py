@@ -28,7 +28,6 @@ import collections
 import concurrent.futures
 import contextlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -44,58 +43,16 @@ from model import parallel
 from model.config import AppConfig, load_config, replace_key
 from model.dit import AvatarDiT
 from model.dit_motion import MOTION_LATENT_FRAMES
-from model.fp8 import Fp8Linear
 from model.pipeline import MotionHistory, copy_sink, generate_block
 from model.sampler import FlowMatchSchedule, KVUpdate
 from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae
+from model.weights import fill_random
 
 H200_BF16_DENSE_TFLOPS = 989.0  # vendor datasheet, dense bf16 (MFU denominator)
 VAE_MODES = ("inline", "stream", "rank")
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def materialise_random(module: torch.nn.Module, device: torch.device, seed: int) -> None:
-    """`to_empty` on `device`, then fill every weight there: N(0, 1/fan_in) matrices, unit norms, zero biases.
-
-    Works on plain and on per-layer-sharded (DTensor) parameters: each rank fills its own shard.
-    The same seed on every rank gives identical replicated weights (the SP=1 vs SP=N check needs that).
-    """
-    module.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    fp8_layers = {name: m for name, m in module.named_modules() if isinstance(m, Fp8Linear)}
-    fp8_params = {f"{name}.{leaf}" for name in fp8_layers for leaf in ("weight", "weight_scale")}
-    with torch.no_grad():
-        for name, layer in fp8_layers.items():  # float8 layers: a random bf16 matrix, quantised row by row
-            full = torch.empty(layer.out_features, layer.in_features, dtype=torch.bfloat16, device=device)
-            layer.fill(full.normal_(0.0, layer.in_features ** -0.5, generator=gen))
-            del full
-        for name, param in module.named_parameters():
-            if name in fp8_params:
-                continue
-            # one whole parameter at a time (never the whole model), then this rank's shard of it
-            full = torch.empty(param.shape, dtype=param.dtype, device=device)
-            if param.ndim >= 2:
-                full.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=gen)
-            elif name.endswith("bias"):
-                full.zero_()
-            elif "norm" in name:
-                full.fill_(1.0)
-            else:
-                full.normal_(0.0, 0.02, generator=gen)
-            if hasattr(param, "to_local"):
-                local = param.to_local()
-                mesh = param.device_mesh
-                rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_coordinate()[0]
-                chunks = torch.chunk(full, mesh.size(), dim=0)
-                if local.numel():
-                    local.copy_(chunks[rank])
-            else:
-                param.copy_(full)
-            del full
-    for name, buf in module.named_buffers():
-        raise RuntimeError(f"buffer {name} would be left uninitialised by to_empty; recompute it here")
 
 
 def build_dit(cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype, shard_weights: bool) -> AvatarDiT:
@@ -107,8 +64,8 @@ def build_dit(cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype,
     if getattr(cfg.runtime, "fp8", "none") != "none":
         dit.quantize_fp8(cfg.runtime.fp8)
     if shard_weights:
-        group.shard_layers(dit, dit_shard_units(dit))
-    materialise_random(dit, group.device, seed=cfg.runtime.seed)
+        group.shard_layers(dit, dit.shard_units())
+    fill_random(dit, group.device, seed=cfg.runtime.seed)
     dit.eval().requires_grad_(False)
     if hasattr(dit, "apply_runtime"):  # runtime.compile / attention_backend / fuse_qkv, as AvatarModels.load
         dit.apply_runtime(cfg.runtime)
@@ -126,13 +83,6 @@ def compile_blocks(dit: AvatarDiT) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for i, block in enumerate(dit.blocks):
         dit.blocks[i] = torch.compile(block, dynamic=False)
-
-
-def dit_shard_units(dit: AvatarDiT) -> list[torch.nn.Module]:
-    """The units whose weights are gathered one at a time: transformer blocks and audio injectors."""
-    units: list[torch.nn.Module] = list(dit.blocks)
-    units += list(dit.audio_injector.injector) + list(dit.audio_injector.injector_adain_layers)
-    return units
 
 
 def build_vae_on(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> AvatarVAE:

@@ -166,6 +166,8 @@ class ParallelConfig:
 
     mode: str = "ulysses"
     vae_rank: bool = False
+    # Per-layer sharded DiT weights (FSDP2) over the DiT ranks: no GPU holds the whole model (24 GB cards)
+    shard_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,13 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.parallel.mode != "tpp" or cfg.sampler.kv_update == "per_step", "sampler.kv_update",
              f"--parallel.mode tpp gives each GPU one sampling step and that step's KV window; it needs "
              f"--sampler.kv_update per_step (same frames as one process in per_step), got {cfg.sampler.kv_update!r}")
+    _require(not cfg.parallel.shard_weights or cfg.parallel.mode == "ulysses", "parallel.shard_weights",
+             "per-layer sharding splits the weights over the sequence-parallel ranks; --parallel.mode tpp keeps "
+             "the whole model on every GPU")
+    _require(not (cfg.parallel.shard_weights and cfg.parallel.vae_rank), "parallel.shard_weights",
+             "the VAE rank holds no DiT shard; use one of --parallel.shard_weights and --parallel.vae_rank")
+    _require(not (cfg.parallel.shard_weights and cfg.runtime.fuse_qkv), "runtime.fuse_qkv",
+             "fused QKV needs whole weights; it cannot be combined with --parallel.shard_weights")
     _require(0 <= cfg.server.port <= 65535, "server.port", f"must be in 0..65535, got {cfg.server.port}")
     _require(cfg.server.max_sessions >= 1, "server.max_sessions", f"must be >= 1, got {cfg.server.max_sessions}")
     _require(cfg.server.max_pending_clips >= 1, "server.max_pending_clips",

@@ -415,6 +415,10 @@ class AvatarDiT(nn.Module):
     def is_fp8(self) -> bool:
         return any(isinstance(m, Fp8Linear) for m in self.blocks.modules())
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules whose weights per-layer sharding gathers one at a time: blocks and audio injectors."""
+        return [*self.blocks, *self.audio_injector.injector, *self.audio_injector.injector_adain_layers]
+
     def fuse_qkv(self) -> None:
         """Self-attention q/k/v as one GEMM in every block (`AvatarBlock.fuse_qkv`); weight names unchanged."""
         for block in self.blocks:

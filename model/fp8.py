@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import FP8_MODES
+from model.parallel import copy_full_into
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -95,17 +96,7 @@ class Fp8Linear(nn.Module):
     def fill(self, weight: torch.Tensor) -> None:
         """Quantise the whole [out, in] `weight` into this layer; a row-sharded (DTensor) weight keeps its rows."""
         bits, scale = quantize_rows(weight.to(self.weight_scale.device))
-        bits = bits.view(_CARRIER)
-        target = self.weight
-        if hasattr(target, "to_local"):  # per-layer sharded: this rank's rows only
-            local = target.to_local()
-            mesh = target.device_mesh
-            rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_coordinate()[0]
-            rows = torch.chunk(bits, mesh.size(), dim=0)
-            if local.numel():
-                local.copy_(rows[rank])
-        else:
-            target.copy_(bits)
+        copy_full_into(self.weight, bits.view(_CARRIER))  # per-layer sharded: this rank's rows only
         self.weight_scale.copy_(scale)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:

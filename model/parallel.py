@@ -348,6 +348,23 @@ class ParallelGroup:
             set_current(_SINGLE)
 
 
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor `full` into `param`: all of it, or this rank's rows of a per-layer sharded one.
+
+    FSDP2 shards dim 0 in `torch.chunk` pieces, so each rank can fill its shard from the whole tensor
+    read one parameter at a time, and no rank ever holds more than one whole parameter.
+    """
+    if hasattr(param, "to_local"):
+        local = param.to_local()
+        mesh = param.device_mesh
+        rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_coordinate()[0]
+        rows = torch.chunk(full, mesh.size(), dim=0)
+        if local.numel():
+            local.copy_(rows[rank])
+    else:
+        param.copy_(full)
+
+
 def _minority_dtype_params(layer: torch.nn.Module) -> set[torch.nn.Parameter]:
     """Parameters whose dtype differs from most of the layer's (FSDP2 gathers one dtype per layer)."""
     params = list(layer.parameters())

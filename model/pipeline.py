@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from transformers import UMT5EncoderModel, Wav2Vec2Model
 
+from model import parallel
 from model.audio_encoder import AudioEncoder, wav2vec2_config
 from model.config import REPO_ROOT, AppConfig
 from model.dit import AvatarDiT, StreamCache
@@ -58,7 +59,10 @@ class AvatarModels:
             torch.set_num_threads(cfg.runtime.num_threads)
         checkpoint = _resolve_checkpoint(cfg.model.checkpoint)
         checkpoint_dir = checkpoint if checkpoint is not None and checkpoint.is_dir() else None
-        if checkpoint is None:
+        group = parallel.current()
+        if cfg.parallel.shard_weights and group.sp_size > 1:
+            modules = _sharded_modules(cfg, group, checkpoint, device, dtype)
+        elif checkpoint is None:
             modules = _random_modules(cfg, device, dtype)
         else:
             # Built on `meta` and filled tensor by tensor: no part of the model is ever in memory twice.
@@ -113,6 +117,34 @@ def _random_modules(cfg: AppConfig, device: torch.device, dtype: torch.dtype) ->
         elif dtype != torch.float32:
             module.to(dtype)
         modules[name] = module
+    return modules
+
+
+def _sharded_modules(cfg: AppConfig, group: parallel.ParallelGroup, checkpoint: Path | None,
+                     device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The DiT with its block and audio-injector weights sharded over the DiT ranks (`parallel.shard_weights`).
+
+    Built on `meta`, cast, swapped to float8 layers if `runtime.fp8` asks, sharded, then filled one
+    tensor at a time (each rank keeps its rows): no GPU ever holds the whole DiT. The other networks
+    load whole, as without sharding.
+    """
+    with torch.device("meta"):
+        modules = {name: build() for name, build in _builders(cfg).items()}
+    dit = modules["dit"].cast(dtype)
+    dit.quantize_fp8(cfg.runtime.fp8)
+    group.shard_layers(dit, dit.shard_units())
+    if checkpoint is None:
+        from model.weights import fill_random
+
+        fill_random(dit, device, seed=cfg.runtime.seed)
+        torch.manual_seed(cfg.runtime.seed)
+        for name, build in _builders(cfg).items():
+            if name != "dit":
+                with torch.device(device):
+                    modules[name] = build().to(dtype)
+    else:
+        dit.to_empty(device=device)
+        _load_checkpoint(cfg, checkpoint, modules, device, dtype)
     return modules
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from torch import nn
 
 from model.config import AppConfig, DiTConfig, load_config_from_dict
 from model.dit import AvatarDiT
+from model.fp8 import Fp8Linear
+from model.parallel import copy_full_into
 
 log = logging.getLogger(__name__)
 
@@ -260,17 +263,76 @@ def _check_fit(
     raise CheckpointError("\n".join(lines))
 
 
+def checkpoint_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    """Each tensor's name and shape as a checkpoint stores it.
+
+    Differs from `state_dict()` only for float8 layers (`model/fp8.py`), whose checkpoints hold the
+    ordinary [out, in] weight and no scale; sharded parameters report their whole shape either way.
+    """
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    for name, sub in module.named_modules():
+        if isinstance(sub, Fp8Linear):
+            prefix = f"{name}." if name else ""
+            shapes[prefix + "weight"] = torch.Size((sub.out_features, sub.in_features))
+            shapes.pop(prefix + "weight_scale", None)
+    return shapes
+
+
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace parameter/buffer `name` with `tensor` (works for modules built on the meta device)."""
+    """Put `tensor` at parameter/buffer `name`: replaced on modules built on the meta device; copied into
+    a per-layer sharded parameter (this rank's rows) or quantised into a float8 layer, which stay in place."""
     *parents, leaf = name.split(".")
     owner = module
     for p in parents:
         owner = getattr(owner, p)
+    if isinstance(owner, Fp8Linear) and leaf == "weight":
+        owner.fill(tensor)
+        return
+    existing = owner._parameters.get(leaf)
+    if existing is not None and hasattr(existing, "to_local"):
+        with torch.no_grad():
+            copy_full_into(existing, tensor.to(existing.dtype))
+        return
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:
         owner._buffers[leaf] = tensor
 
+
+
+def fill_random(module: nn.Module, device: torch.device | str, seed: int) -> None:
+    """`to_empty` on `device`, then fill every weight there: N(0, 1/fan_in) matrices, unit norms, zero biases.
+
+    For random weights of a model too large to build whole (the 14B DiT: 56 GB in float32), and for
+    per-layer sharded models: one whole parameter at a time, then this rank's shard of it. Float8 layers
+    get a random bf16 matrix quantised row by row. The same seed on every rank gives the same weights.
+    """
+    device = torch.device(device)
+    module.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    fp8_layers = {name: m for name, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    fp8_params = {f"{name}.{leaf}" for name in fp8_layers for leaf in ("weight", "weight_scale")}
+    with torch.no_grad():
+        for layer in fp8_layers.values():
+            full = torch.empty(layer.out_features, layer.in_features, dtype=torch.bfloat16, device=device)
+            layer.fill(full.normal_(0.0, layer.in_features ** -0.5, generator=gen))
+            del full
+        for name, param in module.named_parameters():
+            if name in fp8_params:
+                continue
+            full = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if param.ndim >= 2:
+                full.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=gen)
+            elif name.endswith("bias"):
+                full.zero_()
+            elif "norm" in name:
+                full.fill_(1.0)
+            else:
+                full.normal_(0.0, 0.02, generator=gen)
+            copy_full_into(param, full)
+            del full
+    for name, _ in module.named_buffers():
+        raise RuntimeError(f"buffer {name} would be left uninitialised by to_empty; recompute it here")
 
 def _target_dtype(
     name: str, tensor_dtype: torch.dtype, dtype: torch.dtype, fp32: Callable[[str], bool]
@@ -398,7 +460,7 @@ def fill_dit(
     files = checkpoint_files(checkpoint)
     layout, rename = _detect_renamer(files)
     current = model.state_dict()
-    expected = {k: v.shape for k, v in current.items()}
+    expected = checkpoint_shapes(model)
     ours_files = {rename(k): f for k, f in files.items()}
     source_name = {rename(k): k for k in files}
     if len(ours_files) != len(files):
@@ -537,7 +599,7 @@ def load_bundle(
     bundle_config(path)  # format check with a clear message
     keys = _safetensors_keys(path)
     current = {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()}
-    expected = {k: v.shape for k, v in current.items()}
+    expected = {f"{p}.{k}": shape for p, m in modules.items() for k, shape in checkpoint_shapes(m).items()}
     in_file = {k: path for k in keys if k.split(".", 1)[0] in modules}
     shapes = _shapes(in_file)
     _check_fit(str(path), expected, shapes, {k: k for k in shapes})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 import torch
 
 from model import parallel
@@ -33,11 +34,11 @@ async def _serve_clips(cfg) -> list[np.ndarray]:
     return frames
 
 
-def _group_worker() -> dict:
+def _group_worker(overrides: dict) -> dict:
     from model.group_sessions import follow, release_followers
     from model.pipeline import AvatarModels
 
-    cfg = load_config(None)
+    cfg = load_config(None, overrides)
     group = parallel.start_group("cpu", cfg.model.dit.num_heads)
     try:
         if group.rank != 0:
@@ -50,7 +51,9 @@ def _group_worker() -> dict:
         group.shutdown()
 
 
-def test_two_rank_group_serves_the_clips_of_one_process() -> None:
+@pytest.mark.parametrize("overrides", [{}, {"parallel.shard_weights": True}], ids=["whole", "sharded_weights"])
+def test_two_rank_group_serves_the_clips_of_one_process(overrides: dict) -> None:
+    # sharded: each rank loads half of every block's rows of the trained bundle and gathers them per layer
     from model.pipeline import AvatarModels, StreamingAvatar
 
     torch.set_num_threads(1)
@@ -60,7 +63,7 @@ def test_two_rank_group_serves_the_clips_of_one_process() -> None:
     avatar.start(image, PROMPT)
     expected = [avatar.next_clip(w).frames for w in windows]
 
-    leader, follower = run_in_group(_group_worker, 2)
+    leader, follower = run_in_group(_group_worker, 2, overrides)
 
     assert follower["followed_clips"] == CLIPS
     assert len(leader["frames"]) == CLIPS

@@ -102,9 +102,13 @@ def _dit_two_blocks(shard_weights: bool, fp8: str = "none") -> dict:
     group = parallel.current() if shard_weights else parallel.start_group("cpu", cfg.model.dit.num_heads, env={})
     torch.manual_seed(0)  # the same weights on every rank
     dit = AvatarDiT(cfg.model.dit).eval()
-    dit.quantize_fp8(fp8)  # float8 bits (uint8) are what the sharded ranks gather
+    dit.quantize_fp8(fp8)  # float8 bits are what the sharded ranks gather
     if shard_weights:
         dit = group.shard_layers(dit, list(dit.blocks) + list(dit.audio_injector.injector))
+    return _run_two_blocks(dit, cfg, shard_weights)
+
+
+def _run_two_blocks(dit, cfg, shard_weights: bool) -> dict:
     d = cfg.model.dit
     g = torch.Generator().manual_seed(1)
     ref = torch.randn(1, d.in_channels, 1, 16, 16, generator=g)
@@ -139,6 +143,44 @@ def test_per_layer_sharded_weights_with_ulysses_equal_one_process(fp8: str) -> N
         torch.testing.assert_close(r["out"], expected, rtol=1e-4, atol=1e-4)
         # each rank keeps half the rows of every weight matrix of a block, not the whole layer
         assert r["shard_rows"] == [rows // 2 for rows in r["full_rows"]]
+
+
+def _loaded_two_blocks(shard_weights: bool, fp8: str) -> dict:
+    """The shipped tiny bundle through the normal loader (`AvatarModels.load`), sharded or whole."""
+    from model.config import load_config
+    from model.pipeline import AvatarModels
+
+    cfg = load_config(None, {"parallel.shard_weights": shard_weights, "runtime.fp8": fp8})
+    group = parallel.current() if shard_weights else parallel.start_group("cpu", cfg.model.dit.num_heads, env={})
+    dit = AvatarModels.load(cfg).dit
+    assert any(hasattr(p, "to_local") for p in dit.blocks[0].parameters()) == (shard_weights and group.sp_size > 1)
+    return _run_two_blocks(dit, cfg, shard_weights)
+
+
+def _loaded_sharded_worker(fp8: str) -> dict:
+    group = parallel.start_group("cpu", num_heads=4)
+    try:
+        return _loaded_two_blocks(shard_weights=True, fp8=fp8)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.parametrize("fp8", ["none", "weights"])
+def test_server_loader_shards_the_trained_bundle_over_two_ranks_and_matches_one_process(fp8: str) -> None:
+    # parallel.shard_weights: the checkpoint is read one tensor at a time into each rank's rows (float8 too)
+    expected = _loaded_two_blocks(shard_weights=False, fp8=fp8)["out"]
+    for r in run_in_group(_loaded_sharded_worker, 2, fp8):
+        torch.testing.assert_close(r["out"], expected, rtol=1e-4, atol=1e-4)
+        assert r["shard_rows"] == [rows // 2 for rows in r["full_rows"]]
+
+
+def test_sharded_weights_refuse_layouts_that_cannot_hold_them() -> None:
+    from model.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="--parallel.shard_weights: per-layer sharding splits"):
+        load_config(None, {"parallel.shard_weights": True, "parallel.mode": "tpp", "sampler.kv_update": "per_step"})
+    with pytest.raises(ConfigError, match="--parallel.shard_weights: the VAE rank holds no DiT shard"):
+        load_config(None, {"parallel.shard_weights": True, "parallel.vae_rank": True})
 
 
 def test_a_size_whose_tokens_do_not_split_is_refused_at_launch() -> None:
