@@ -109,6 +109,8 @@ class ModelEngine:
             t0 = time.monotonic()
             self._models = AvatarModels.load(self._cfg)
             log.info("model loaded in %.1f s", time.monotonic() - t0)
+            if self._cfg.runtime.warmup_clips:
+                self._warm_up(self._cfg.runtime.warmup_clips)
         probe = StreamingAvatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
         try:
             return StreamFormat(fps=float(probe.fps), frames_per_clip=probe.frames_per_clip,
@@ -116,6 +118,35 @@ class ModelEngine:
                                 clip_samples=probe.clip_samples, context_samples=probe.context_samples)
         finally:
             probe.close()
+
+    def _warm_up(self, clips: int) -> None:
+        """Run a throwaway session of `clips` silent clips before the first viewer comes.
+
+        The first clips of a process pay for kernel selection, allocator growth and, with
+        `runtime.compile`, one compilation per attended length (about 20-30 s per shape for the 14B
+        block); a live audience should not wait for that. Every shape a stream meets is met by its
+        first clip (the KV window fills block by block) plus one steady clip. Sessions start fresh
+        afterwards, so their frames are the same as without the warm-up.
+        """
+        from model.group_sessions import new_avatar
+        from model.io_types import AudioWindow
+
+        t0 = time.monotonic()
+        avatar = new_avatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
+        try:
+            height, width = avatar.frame_size
+            avatar.start(np.full((height, width, 3), 128, np.uint8), self._cfg.server.prompt)
+            samples = np.zeros(avatar.context_samples + avatar.clip_samples, np.float32)
+            for k in range(clips):
+                window = AudioWindow(samples, avatar.context_samples, k * avatar.clip_samples / avatar.sample_rate_hz, k)
+                if streams_parts(avatar):
+                    for _ in avatar.clip_parts(window):
+                        pass
+                else:
+                    avatar.next_clip(window)
+        finally:
+            avatar.close()
+        log.info("warm-up: %d silent clips in %.1f s", clips, time.monotonic() - t0)
 
     async def close(self) -> None:
         """Stop every session, then the worker thread."""

@@ -100,3 +100,22 @@ async def test_model_work_does_not_block_the_event_loop(engine):
     generated_s = time.monotonic() - generated_s
     tick.cancel()
     assert len(gaps) > 0.5 * generated_s / 0.01 and max(gaps) < 0.2, (len(gaps), generated_s, max(gaps))
+
+
+async def test_start_up_warm_up_runs_before_serving_and_leaves_sessions_unchanged(caplog):
+    # runtime.warmup_clips: silent clips at load (compiled shapes, kernel choice), then fresh sessions
+    frames = {}
+    for clips in (0, 2):
+        cfg = load_config(None, {"video.size": "64*64", "runtime.warmup_clips": clips})
+        engine = ModelEngine(cfg)
+        with caplog.at_level("INFO", logger="server.engine"):
+            await engine.load()
+        try:
+            await engine.start("a", drawn_reference(), "hi")
+            frames[clips] = [(await engine.submit("a", window(engine, k))).frames for k in range(2)]
+        finally:
+            await engine.close()
+    assert "warm-up: 2 silent clips" in caplog.text
+    assert caplog.text.count("warm-up:") == 1  # none without warmup_clips
+    for cold, warm in zip(frames[0], frames[2]):
+        assert np.array_equal(cold, warm)
