@@ -37,7 +37,7 @@ step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that m
   local one=/tmp/step_$name.log  # only two files go back in $OUT: the whole log and the results
   timeout "$limit" "$@" >"$one" 2>&1; local rc=$?
   { echo "=== $name"; cat "$one"; } >>"$LOG"
-  grep -E "^(CHECK|RESULT|SPEED)|Error|error:|out of memory|Traceback" "$one" | grep -v "^RESULT" | tail -5
+  grep -E "^(CHECK|RESULT|SPEED|ENGINE)|Error|error:|out of memory|Traceback" "$one" | grep -v "^RESULT" | tail -5
   sed -n '/^PROFILE/,/^Self CUDA time total/p' "$one" | cut -c1-200
   grep -h "^RESULT" "$one" | sed 's/^RESULT //' >>"$RES"
   [ $rc -ne 0 ] && echo "    $name exited $rc"
@@ -162,6 +162,15 @@ if [ "$PHASE" = g ]; then
        --set video.size $FLATSIZE --set video.infer_frames 12 --kv_update last_step --vae_mode inline \
        --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)"
   [ -f "$OUTDIR/dit_speed.jsonl" ] && cat "$OUTDIR/dit_speed.jsonl"
+fi
+if [ "$PHASE" = k ]; then
+  # Two GPUs: the server's own model path (ModelEngine + follower, warm-up included) with the 24 GB-card
+  # settings: float8, per-layer sharded weights, compiled blocks, 22 GB cap.
+  E="bench/engine_group.py --config $FULL"
+  [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64 --set runtime.warmup_clips 1"
+  step k_engine_sharded_fp8_cap 280 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
+       --mem_cap_gb 22 --clips 4
+  grep -h "^ENGINE" /tmp/step_k_engine_sharded_fp8_cap.log
 fi
 if [ "$PHASE" = j ]; then
   # Two GPUs: float8 + per-layer sharded weights under the 22 GB cap, eager blocks (compiled blocks under
