@@ -166,7 +166,7 @@ fi
 if [ "$PHASE" = k ]; then
   # Two GPUs: the server's own model path (ModelEngine + follower, warm-up included) with the 24 GB-card
   # settings: float8, per-layer sharded weights, compiled blocks, 22 GB cap.
-  E="bench/engine_group.py --config $FULL"
+  E="bench/engine_group.py --config $FULL --random_weights"
   [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64 --set runtime.warmup_clips 1"
   step k_engine_sharded_fp8_cap 280 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
        --mem_cap_gb 22 --clips 4

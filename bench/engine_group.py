@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     p.add_argument("--clips", type=int, default=4)
     p.add_argument("--mem_cap_gb", type=float, default=None, help="per-process GPU memory cap")
+    p.add_argument("--random_weights", action="store_true", help="ignore the config's checkpoint (none exist here)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, dict(args.set))
+    overrides = dict(args.set)
+    if args.random_weights:
+        overrides["model.checkpoint"] = None
+    cfg = load_config(args.config, overrides)
     group = parallel.start_group_from_config(cfg)
     if args.mem_cap_gb and group.device.type == "cuda":
         total = torch.cuda.get_device_properties(group.device).total_memory
