@@ -168,7 +168,8 @@ if [ "$PHASE" = k ]; then
   # settings: float8, per-layer sharded weights, compiled blocks, 22 GB cap.
   E="bench/engine_group.py --config $FULL --random_weights"
   [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64 --set runtime.warmup_clips 1"
-  step k_engine_sharded_fp8_cap 280 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
+  step k_engine_sharded_fp8_cap 300 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
+       --set runtime.text_encoder_device cpu --set runtime.compile false --set runtime.warmup_clips 1 \
        --mem_cap_gb 22 --clips 4
   grep -h "^ENGINE" /tmp/step_k_engine_sharded_fp8_cap.log
 fi

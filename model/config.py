@@ -154,6 +154,7 @@ class RuntimeConfig:
     compile_mode: str = "default"  # torch.compile mode of the DiT block (no CUDA-graph modes: the cache moves)
     attention_backend: str = "auto"  # SDPA kernel preferred for the DiT's attention
     fuse_qkv: bool = False  # self-attention q/k/v as one GEMM (weights concatenated after loading)
+    text_encoder_device: str = "auto"  # auto (= runtime.device) or cpu: the prompt encoder off the GPU
     warmup_clips: int = 0  # clips of silence run once at start-up (kernel choice, compiled shapes) before serving
     fp8: str = "none"  # DiT linear layers in float8: none | weights (memory) | gemm (memory + FP8 GEMMs), model/fp8.py
     vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
@@ -269,6 +270,8 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.runtime.fp8 == "none" or not cfg.runtime.fuse_qkv, "runtime.fuse_qkv",
              "fused QKV concatenates bf16 weights; it cannot be combined with --runtime.fp8 "
              f"{cfg.runtime.fp8} (turn one of them off)")
+    _require(cfg.runtime.text_encoder_device in ("auto", "cpu"), "runtime.text_encoder_device",
+             f"must be auto (the runtime device) or cpu, got {cfg.runtime.text_encoder_device!r}")
     _require(0 <= cfg.runtime.warmup_clips <= 16, "runtime.warmup_clips",
              f"must be in 0..16, got {cfg.runtime.warmup_clips}")
     _require(cfg.runtime.vae_decode_chunk >= 1, "runtime.vae_decode_chunk",

@@ -69,6 +69,9 @@ class AvatarModels:
             with torch.device("meta"):
                 modules = {name: build() for name, build in _builders(cfg).items()}
             _load_checkpoint(cfg, checkpoint, modules, device, dtype)
+        text_device = module_device(cfg, "text_encoder")
+        if checkpoint is not None and text_device != device:
+            modules["text_encoder"].to(text_device)
         modules["dit"].eval().requires_grad_(False)
         # Speed options (same results within float tolerance): attention backend, fused QKV, compile, VAE decode.
         modules["dit"].apply_runtime(cfg.runtime)
@@ -104,13 +107,24 @@ def _builders(cfg: AppConfig) -> dict[str, Callable[[], torch.nn.Module]]:
     }
 
 
-def _random_modules(cfg: AppConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def module_device(cfg: AppConfig, name: str) -> torch.device:
+    """Where network `name` runs: the runtime device, except a text encoder sent to the CPU
+    (`runtime.text_encoder_device cpu`: umT5-XXL is 11 GB in bf16 and runs once per session)."""
+    if name == "text_encoder" and cfg.runtime.text_encoder_device != "auto":
+        return torch.device(cfg.runtime.text_encoder_device)
+    return torch.device(cfg.runtime.device)
+
+
+def _random_modules(cfg: AppConfig, device: torch.device, dtype: torch.dtype,
+                    skip: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
     """Random weights under runtime.seed, initialised on the device and cast one network at a time,
     so at most one network is ever held in float32 (the 14B DiT alone is 56 GB in float32)."""
     torch.manual_seed(cfg.runtime.seed)
     modules = {}
     for name, build in _builders(cfg).items():
-        with torch.device(device):
+        if name in skip:
+            continue
+        with torch.device(device if name == "dit" else module_device(cfg, name)):
             module = build()
         if name == "dit":
             module.cast(dtype)
@@ -137,11 +151,7 @@ def _sharded_modules(cfg: AppConfig, group: parallel.ParallelGroup, checkpoint: 
         from model.weights import fill_random
 
         fill_random(dit, device, seed=cfg.runtime.seed)
-        torch.manual_seed(cfg.runtime.seed)
-        for name, build in _builders(cfg).items():
-            if name != "dit":
-                with torch.device(device):
-                    modules[name] = build().to(dtype)
+        modules.update(_random_modules(cfg, device, dtype, skip=("dit",)))
     else:
         dit.to_empty(device=device)
         _load_checkpoint(cfg, checkpoint, modules, device, dtype)
