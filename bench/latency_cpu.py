@@ -51,10 +51,12 @@ class BenchEngine(ModelEngine):
         self.whole = whole
         self.parts_per_clip: dict[int, int] = {}  # of clips whose final part came
         self._parts_so_far: dict[int, int] = {}
+        self.made_frames: list[np.ndarray] = []  # every frame the model made (tells clip frames from idle ones)
 
     async def submit(self, session_id, window, on_part=None) -> VideoClip:
         def count(part: VideoClip) -> None:
             self._parts_so_far[part.clip_index] = self._parts_so_far.get(part.clip_index, 0) + 1
+            self.made_frames.append(part.frames)
             if part.final:
                 self.parts_per_clip[part.clip_index] = self._parts_so_far[part.clip_index]
             if not self.whole and on_part is not None:
@@ -91,7 +93,7 @@ async def measure(cfg, steps: int, pcm: np.ndarray, delivery: str = "parts") -> 
         await engine.close()
     fmt = engine.stream_format
     reference = resize_rgb(drawn_reference(), *fmt.frame_size)
-    first = first_clip_frame(client.video, reference)
+    first = first_clip_frame(client.video, reference, np.concatenate(engine.made_frames))
     received, arrival = audio_timeline(client.audio)
     chunks = align_chunks(pcm, received)  # the voice may gain short gaps where the delay steps up
     opening = chunks[0]

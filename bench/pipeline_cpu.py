@@ -78,6 +78,11 @@ def main() -> None:
     print(f"median s/clip: denoise {med['denoise']:.3f} (audio features {audio_s:.3f} of it), "
           f"decode {med['decode']:.3f}, total {med['denoise'] + med['decode']:.3f} "
           f"= {(med['denoise'] + med['decode']) / clip_s:.2f}x real time")
+    # clips need not cost the same (a bounded-context VAE decode, model.vae.stream_*, works more on some):
+    # the mean is what sets whether a stream keeps up, the slowest clip what the playout delay must cover
+    total = np.array(stage_s["denoise"][1:]) + np.array(stage_s["decode"][1:])
+    print(f"mean s/clip: decode {np.mean(stage_s['decode'][1:]):.3f}, total {total.mean():.3f} "
+          f"= {total.mean() / clip_s:.2f}x real time; slowest clip {total.max():.3f} s")
     for n, (retained, peak) in sorted(memory.items()):
         print(f"clip {n}: retained RSS {retained:.1f} MiB, peak RSS {peak:.1f} MiB")
     print(f"denoiser calls {avatar.denoiser_calls}, cpu load average {psutil.getloadavg()[0]:.1f}")
