@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import parallel  # noqa: E402
-from model.config import load_config  # noqa: E402
-from model.io_types import AudioWindow  # noqa: E402
+from model import parallel
+from model.config import load_config
+from model.io_types import AudioWindow
 
 
 def _peak_gb(device: torch.device) -> float:
@@ -50,7 +50,7 @@ async def _serve(cfg, clips: int) -> dict:
         start = time.perf_counter()
         parts: list[tuple[float, int]] = []
         await engine.submit("bench", window,
-                            on_part=lambda part: parts.append((time.perf_counter(), part.frames.shape[0])))
+                            on_part=lambda part, parts=parts: parts.append((time.perf_counter(), part.frames.shape[0])))
         clip_s.append(time.perf_counter() - start)
         first_part_s.append(parts[0][0] - start)
         assert sum(n for _, n in parts) == fmt.frames_per_clip, parts
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = {"followed_clips": follow(AvatarModels.load(cfg), cfg)}
         result["peak_gb"] = round(_peak_gb(group.device), 2)
-        results = [None] * group.world_size
-        if group.distributed:
-            torch.distributed.all_gather_object(results, result, group=group.control_group)
-        else:
-            results = [result]
+        results = group.gather_objects(result)
         if group.rank == 0:
             row = {**results[0], "peak_gb_per_rank": [r["peak_gb"] for r in results], "gpus": group.world_size,
                    "shard_weights": cfg.parallel.shard_weights, "fp8": cfg.runtime.fp8,

@@ -674,7 +674,7 @@ def main(argv=None) -> int:
                 rows = run_dit_rank(args, cfg, group, dtype)
         sessions = len(args.vae_modes) * (1 if cfg.parallel.mode == "tpp" else len(args.kv_updates))
         for i in range(sessions):
-            results = gather_results(group, rows[min(i, len(rows) - 1)])
+            results = group.gather_objects(rows[min(i, len(rows) - 1)])
             if group.rank == 0:
                 line = json.dumps(merge(results))
                 print("RESULT " + line, flush=True)
@@ -695,16 +695,6 @@ def sdpa_backend(name: str):
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
     return sdpa_kernel([backend])
-
-
-def gather_results(group: parallel.ParallelGroup, result: dict) -> list[dict]:
-    if not group.distributed:
-        return [result]
-    import torch.distributed as dist
-
-    out: list = [None] * group.world_size
-    dist.all_gather_object(out, result, group=group.control_group)
-    return out
 
 
 def merge(results: list[dict]) -> dict:

@@ -296,6 +296,14 @@ class ParallelGroup:
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank (reports and benchmarks)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control_group)
+        return out
+
     def broadcast_tensor(self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Rank 0's `tensor` on every rank (the data plane: NCCL on GPUs); the others pass None."""
         if not self.distributed:
