@@ -32,6 +32,9 @@ else
   DEV=""; CHK="--set runtime.device cuda"; CLIPS=12; SHORT=4; LONG=200; FLAT=1000; FLATSIZE=256*256; N4=4
 fi
 TR4="$PY -m torch.distributed.run --nproc-per-node $N4"
+B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"  # the stream bench; --set after the phase reaches it
+COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false  # inductor on 2 CPU cores takes minutes
+SPEED="bench/dit_speed.py"; [ -n "${DRY:-}" ] && SPEED="bench/dit_speed.py --dry"
 step() {  # step NAME TIMEOUT_S CMD...: full output to the log, the lines that matter to the console
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date +%T))"
@@ -79,9 +82,7 @@ if [ "$PHASE" = b ]; then
        --shard_weights --label "14B SP=2 per-layer sharded weights"
 fi
 if [ "$PHASE" = c ]; then
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
   TPP="--set parallel.mode tpp --set sampler.kv_update per_step --set sampler.sample_steps $N4"
-  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false  # inductor on 2 CPU cores takes minutes
   # Budget (worst case, every step at its timeout): 200 + 45 + 100 + 90 + 100 s + install = under 560 s.
   # Stage 1 (at most 200 s), each GPU busy: 1 GPU eager and compiled, 2 GPUs, then the 1000-clip flatness run.
   ( CUDA_VISIBLE_DEVICES=0 step c_gpu1 200 $PY $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream \
@@ -103,9 +104,7 @@ if [ "$PHASE" = c ]; then
 fi
 if [ "$PHASE" = d ]; then
   # The same measurements as phase c on a 2-GPU machine (nvidia-h200-x2), for when 4 GPUs are not lent.
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
   TPP2="--set parallel.mode tpp --set sampler.kv_update per_step --set sampler.sample_steps 2"
-  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
   # Stage 1 (at most 230 s): GPU 0 eager in both KV modes; GPU 1 compiled, then the 1000-clip flatness run.
   ( CUDA_VISIBLE_DEVICES=0 step d_gpu1 170 $PY $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream \
        --label "14B 1 GPU" ) &
@@ -124,9 +123,6 @@ fi
 if [ "$PHASE" = e ]; then
   # One GPU (nvidia-h200 / nvidia-h100-x1), one change at a time: KV modes eager, then compiled; attention
   # backends, fused QKV and VAE decode options; the 1000-clip flatness run. Under 560 s in all.
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
-  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
-  SPEED="bench/dit_speed.py"; [ -n "${DRY:-}" ] && SPEED="bench/dit_speed.py --dry"
   step e_gpu1 150 $PY $B --clips $SHORT --kv_update clean_pass,last_step --vae_mode stream --label "14B 1 GPU"
   step e_gpu1_compile 190 $PY $B --clips 3 --kv_update clean_pass,last_step --vae_mode stream \
        --set runtime.compile $COMPILE --label "14B 1 GPU compiled"
@@ -138,9 +134,6 @@ if [ "$PHASE" = e ]; then
 fi
 if [ "$PHASE" = f ]; then
   # One GPU: float8 linear layers (runtime.fp8) one change at a time against bf16, then the whole stream.
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
-  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
-  SPEED="bench/dit_speed.py"; [ -n "${DRY:-}" ] && SPEED="bench/dit_speed.py --dry"
   step f_options 250 $PY $SPEED --variants eager,fp8_weights,fp8_gemm,fp8_gemm_compile --clips 2
   step f_gpu1_fp8 130 $PY $B --clips 3 --kv_update last_step --vae_mode stream --set runtime.fp8 gemm \
        --label "14B 1 GPU fp8 gemm"
@@ -151,9 +144,6 @@ fi
 if [ "$PHASE" = g ]; then
   # One GPU: torch.compile measured for real (bf16 and fp8; the stream bench's FLOP count used to leave the
   # compiled blocks eager), then the 1000-clip flatness run at reduced cost.
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
-  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
-  SPEED="bench/dit_speed.py"; [ -n "${DRY:-}" ] && SPEED="bench/dit_speed.py --dry"
   step g_options 200 $PY $SPEED --variants eager,compile,fp8_gemm,fp8_gemm_compile --clips 2
   step g_gpu1_compile 110 $PY $B --clips 3 --kv_update last_step --vae_mode stream --set runtime.compile $COMPILE \
        --label "14B 1 GPU compiled"
@@ -179,7 +169,6 @@ fi
 if [ "$PHASE" = j ]; then
   # Two GPUs: float8 + per-layer sharded weights under the 22 GB cap, eager blocks (compiled blocks under
   # FSDP recompile per layer), the smaller KV window only if the default does not fit.
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
   F="--set runtime.fp8 gemm"; CAP="--mem_cap_gb 22"; [ -n "${DRY:-}" ] && CAP=""
   step j_sp2_fp8_sharded_cap 150 $TR $B --clips 3 --kv_update last_step --vae_mode inline $F \
        --shard_weights $CAP --label "14B SP=2 fp8 gemm, sharded weights, 22 GB cap"
@@ -191,9 +180,7 @@ if [ "$PHASE" = j ]; then
 fi
 if [ "$PHASE" = i ]; then
   # Two GPUs: a profile of SP=2 float8 compiled (where the time goes at SP=2).
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
-  COMPILE=true; PROFILE=--profile  # the CPU profiler aborts under a 2-process gloo rehearsal: DRY skips it
-  [ -n "${DRY:-}" ] && COMPILE=false && PROFILE=""
+  PROFILE=--profile; [ -n "${DRY:-}" ] && PROFILE=""  # the CPU profiler aborts under a 2-process gloo rehearsal
   step i_sp2_fp8_profile 150 $TR $B --clips 2 --kv_update last_step --vae_mode inline \
        --set runtime.compile $COMPILE --set runtime.fp8 gemm $PROFILE --label "14B SP=2 fp8 gemm compiled, profiled"
 fi
@@ -201,8 +188,6 @@ if [ "$PHASE" = h ]; then
   # Two GPUs (nvidia-h200-x2), compiled blocks: Ulysses SP=2 in bf16 and in float8; float8 + per-layer
   # sharding under a 22 GB cap (the 24 GB-card case; a smaller KV window if the default does not fit);
   # tpp in float8 at 2 steps.
-  B="bench/gpu_bench.py --config $FULL $DEV ${EXTRA[*]:-}"
-  COMPILE=true; [ -n "${DRY:-}" ] && COMPILE=false
   C="--set runtime.compile $COMPILE"; F="--set runtime.fp8 gemm"
   CAP="--mem_cap_gb 22"; [ -n "${DRY:-}" ] && CAP=""
   step h_sp2_compile 120 $TR $B --clips 3 --kv_update last_step --vae_mode stream $C --label "14B SP=2 compiled"

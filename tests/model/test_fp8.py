@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from model.config import ConfigError, load_config
-from model.dit import AvatarDiT
 from model.fp8 import FP8_MAX, Fp8Linear, quantize_linears, quantize_rows
 
 E4M3_REL_STEP = 2.0 ** -4  # 3 mantissa bits: round-to-nearest is within half of 2^-3 of the value
@@ -65,15 +64,10 @@ def test_meta_built_layer_filled_later_equals_quantising_a_loaded_one() -> None:
 
 
 def test_tiny_dit_in_fp8_keeps_its_output_and_quarters_weight_bytes() -> None:
-    cfg = load_config(None)
-    torch.manual_seed(0)
-    dit = AvatarDiT(cfg.model.dit).eval()
-    d = cfg.model.dit
-    g = torch.Generator().manual_seed(1)
-    ref = torch.randn(1, d.in_channels, 1, 16, 16, generator=g)
-    text = torch.randn(1, 5, d.text_dim, generator=g)
-    audio = torch.randn(1, 4 * d.num_frames_per_block, d.num_audio_layers, d.audio_dim, generator=g)
-    block = torch.randn(1, d.in_channels, d.num_frames_per_block, 16, 16, generator=g)
+    from tests.model.test_kv_update import _dit_and_inputs
+
+    dit, ref, text, audio, block = _dit_and_inputs()
+    d = dit.cfg
 
     def run() -> torch.Tensor:
         with torch.inference_mode():

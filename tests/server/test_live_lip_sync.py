@@ -11,11 +11,9 @@ too, so a live path that loses sync shows up as a gap between the two, not only 
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import fractions
 import io
-import time
 
 import av
 import numpy as np
@@ -29,7 +27,7 @@ from server.tracks import AvatarVideoTrack
 from tests.server.av_analysis import RATE_HZ
 from tests.server.conftest import start_server
 from tests.server.stream_labels import HeardVoice, label_received_voice, log_sent_voice
-from tests.server.webrtc_client import LoopbackClient
+from tests.server.webrtc_client import LoopbackClient, run_client
 from training.lip_sync_check import LipSyncReport, cut_sample, generate_frames, score_video
 from training.talking_dataset import TalkingSample, make_sample
 
@@ -67,21 +65,7 @@ def png_data_url(rgb: np.ndarray) -> str:
 
 async def receive_live(server, pcm: np.ndarray, reference: np.ndarray, until_s: float = 60.0) -> LoopbackClient:
     """Send the speech as the mic (then silence) until its last second has come back, keeping every frame."""
-    client = LoopbackClient(server.ws_url, pcm, config={"reference_image": png_data_url(reference)})
-    speech_s = len(pcm) / RATE_HZ
-    try:
-        await client.connect()
-        assert not client.errors(), client.errors()
-        started = time.monotonic()
-        while time.monotonic() - started < until_s:
-            await asyncio.sleep(0.25)
-            stats = client.stats()
-            latency_s = stats[-1]["latency_ms"] / 1000 if stats and stats[-1]["latency_ms"] else None
-            if latency_s is not None and time.monotonic() - started > speech_s + latency_s + 1.0:
-                break
-    finally:
-        await client.close()
-    return client
+    return await run_client(server, pcm, until_s, config={"reference_image": png_data_url(reference)})
 
 
 def frames_seen_per_model_frame(client: LoopbackClient, voice: HeardVoice, num_frames: int,

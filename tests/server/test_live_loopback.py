@@ -1,7 +1,6 @@
 """End to end over loopback: an aiortc client talks to the live server through /ws with real WebRTC."""
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 
@@ -21,17 +20,9 @@ from tests.server.av_analysis import (
     nearest_made_frame,
 )
 from tests.server.conftest import start_server
-from tests.server.webrtc_client import LoopbackClient
+from tests.server.webrtc_client import LoopbackClient, run_client
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def speech_played(client: LoopbackClient, speech_s: float, elapsed_s: float) -> bool:
-    """True once the last of the speech has had time to come back (its latency plus a second)."""
-    stats = client.stats()
-    if not stats or stats[-1]["latency_ms"] is None:
-        return False  # no clip has played yet
-    return elapsed_s > speech_s + stats[-1]["latency_ms"] / 1000 + 1.0
 
 
 @pytest.fixture
@@ -50,26 +41,6 @@ def queued_parts(monkeypatch: pytest.MonkeyPatch) -> list[VideoClip]:
 
     monkeypatch.setattr(AvatarVideoTrack, "add_clip", recording_add_clip)
     return parts
-
-
-async def run_client(server, speech_pcm: np.ndarray, until_s: float, during=None, done=None) -> LoopbackClient:
-    """Stream the speech and keep receiving until `done(client, elapsed_s)` (default: the speech played)."""
-    client = LoopbackClient(server.ws_url, speech_pcm)
-    speech_s = len(speech_pcm) / 48000
-    done = done or (lambda c, elapsed: speech_played(c, speech_s, elapsed))
-    try:
-        await client.connect()
-        assert not client.errors(), client.errors()
-        started = time.monotonic()
-        while time.monotonic() - started < until_s:
-            await asyncio.sleep(0.25)
-            if during is not None:
-                await during(client)
-            if done(client, time.monotonic() - started):
-                break
-    finally:
-        await client.close()
-    return client
 
 
 async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_cfg, speech_pcm, queued_parts):

@@ -184,3 +184,32 @@ class LoopbackClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pc.close()
         self.arrivals.uninstall()
+
+
+def speech_played(client: LoopbackClient, speech_s: float, elapsed_s: float) -> bool:
+    """True once the last of the speech has had time to come back (its latency plus a second)."""
+    stats = client.stats()
+    if not stats or stats[-1]["latency_ms"] is None:
+        return False  # no clip has played yet
+    return elapsed_s > speech_s + stats[-1]["latency_ms"] / 1000 + 1.0
+
+
+async def run_client(server, speech_pcm: np.ndarray, until_s: float, during=None, done=None,
+                     config: dict | None = None) -> LoopbackClient:
+    """Stream the speech (48 kHz) and keep receiving until `done(client, elapsed_s)` (default: the speech played)."""
+    client = LoopbackClient(server.ws_url, speech_pcm, config=config or {})
+    speech_s = len(speech_pcm) / 48000
+    done = done or (lambda c, elapsed: speech_played(c, speech_s, elapsed))
+    try:
+        await client.connect()
+        assert not client.errors(), client.errors()
+        started = time.monotonic()
+        while time.monotonic() - started < until_s:
+            await asyncio.sleep(0.25)
+            if during is not None:
+                await during(client)
+            if done(client, time.monotonic() - started):
+                break
+    finally:
+        await client.close()
+    return client
