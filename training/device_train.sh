@@ -4,6 +4,11 @@
 #   bash training/device_train.sh prepare   # here (needs espeak-ng): speech banks into $IN
 #   bash training/device_train.sh 1         # GPU call 1: the VAE -> $OUT/phase1/{parts/*.safetensors,log.txt,...}
 #   bash training/device_train.sh 2         # GPU call 2: the DiT on $IN/phase1/parts -> $OUT/phase2/tiny_avatar.safetensors
+#   bash training/device_train.sh 2s        # GPU call 2 of the 20-minute recipe: the DiT and the decoder's streaming
+#                                           #   fine-tune side by side, both from $IN/phase1/parts
+#                                           #   -> $OUT/phase2/parts/{dit,encoders}, $OUT/phase3b/parts/vae
+#   bash training/device_train.sh bundle    # here: $IN/phase2 + $IN/phase3b parts -> model/assets/tiny_avatar.safetensors
+#   bash training/device_train.sh all       # a GPU machine without a per-call limit: 1, 2s and bundle in a row
 #   bash training/device_train.sh 3         # GPU call: decoder fine-tune on long streams from $IN/phase3/parts
 #                                           #   -> $OUT/phase3b/{parts/*.safetensors,log.txt,eval_drift.json,eval.json}
 #   DRY=1 bash training/device_train.sh 1   # the same code for a few steps on the CPU (then DRY=1 ... 2)
@@ -12,7 +17,7 @@
 # phase 2, phase1/parts/ (copy phase 1's returned phase1/ folder there). Wheels in .whl/ (diffusers and
 # its importlib_metadata) are installed first when present: the GPU machine has no diffusers.
 set -euo pipefail
-PHASE=${1:?usage: device_train.sh prepare|1|2|3}
+PHASE=${1:?usage: device_train.sh prepare|1|2|2s|bundle|all|3}
 IN=${IN:-artifacts/device_in}
 OUT=${OUT:-artifacts/device_out}
 DRY=${DRY:-0}
@@ -24,6 +29,27 @@ if [ "$PHASE" = prepare ]; then
   cp artifacts/tiny_speech/speech_bank.npz "$IN/speech_bank.npz"
   PYTHONPATH=. "$PY" -m training.lip_sync_check --save-bank "$IN/heldout_bank.npz" --count 4
   ls -la "$IN"
+  exit 0
+fi
+
+if [ "$PHASE" = all ]; then
+  # Each phase is its own process with its own WALL_S, as on the device tool.
+  bash "$0" 1
+  mkdir -p "$IN" && rm -rf "$IN/phase1" && cp -r "$OUT/phase1" "$IN/phase1"
+  bash "$0" 2s
+  rm -rf "$IN/phase2" "$IN/phase3b" && cp -r "$OUT/phase2" "$OUT/phase3b" "$IN/"
+  bash "$0" bundle
+  exit 0
+fi
+if [ "$PHASE" = bundle ]; then
+  # The DiT side (DiT, wav2vec2, text encoder) of the DiT run and the VAE of the decoder fine-tune.
+  PY=${PY:-.venv/bin/python}
+  for f in phase2/parts/dit phase2/parts/encoders phase3b/parts/vae; do
+    test -f "$IN/$f.safetensors" || { echo "no $IN/$f.safetensors: copy the 2s call's phase2/ and phase3b/ into $IN" >&2; exit 2; }
+  done
+  MERGED=$IN/merged_parts; rm -rf "$MERGED"; mkdir -p "$MERGED"
+  cp "$IN/phase2/parts/dit.safetensors" "$IN/phase2/parts/encoders.safetensors" "$IN/phase3b/parts/vae.safetensors" "$MERGED/"
+  PYTHONPATH=. "$PY" -m training.train_tiny --bundle-only --init-from "$MERGED" --out "${BUNDLE:-model/assets/tiny_avatar.safetensors}"
   exit 0
 fi
 
@@ -73,6 +99,32 @@ case "$PHASE" in
     cp "$WORK/phase2/summary.json" "$OUT/phase2/"
     cp "$WORK/phase2/eval.json" "$OUT/phase2/" 2>/dev/null || true
     ;;
+  2s)
+    # Both start from phase 1's parts and neither reads what the other trains (the fine-tune freezes the encoder,
+    # so the DiT's latents are the same); each alone leaves the GPU mostly idle (small kernels), so side by side
+    # they take one call instead of two. Evaluation is left to the merged bundle (`bundle`, then the tests).
+    test -f "$IN/phase1/parts/vae.safetensors" || { echo "no $IN/phase1/parts: copy phase 1's phase1/ folder into $IN" >&2; exit 2; }
+    mkdir -p "$OUT/phase2" "$OUT/phase3b"
+    rm -rf "$WORK/phase2" "$WORK/phase3b"
+    HALF=(--workers $(( $(nproc) / 2 > 1 ? $(nproc) / 2 - 1 : 1 )) --eval-samples 0)
+    "$PY" -m training.train_tiny "${COMMON[@]}" "${HALF[@]}" --init-from "$IN/phase1/parts" \
+      --wall-s $((WALL_S - SECONDS)) --reserve-s 25 --work-dir "$WORK/phase2" --parts-dir "$WORK/phase2/parts" \
+      --out "$WORK/phase2/tiny_avatar.safetensors" >"$OUT/phase2/log.txt" 2>&1 &
+    DIT_PID=$!
+    "$PY" -m training.train_tiny "${COMMON[@]}" "${HALF[@]}" --phases vae_stream --init-from "$IN/phase1/parts" \
+      --wall-s $((WALL_S - SECONDS)) --reserve-s 25 --work-dir "$WORK/phase3b" --parts-dir "$WORK/phase3b/parts" \
+      >"$OUT/phase3b/log.txt" 2>&1 &
+    STREAM_PID=$!
+    RC=0; wait $DIT_PID || RC=$?; wait $STREAM_PID || RC=$?
+    tail -n 4 "$OUT/phase2/log.txt" "$OUT/phase3b/log.txt"
+    cp "$WORK/phase2/summary.json" "$OUT/phase2/" 2>/dev/null || true
+    cp "$WORK/phase3b/summary.json" "$OUT/phase3b/" 2>/dev/null || true
+    # Only the parts the bundle takes: the device call returns at most 8 files.
+    mkdir -p "$OUT/phase2/parts" "$OUT/phase3b/parts"
+    cp "$WORK/phase2/parts/dit.safetensors" "$WORK/phase2/parts/encoders.safetensors" "$OUT/phase2/parts/" || RC=1
+    cp "$WORK/phase3b/parts/vae.safetensors" "$OUT/phase3b/parts/" || RC=1
+    [ $RC -eq 0 ] || { echo "a 2s process exited $RC" >&2; exit $RC; }
+    ;;
   3)
     # The decoder alone on reference + (burn-in +) 6 clips through one causal cache; the encoder (and so
     # the DiT's latents) unchanged. Only the part files come back: the bundle is over the transfer limit.
@@ -86,7 +138,7 @@ case "$PHASE" in
     cp "$WORK/phase3b/eval_drift.json" "$WORK/phase3b/eval.json" "$OUT/phase3b/" 2>/dev/null || true
     ;;
   *)
-    echo "unknown phase $PHASE: use prepare, 1, 2 or 3" >&2
+    echo "unknown phase $PHASE: use prepare, 1, 2, 2s, bundle, all or 3" >&2
     exit 2
     ;;
 esac
