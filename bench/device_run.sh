@@ -9,7 +9,8 @@
 #     f = one GPU: runtime.fp8 (float8 weights, float8 GEMMs, compiled) against bf16; g = one GPU: compile
 #         (bf16, fp8) in the stream bench and the 1000-clip flatness run; h = 2 GPUs: fp8 with SP=2, fp8 + sharded weights
 #         under the 22 GB cap, tpp in fp8; i = 2 GPUs: SP=2 fp8 profile;
-#         j = 2 GPUs: fp8 + sharded weights under the 22 GB cap; k = 2 GPUs: the engine path under the cap.
+#         j = 2 GPUs: fp8 + sharded weights under the 22 GB cap; k = 2 GPUs: the engine path under the cap;
+#         l = phase j compiled.
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -161,7 +162,7 @@ if [ "$PHASE" = k ]; then
   [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64 --set runtime.warmup_clips 1"
   # random weights: byte tokenizer (no tokenizer files here) and 2 of umT5's 24 layers (it runs on the CPU,
   # so this shortens start-up, not GPU memory)
-  step k_engine_sharded_fp8_cap 140 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
+  step k_engine_sharded_fp8_cap 170 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
        --set runtime.text_encoder_device cpu --set runtime.compile false --set runtime.warmup_clips 1 \
        --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --mem_cap_gb 22 --clips 3
   grep -h "^ENGINE" /tmp/step_k_engine_sharded_fp8_cap.log
@@ -177,6 +178,13 @@ if [ "$PHASE" = j ]; then
          --shard_weights $CAP --set model.dit.kv_cache_blocks 3 \
          --label "14B SP=2 fp8 gemm, sharded weights, KV window 2 blocks, 22 GB cap"
   fi
+fi
+if [ "$PHASE" = l ]; then
+  # Two GPUs: phase j's row with compiled blocks (the per-layer recompiles under sharding are fixed).
+  CAP="--mem_cap_gb 22"; [ -n "${DRY:-}" ] && CAP=""
+  step l_sp2_fp8_sharded_cap_compile 170 $TR $B --clips 3 --kv_update last_step --vae_mode inline \
+       --set runtime.fp8 gemm --set runtime.compile $COMPILE --shard_weights $CAP \
+       --label "14B SP=2 fp8 gemm compiled, sharded weights, 22 GB cap"
 fi
 if [ "$PHASE" = i ]; then
   # Two GPUs: a profile of SP=2 float8 compiled (where the time goes at SP=2).
