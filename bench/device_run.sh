@@ -188,9 +188,9 @@ if [ "$PHASE" = l ]; then
 fi
 if [ "$PHASE" = i ]; then
   # Two GPUs: a profile of SP=2 float8 compiled (where the time goes at SP=2).
-  PROFILE=--profile; [ -n "${DRY:-}" ] && PROFILE=""  # the CPU profiler aborts under a 2-process gloo rehearsal
-  step i_sp2_fp8_profile 150 $TR $B --clips 2 --kv_update last_step --vae_mode inline \
-       --set runtime.compile $COMPILE --set runtime.fp8 gemm $PROFILE --label "14B SP=2 fp8 gemm compiled, profiled"
+  # Every rank runs the profiled clip (rank 0 alone used to, and its collectives then waited for good).
+  step i_sp2_fp8_profile 330 $TR $B --clips 2 --kv_update last_step --vae_mode inline \
+       --set runtime.compile $COMPILE --set runtime.fp8 gemm --profile --label "14B SP=2 fp8 gemm compiled, profiled"
 fi
 if [ "$PHASE" = h ]; then
   # Two GPUs (nvidia-h200-x2), compiled blocks: Ulysses SP=2 in bf16 and in float8; float8 + per-layer

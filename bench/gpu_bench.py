@@ -246,8 +246,8 @@ def run_dit_rank(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: tor
             warmup_s = time.perf_counter() - warm_start
             # FLOPs of a clip with the KV window full (a stream's first clip attends to fewer keys)
             flops = count_flops(lambda w=warm: w.clip(args.warmup_clips), dit)
-            if args.profile and group.rank == 0:
-                print_profile(lambda w=warm: w.clip(args.warmup_clips + 1), device)
+            if args.profile:  # every rank runs the clip (its collectives pair up); rank 0 records and prints
+                print_profile(lambda w=warm: w.clip(args.warmup_clips + 1), device, record=group.rank == 0)
             warm = None  # its cache goes before the measured sessions
             for mode in modes:
                 if device.type == "cuda":
@@ -468,10 +468,13 @@ def measure_session(args, cfg: AppConfig, group: parallel.ParallelGroup, vae: Av
     return [timings[n] for n in sorted(timings)]
 
 
-def print_profile(fn, device: torch.device, rows: int = 18) -> None:
-    """Where one clip's GPU time goes, by operator (printed on rank 0)."""
+def print_profile(fn, device: torch.device, rows: int = 18, record: bool = True) -> None:
+    """Where one clip's GPU time goes, by operator; `record=False` only runs `fn` (the other ranks of a group)."""
     from torch.profiler import ProfilerActivity, profile
 
+    if not record:
+        fn()
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         fn()
