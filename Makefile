@@ -33,10 +33,16 @@ test: setup
 offline: $(STAMP)
 	$(VPY) run_server.py offline $(ARGS)
 
-# Train the embedded tiny avatar into model/assets/tiny_avatar.safetensors (resumable; on a GPU:
-# ARGS='--device cuda --vae-time-s 110 --dit-time-s 200'). See training/train_tiny.py.
+# Train the embedded tiny avatar into model/assets/tiny_avatar.safetensors. With a CUDA GPU: the shipped
+# recipe, about 18 minutes (training/device_train.sh: speech banks, VAE, then the DiT and the decoder's
+# streaming fine-tune side by side, then the bundle). Without one: a resumable CPU run of training/train_tiny.py
+# with ARGS (e.g. ARGS='--vae-steps 20 --dit-steps 20 --num-streams 16').
 train-tiny: setup
-	$(VPY) -m training.train_tiny $(ARGS)
+	@if $(VPY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  PY=$(abspath $(VPY)) bash training/device_train.sh prepare && PY=$(abspath $(VPY)) bash training/device_train.sh all; \
+	else \
+	  $(VPY) -m training.train_tiny $(ARGS); \
+	fi
 
 # The trained bundle's acceptance check: held-out lip sync >= 0.7 at lag 0 or +-1 frame.
 accept-tiny: setup

@@ -26,7 +26,9 @@ WALL_S=${WALL_S:-535}   # the whole command, pip install included; the device ca
 if [ "$PHASE" = prepare ]; then
   PY=${PY:-.venv/bin/python}
   mkdir -p "$IN"
-  cp artifacts/tiny_speech/speech_bank.npz "$IN/speech_bank.npz"
+  # 128 training utterances (espeak-ng, several voices; made once, then reused from the file)
+  PYTHONPATH=. "$PY" -c "import sys; from pathlib import Path; from training.train_tiny import speech_bank; \
+speech_bank(Path(sys.argv[1]), 128, 16000)" "$IN/speech_bank.npz"
   PYTHONPATH=. "$PY" -m training.lip_sync_check --save-bank "$IN/heldout_bank.npz" --count 4
   ls -la "$IN"
   exit 0
