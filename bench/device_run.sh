@@ -10,7 +10,7 @@
 #         (bf16, fp8) in the stream bench and the 1000-clip flatness run; h = 2 GPUs: fp8 with SP=2, fp8 + sharded weights
 #         under the 22 GB cap, tpp in fp8; i = 2 GPUs: SP=2 fp8 profile;
 #         j = 2 GPUs: fp8 + sharded weights under the 22 GB cap; k = 2 GPUs: the engine path under the cap;
-#         l = phase j compiled.
+#         l = phase j compiled; m = phase k compiled, as the README's 24 GB recipe runs.
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -166,6 +166,15 @@ if [ "$PHASE" = k ]; then
        --set runtime.text_encoder_device cpu --set runtime.compile false --set runtime.warmup_clips 1 \
        --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --mem_cap_gb 22 --clips 3
   grep -h "^ENGINE" /tmp/step_k_engine_sharded_fp8_cap.log
+fi
+if [ "$PHASE" = m ]; then
+  # Phase k as the README's 24 GB recipe runs it: the preset's compiled blocks and two warm-up clips.
+  E="bench/engine_group.py --config $FULL --random_weights"
+  [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64"
+  step m_engine_sharded_fp8_cap_compiled 280 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
+       --set runtime.text_encoder_device cpu --set runtime.compile $COMPILE --set runtime.warmup_clips 2 \
+       --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --mem_cap_gb 22 --clips 4
+  grep -h "^ENGINE" /tmp/step_m_engine_sharded_fp8_cap_compiled.log
 fi
 if [ "$PHASE" = j ]; then
   # Two GPUs: float8 + per-layer sharded weights under the 22 GB cap, eager blocks (compiled blocks under
