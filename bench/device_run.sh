@@ -155,26 +155,24 @@ if [ "$PHASE" = g ]; then
        --label "flatness-1000 (256x256, 12-frame clips, 4 layers, 1 step)"
   [ -f "$OUTDIR/dit_speed.jsonl" ] && cat "$OUTDIR/dit_speed.jsonl"
 fi
-if [ "$PHASE" = k ]; then
+if [ "$PHASE" = k ] || [ "$PHASE" = m ]; then
   # Two GPUs: the server's own model path (ModelEngine + follower, warm-up included) with the 24 GB-card
-  # settings: float8, per-layer sharded weights, compiled blocks, 22 GB cap.
-  E="bench/engine_group.py --config $FULL --random_weights"
-  [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64 --set runtime.warmup_clips 1"
-  # random weights: byte tokenizer (no tokenizer files here) and 2 of umT5's 24 layers (it runs on the CPU,
-  # so this shortens start-up, not GPU memory)
-  step k_engine_sharded_fp8_cap 170 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
-       --set runtime.text_encoder_device cpu --set runtime.compile false --set runtime.warmup_clips 1 \
-       --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --mem_cap_gb 22 --clips 3
-  grep -h "^ENGINE" /tmp/step_k_engine_sharded_fp8_cap.log
-fi
-if [ "$PHASE" = m ]; then
-  # Phase k as the README's 24 GB recipe runs it: the preset's compiled blocks and two warm-up clips.
+  # settings: float8, per-layer sharded weights, 22 GB cap; k with eager blocks and one warm-up clip, m as the
+  # README's 24 GB recipe runs it (the preset's compiled blocks, two warm-up clips).
   E="bench/engine_group.py --config $FULL --random_weights"
   [ -n "${DRY:-}" ] && E="bench/engine_group.py --config configs/tiny.yaml --set video.size 64*64"
-  step m_engine_sharded_fp8_cap_compiled 280 $TR $E --set parallel.shard_weights true --set runtime.fp8 gemm \
-       --set runtime.text_encoder_device cpu --set runtime.compile $COMPILE --set runtime.warmup_clips 2 \
-       --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --mem_cap_gb 22 --clips 4
-  grep -h "^ENGINE" /tmp/step_m_engine_sharded_fp8_cap_compiled.log
+  # random weights: byte tokenizer (no tokenizer files here) and 2 of umT5's 24 layers (it runs on the CPU,
+  # so this shortens start-up, not GPU memory)
+  CAP=(--set parallel.shard_weights true --set runtime.fp8 gemm --set runtime.text_encoder_device cpu
+       --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --mem_cap_gb 22)
+  if [ "$PHASE" = k ]; then
+    NAME=k_engine_sharded_fp8_cap
+    step $NAME 170 $TR $E "${CAP[@]}" --set runtime.compile false --set runtime.warmup_clips 1 --clips 3
+  else
+    NAME=m_engine_sharded_fp8_cap_compiled
+    step $NAME 280 $TR $E "${CAP[@]}" --set runtime.compile $COMPILE --set runtime.warmup_clips 2 --clips 4
+  fi
+  grep -h "^ENGINE" /tmp/step_$NAME.log
 fi
 if [ "$PHASE" = j ]; then
   # Two GPUs: float8 + per-layer sharded weights under the 22 GB cap, eager blocks (compiled blocks under
