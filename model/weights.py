@@ -299,7 +299,6 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-
 def fill_random(module: nn.Module, device: torch.device | str, seed: int) -> None:
     """`to_empty` on `device`, then fill every weight there: N(0, 1/fan_in) matrices, unit norms, zero biases.
 
@@ -333,6 +332,7 @@ def fill_random(module: nn.Module, device: torch.device | str, seed: int) -> Non
             del full
     for name, _ in module.named_buffers():
         raise RuntimeError(f"buffer {name} would be left uninitialised by to_empty; recompute it here")
+
 
 def _target_dtype(
     name: str, tensor_dtype: torch.dtype, dtype: torch.dtype, fp32: Callable[[str], bool]

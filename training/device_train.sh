@@ -22,13 +22,16 @@ IN=${IN:-artifacts/device_in}
 OUT=${OUT:-artifacts/device_out}
 DRY=${DRY:-0}
 WALL_S=${WALL_S:-535}   # the whole command, pip install included; the device call allows 560
+UTTERANCES=128          # training utterances of the GPU recipe (prepare makes them)
 
 if [ "$PHASE" = prepare ]; then
   PY=${PY:-.venv/bin/python}
   mkdir -p "$IN"
-  # 128 training utterances (espeak-ng, several voices; made once, then reused from the file)
-  PYTHONPATH=. "$PY" -c "import sys; from pathlib import Path; from training.train_tiny import speech_bank; \
-speech_bank(Path(sys.argv[1]), 128, 16000)" "$IN/speech_bank.npz"
+  # The training utterances (espeak-ng, several voices; made once, then reused from the file), at the
+  # tiny preset's audio rate, as many as the GPU phases train on
+  PYTHONPATH=. "$PY" -c "import sys; from pathlib import Path; from model.config import load_config; \
+from training.train_tiny import speech_bank; \
+speech_bank(Path(sys.argv[1]), int(sys.argv[2]), load_config(None).audio_sample_rate_hz)" "$IN/speech_bank.npz" "$UTTERANCES"
   PYTHONPATH=. "$PY" -m training.lip_sync_check --save-bank "$IN/heldout_bank.npz" --count 4
   ls -la "$IN"
   exit 0
@@ -73,7 +76,7 @@ else
   PY=${PY:-python3}
   WORK=${WORK:-/tmp/device_train}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  COMMON=(--device cuda --workers 15 --num-utterances 128 --num-streams 512 --num-identities 96
+  COMMON=(--device cuda --workers 15 --num-utterances $UTTERANCES --num-streams 512 --num-identities 96
           --vae-steps 100000 --vae-batch 48 --vae-frames 12 --dit-steps 100000 --dit-batch 96
           --checkpoint-every 250 --log-every 50 --eval-samples 2 --eval-clips 8
           --stream-steps 100000 --stream-batch 16 --stream-clips 6 --stream-burn 3 --drift-clips 8)
