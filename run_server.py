@@ -76,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if command == "offline":
-        from model.offline import run_offline
+        from offline.render import run_offline
 
         return run_offline(cfg, args)
-    from model.parallel import read_launch_env
+    from model.parallel.group import read_launch_env
 
     if read_launch_env().world_size > 1:
         return serve_in_group(cfg)
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve_in_group(cfg: AppConfig) -> int:
     """Under torchrun: rank 0 serves and drives the DiT; the other ranks run their share of each clip."""
-    from model.group_sessions import follow, release_followers
-    from model.parallel import LaunchError, start_group_from_config
+    from model.parallel.followers import follow, release_followers
+    from model.parallel.group import LaunchError, start_group_from_config
 
     if cfg.parallel.vae_rank:
         print("error: --parallel.vae_rank true is not served yet (bench/gpu_bench.py measures it); "
@@ -104,7 +104,7 @@ def serve_in_group(cfg: AppConfig) -> int:
         return 2
     try:
         if group.rank != 0:
-            from model.pipeline import AvatarModels
+            from model.stream.avatar import AvatarModels
 
             follow(AvatarModels.load(cfg), cfg, group)
             return 0

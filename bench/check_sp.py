@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import StreamDenoiser, _tpp_blocks, bench_config, build_dit
-from model import parallel
+from model.parallel import group as parallel
 
 
 def clips(dit, cfg, device, dtype, n: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def tpp_clips(dit, cfg, group, dtype, n: int) -> torch.Tensor | None:
     """Rank 0: the clips through the step pipeline (the others follow); None on the other ranks."""
     from types import SimpleNamespace
 
-    from model import tpp
+    from model.parallel import tpp
 
     with torch.inference_mode():
         if group.rank != 0:

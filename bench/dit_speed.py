@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import attention as attention_seam
 from model.config import AppConfig, load_config
-from model.dit import AvatarDiT
-from model.sampler import FlowMatchSchedule, denoise_block
-from model.vae import AvatarVAE, build_vae
-from model.weights import fill_random
+from model.net import attention as attention_seam
+from model.net.dit import AvatarDiT
+from model.stream.sampler import FlowMatchSchedule, denoise_block
+from model.vae.streaming import AvatarVAE, build_vae
+from model.weights.checkpoint import fill_random
 
 # name -> runtime overrides; variants that change the weights (fusion) run after those that do not
 DIT_VARIANTS = {

@@ -5,7 +5,7 @@
         --set parallel.shard_weights true --set runtime.fp8 gemm --mem_cap_gb 22 --clips 4
 
 Rank 0 runs `server.engine.ModelEngine` exactly as `run_server.py` does (its `load()` includes the
-`runtime.warmup_clips` warm-up), the other ranks run `model.group_sessions.follow`. Prints the load and
+`runtime.warmup_clips` warm-up), the other ranks run `model.parallel.followers.follow`. Prints the load and
 warm-up time, each clip's time from window in to last frame out, the first part's time, and every rank's
 peak GPU memory, then one `ENGINE {...}` JSON line. Weights are random unless the config names a checkpoint.
 """
@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import parallel
 from model.config import load_config
 from model.io_types import AudioWindow
+from model.parallel import group as parallel
 
 
 def _peak_gb(device: torch.device) -> float:
@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gb * 2**30 / total), group.device)
     try:
         if group.rank == 0:
-            from model.group_sessions import release_followers
+            from model.parallel.followers import release_followers
 
             try:
                 result = asyncio.run(_serve(cfg, args.clips))
             finally:
                 release_followers()
         else:
-            from model.group_sessions import follow
-            from model.pipeline import AvatarModels
+            from model.parallel.followers import follow
+            from model.stream.avatar import AvatarModels
 
             result = {"followed_clips": follow(AvatarModels.load(cfg), cfg)}
         result["peak_gb"] = round(_peak_gb(group.device), 2)

@@ -11,9 +11,9 @@ One process per GPU, started like the server:
 
 The DiT runs with random weights at the configured size, built on the meta device and filled on the
 GPU (never materialised on the CPU), and makes exactly the calls `StreamingAvatar` makes per clip
-(`model.pipeline.generate_block` and `MotionHistory`): a sink prefill with the previous clip as
+(`model.stream.avatar.generate_block` and `MotionHistory`): a sink prefill with the previous clip as
 motion, then per block `sample_steps` denoiser calls (and, for kv_update clean_pass, one commit).
-Under parallel.mode tpp rank 0 drives `model.tpp.TppDriver` (one GPU per step) and keeps the pipeline
+Under parallel.mode tpp rank 0 drives `model.parallel.tpp.TppDriver` (one GPU per step) and keeps the pipeline
 full by handing over the next clip's window once the current clip's first block is out. Frames leave
 block by block (`clip_parts`): TTFF is the first block's frames on the host. Audio features and text
 context are random tensors of the real shapes (their encoders run once per clip / per session, off the
@@ -39,14 +39,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import parallel
 from model.config import AppConfig, load_config, replace_key
-from model.dit import AvatarDiT
-from model.dit_motion import MOTION_LATENT_FRAMES
-from model.pipeline import MotionHistory, copy_sink, generate_block
-from model.sampler import FlowMatchSchedule, KVUpdate
-from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae
-from model.weights import fill_random
+from model.net.dit import AvatarDiT
+from model.net.motion import MOTION_LATENT_FRAMES
+from model.parallel import group as parallel
+from model.stream.avatar import MotionHistory, copy_sink, generate_block
+from model.stream.sampler import FlowMatchSchedule, KVUpdate
+from model.vae.streaming import SPACE_STRIDE, TIME_STRIDE, AvatarVAE, build_vae
+from model.weights.checkpoint import fill_random
 
 H200_BF16_DENSE_TFLOPS = 989.0  # vendor datasheet, dense bf16 (MFU denominator)
 VAE_MODES = ("inline", "stream", "rank")
@@ -70,7 +70,7 @@ def build_dit(cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dtype,
     if hasattr(dit, "apply_runtime"):  # runtime.compile / attention_backend / fuse_qkv, as AvatarModels.load
         dit.apply_runtime(cfg.runtime)
     elif cfg.runtime.compile:
-        raise SystemExit("--set runtime.compile true: this model/dit.py has no apply_runtime yet")
+        raise SystemExit("--set runtime.compile true: this model/net/dit.py has no apply_runtime yet")
     return dit
 
 
@@ -276,7 +276,7 @@ def run_tpp(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dt
     """parallel.mode tpp: every rank builds the whole DiT; rank 0 drives `TppDriver`, the others follow it."""
     from types import SimpleNamespace
 
-    from model import tpp
+    from model.parallel import tpp
 
     device = group.device
     t0 = time.perf_counter()
@@ -317,7 +317,7 @@ def run_tpp(args, cfg: AppConfig, group: parallel.ParallelGroup, dtype: torch.dt
 def _tpp_blocks(driver, cfg: AppConfig, device: torch.device, dtype: torch.dtype, clips: int, session_id: int):
     """(clip, block, clean latents, submit host time) through the step pipeline, kept full: clip n+1's window
     is handed over as soon as clip n's first block is out (in time for its first block to enter next)."""
-    from model import tpp
+    from model.parallel import tpp
 
     frames = cfg.model.dit.num_frames_per_block
     ref_latent, text = session_conditioning(cfg, device, dtype)

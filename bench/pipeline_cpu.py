@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import load_config
-from model.pipeline import AvatarModels, StreamingAvatar
-from model.windowing import ClipWindower
+from model.stream.avatar import AvatarModels, StreamingAvatar
+from model.stream.windowing import ClipWindower
 from run_server import split_overrides
 
 

@@ -61,7 +61,7 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
-    # Bounded-context streaming decode (model/vae.py `StreamingDecoder`): with stream_context_frames P > 0, every
+    # Bounded-context streaming decode (model/vae/streaming.py `StreamingDecoder`): with stream_context_frames P > 0, every
     # stream_restart_frames R latent frames the decoder swaps its causal cache for a fresh one primed with the
     # reference and the last P latent frames, so a decoder that drifts through its own cache (the tiny bundle's)
     # cannot drift for long; costs P extra latent frames of decoding per R. 0 = one continuous cache, as the Wan
@@ -156,7 +156,7 @@ class RuntimeConfig:
     fuse_qkv: bool = False  # self-attention q/k/v as one GEMM (weights concatenated after loading)
     text_encoder_device: str = "auto"  # auto (= runtime.device) or cpu: the prompt encoder off the GPU
     warmup_clips: int = 0  # clips of silence run once at start-up (kernel choice, compiled shapes) before serving
-    fp8: str = "none"  # DiT linear layers in float8: none | weights (memory) | gemm (memory + FP8 GEMMs), model/fp8.py
+    fp8: str = "none"  # DiT linear layers in float8: none | weights (memory) | gemm (memory + FP8 GEMMs), model/net/fp8.py
     vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
     vae_channels_last: bool = False  # VAE decoder weights/activations in channels_last_3d on CUDA
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (first clip slower)
@@ -164,7 +164,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """GPU group layout (see `model/parallel.py`)."""
+    """GPU group layout (see `model/parallel/group.py`)."""
 
     mode: str = "ulysses"
     vae_rank: bool = False
@@ -215,9 +215,9 @@ class AppConfig:
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _PARALLEL_MODES = ("ulysses", "tpp")
-_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/attention.py ATTENTION_BACKENDS
+_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/net/attention.py ATTENTION_BACKENDS
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-FP8_MODES = ("none", "weights", "gemm")  # model/fp8.py
+FP8_MODES = ("none", "weights", "gemm")  # model/net/fp8.py
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
 
 

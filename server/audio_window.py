@@ -1,14 +1,14 @@
 """The browser's audio in, the model's clip windows out, on the stream clock of the RTP timestamps.
 
 WebRTC hands us Opus decoded to 48 kHz stereo in frames of any size; the model wants mono float32
-at its own rate, cut into left-context + clip windows (`model.windowing.ClipWindower`).
+at its own rate, cut into left-context + clip windows (`model.stream.windowing.ClipWindower`).
 """
 from __future__ import annotations
 
 import av
 
 from model.io_types import AudioWindow
-from model.windowing import ClipWindower
+from model.stream.windowing import ClipWindower
 
 
 def frame_stream_time_s(frame: av.AudioFrame) -> float:

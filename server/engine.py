@@ -58,7 +58,7 @@ class _Slot:
     """One session's state inside the engine."""
 
     sample_steps: int
-    avatar: Any = None  # model.pipeline.StreamingAvatar once started
+    avatar: Any = None  # model.stream.avatar.StreamingAvatar once started
     queue: deque[_Job] = field(default_factory=deque)
     running: bool = False
     closed: bool = False
@@ -72,7 +72,7 @@ class _Slot:
 
 
 class ModelEngine:
-    """Implements the `ClipGenerator` seam on `model.pipeline.StreamingAvatar` (see server/seam.py)."""
+    """Implements the `ClipGenerator` seam on `model.stream.avatar.StreamingAvatar` (see server/seam.py)."""
 
     def __init__(self, cfg: AppConfig, models: Any = None) -> None:
         self._cfg = cfg
@@ -103,7 +103,7 @@ class ModelEngine:
         self._watchdog = asyncio.create_task(self._watch_worker(), name="model-engine-watchdog")
 
     def _load_in_worker(self) -> StreamFormat:
-        from model.pipeline import AvatarModels, StreamingAvatar
+        from model.stream.avatar import AvatarModels, StreamingAvatar
 
         if self._models is None or (self._owns_models and self.worker_restarts > 0):
             t0 = time.monotonic()
@@ -128,8 +128,8 @@ class ModelEngine:
         first clip (the KV window fills block by block) plus one steady clip. Sessions start fresh
         afterwards, so their frames are the same as without the warm-up.
         """
-        from model.group_sessions import new_avatar
         from model.io_types import AudioWindow
+        from model.parallel.followers import new_avatar
 
         t0 = time.monotonic()
         avatar = new_avatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
@@ -225,7 +225,7 @@ class ModelEngine:
         slot.avatar = avatar
 
     def _new_avatar(self, reference_image: np.ndarray, prompt: str) -> Any:
-        from model.group_sessions import new_avatar
+        from model.parallel.followers import new_avatar
 
         # a StreamingAvatar, or under torchrun one that the other GPUs' processes follow call by call
         avatar = new_avatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
@@ -438,7 +438,7 @@ def streams_parts(avatar: Any) -> bool:
     """True if the avatar's class offers `clip_parts`.
 
     Looked up on the class, not the instance: a wrapper that forwards unknown attributes to an inner
-    avatar (model.group_sessions.GroupAvatar) would otherwise hand out the inner avatar's `clip_parts`,
+    avatar (model.parallel.followers.GroupAvatar) would otherwise hand out the inner avatar's `clip_parts`,
     which skips the wrapper's own `next_clip` (there: announcing the clip to the other GPUs' processes).
     """
     return callable(getattr(type(avatar), "clip_parts", None))

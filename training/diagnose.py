@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from model.config import load_config
-from model.pipeline import AvatarModels, StreamingAvatar, image_to_tensor, video_to_frames
-from model.vae import TIME_STRIDE, AvatarVAE
+from model.stream.avatar import AvatarModels, StreamingAvatar, image_to_tensor, video_to_frames
+from model.vae.streaming import TIME_STRIDE, AvatarVAE
 from training.lip_sync_check import LipSyncReport, generate_frames, heldout_samples, score_video
 from training.talking_dataset import TalkingSample
 from training.vae_training import to_video_tensor

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Model
 
-from model.audio_encoder import frame_feature_positions, sample_rows
-from model.dit import AvatarDiT
-from model.dit_motion import MOTION_LATENT_FRAMES
-from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule
-from model.vae import SPACE_STRIDE, TIME_STRIDE, AvatarVAE
+from model.encoders.audio import frame_feature_positions, sample_rows
+from model.net.dit import AvatarDiT
+from model.net.motion import MOTION_LATENT_FRAMES
+from model.stream.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule
+from model.vae.streaming import SPACE_STRIDE, TIME_STRIDE, AvatarVAE
 from training.stream_pool import Stream, StreamGeometry
 from training.vae_training import encode_moments, to_video_tensor
 

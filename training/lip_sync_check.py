@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.metrics import IdentityScore, LipSyncScore, identity_similarity, lip_sync, mouth_opening
 from model.config import AppConfig
-from model.metrics import IdentityScore, LipSyncScore, identity_similarity, lip_sync, mouth_opening
-from model.windowing import ClipWindower
+from model.stream.windowing import ClipWindower
 from training.speech import SAMPLE_RATE_HZ, Utterance, make_utterance
 from training.talking_dataset import (
     TalkingSample,
@@ -120,7 +120,7 @@ def heldout_reports(avatar, cfg: AppConfig, count: int, prompt: str | None = Non
 def main(argv: list[str] | None = None) -> int:
     """Score a bundle on held-out speech, or save that speech for a machine without espeak-ng."""
     from model.config import load_config
-    from model.pipeline import AvatarModels, StreamingAvatar
+    from model.stream.avatar import AvatarModels, StreamingAvatar
 
     p = argparse.ArgumentParser(description="Held-out lip sync of a tiny-avatar bundle through StreamingAvatar.")
     p.add_argument("--bundle", default="model/assets/tiny_avatar.safetensors")

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Model
 
-from model import weights
-from model.audio_encoder import wav2vec2_config
 from model.config import AppConfig, load_config
-from model.dit import AvatarDiT
-from model.pipeline import AvatarModels, StreamingAvatar
-from model.text_encoder import TextEncoder
-from model.vae import AvatarVAE, build_vae
+from model.encoders.audio import wav2vec2_config
+from model.encoders.text import TextEncoder
+from model.net.dit import AvatarDiT
+from model.stream.avatar import AvatarModels, StreamingAvatar
+from model.vae.streaming import AvatarVAE, build_vae
+from model.weights import checkpoint as weights
 from training.dit_training import encode_streams, train_dit_steps
 from training.speech import load_speech_bank, make_utterance, save_speech_bank
 from training.stream_pool import StreamGeometry, build_pool

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from model.vae import TIME_STRIDE, _count_causal_convs
+from model.vae.streaming import TIME_STRIDE, _count_causal_convs
 from training.stream_pool import Stream
 from training.vae_training import MOUTH_WEIGHT, _autocast, encode_moments, prefetched, to_video_tensor
 

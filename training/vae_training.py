@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from model.vae import _count_causal_convs
+from model.vae.streaming import _count_causal_convs
 from training.stream_pool import Stream
 
 MOUTH_WEIGHT = 12.0

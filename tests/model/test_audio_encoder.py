@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.audio_encoder import AudioEncoder, frame_feature_positions, sample_rows
 from model.config import load_config
+from model.encoders.audio import AudioEncoder, frame_feature_positions, sample_rows
 from model.io_types import AudioWindow
 
 SR = 16000

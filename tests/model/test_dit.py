@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from model import attention as attention_seam
 from model.config import load_config
-from model.dit import AvatarBlock, AvatarDiT, StreamCache, StreamStateError
-from model.dit_audio import CausalAudioEncoder
+from model.net import attention as attention_seam
+from model.net.audio import CausalAudioEncoder
+from model.net.dit import AvatarBlock, AvatarDiT, StreamCache, StreamStateError
 
 LATENT_HW = (16, 16)  # 128*128 video
 
@@ -105,7 +105,7 @@ def test_forward_does_not_modify_the_stream_state(dit, cfg) -> None:
 def test_keys_are_stored_rotated_at_their_absolute_frames(dit, cfg) -> None:
     """Committed keys = the block's un-rotated keys rotated at frames frame_start...; the sink's raw keys
     rotated for the block being denoised sit in the rotated-sink region."""
-    from model.rope import apply_rope, rope_tables
+    from model.net.rope import apply_rope, rope_tables
 
     f = cfg.num_frames_per_block
     cache = _started(dit, cfg)
@@ -306,7 +306,7 @@ def test_14b_config_builds_on_meta_with_wan_sizes() -> None:
 
 
 def test_head_dim_tables_cover_wan_split(cfg) -> None:
-    from model.rope import rope_split
+    from model.net.rope import rope_split
 
     assert rope_split(128) == (44, 42, 42)  # Wan 14B head dim 128: rope_params(1024, d - 4*(d//6)) etc.
     small = dataclasses.replace(cfg)

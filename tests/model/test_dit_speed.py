@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-from model import attention as attention_seam
-from model import dit as dit_module
-from model import rope
 from model.config import ConfigError, RuntimeConfig, load_config
-from model.dit import AvatarDiT
+from model.net import attention as attention_seam
+from model.net import dit as dit_module
+from model.net import rope
+from model.net.dit import AvatarDiT
 
 LATENT_HW = (16, 16)
 

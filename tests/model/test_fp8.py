@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model.config import ConfigError, load_config
-from model.fp8 import FP8_MAX, Fp8Linear, quantize_linears, quantize_rows
+from model.net.fp8 import FP8_MAX, Fp8Linear, quantize_linears, quantize_rows
 
 E4M3_REL_STEP = 2.0 ** -4  # 3 mantissa bits: round-to-nearest is within half of 2^-3 of the value
 
@@ -95,7 +95,7 @@ def test_bad_fp8_settings_are_refused_naming_the_flag() -> None:
 
 
 def test_trained_tiny_avatar_in_fp8_makes_nearly_the_same_frames_and_lip_sync() -> None:
-    from model.pipeline import AvatarModels, StreamingAvatar
+    from model.stream.avatar import AvatarModels, StreamingAvatar
     from training.lip_sync_check import cut_sample, generate_frames, score_video
     from training.talking_dataset import make_sample
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import parallel
 from model.config import load_config
+from model.parallel import group as parallel
 from tests.model.group_runner import random_session_inputs, run_in_group
 
 CLIPS = 2
@@ -35,8 +35,8 @@ async def _serve_clips(cfg) -> list[np.ndarray]:
 
 
 def _group_worker(overrides: dict) -> dict:
-    from model.group_sessions import follow, release_followers
-    from model.pipeline import AvatarModels
+    from model.parallel.followers import follow, release_followers
+    from model.stream.avatar import AvatarModels
 
     cfg = load_config(None, overrides)
     group = parallel.start_group("cpu", cfg.model.dit.num_heads)
@@ -54,7 +54,7 @@ def _group_worker(overrides: dict) -> dict:
 @pytest.mark.parametrize("overrides", [{}, {"parallel.shard_weights": True}], ids=["whole", "sharded_weights"])
 def test_two_rank_group_serves_the_clips_of_one_process(overrides: dict) -> None:
     # sharded: each rank loads half of every block's rows of the trained bundle and gathers them per layer
-    from model.pipeline import AvatarModels, StreamingAvatar
+    from model.stream.avatar import AvatarModels, StreamingAvatar
 
     torch.set_num_threads(1)
     cfg = load_config(None)
@@ -74,8 +74,8 @@ def test_two_rank_group_serves_the_clips_of_one_process(overrides: dict) -> None
 
 
 def test_one_process_gets_a_plain_streaming_avatar() -> None:
-    from model.group_sessions import new_avatar
-    from model.pipeline import StreamingAvatar
+    from model.parallel.followers import new_avatar
+    from model.stream.avatar import StreamingAvatar
 
     cfg = load_config(None)
     parallel.set_current(parallel.ParallelGroup(parallel.GroupLayout(1, 0, 1, None), torch.device("cpu"), None))

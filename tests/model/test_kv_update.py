@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model.config import ConfigError, load_config
-from model.dit import AvatarDiT
-from model.pipeline import AvatarModels, MotionHistory, StreamingAvatar
-from model.sampler import KVUpdate
+from model.net.dit import AvatarDiT
+from model.stream.avatar import AvatarModels, MotionHistory, StreamingAvatar
+from model.stream.sampler import KVUpdate
 from tests.model.test_pipeline import reference_image, speech_windows
 
 

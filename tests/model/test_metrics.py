@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.metrics import identity_similarity, lip_sync, mouth_opening
+from evaluation.metrics import identity_similarity, lip_sync, mouth_opening
 from training.talking_dataset import make_sample
 
 SIZE = 96

@@ -25,7 +25,7 @@ def test_text_encoder_can_run_on_the_cpu_and_bad_devices_are_refused() -> None:
     import torch
 
     from model.config import ConfigError, load_config
-    from model.pipeline import AvatarModels, module_device
+    from model.stream.avatar import AvatarModels, module_device
 
     cfg = load_config(None, {"runtime.text_encoder_device": "cpu"})
     assert module_device(cfg, "text_encoder") == torch.device("cpu")

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import parallel
-from model.parallel import LaunchError, pick_device_and_backend, plan_layout, read_launch_env
+from model.parallel import group as parallel
+from model.parallel.group import LaunchError, pick_device_and_backend, plan_layout, read_launch_env
 from tests.model.group_runner import run_in_group
 
 
@@ -96,7 +96,7 @@ def test_uneven_token_count_is_refused_with_advice() -> None:
 def _dit_two_blocks(shard_weights: bool, fp8: str = "none") -> dict:
     """Prefill, denoise and commit one block, then denoise the next: the DiT's whole streaming surface."""
     from model.config import load_config
-    from model.dit import AvatarDiT
+    from model.net.dit import AvatarDiT
 
     cfg = load_config(None)
     group = parallel.current() if shard_weights else parallel.start_group("cpu", cfg.model.dit.num_heads, env={})
@@ -148,7 +148,7 @@ def test_per_layer_sharded_weights_with_ulysses_equal_one_process(fp8: str) -> N
 def _loaded_two_blocks(shard_weights: bool, fp8: str) -> dict:
     """The shipped tiny bundle through the normal loader (`AvatarModels.load`), sharded or whole."""
     from model.config import load_config
-    from model.pipeline import AvatarModels
+    from model.stream.avatar import AvatarModels
 
     cfg = load_config(None, {"parallel.shard_weights": shard_weights, "runtime.fp8": fp8})
     group = parallel.current() if shard_weights else parallel.start_group("cpu", cfg.model.dit.num_heads, env={})

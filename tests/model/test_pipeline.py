@@ -9,8 +9,8 @@ import torch
 
 from model.config import load_config
 from model.io_types import AudioWindow
-from model.pipeline import AvatarModels, StreamingAvatar, fit_reference_image
-from model.windowing import ClipWindower
+from model.stream.avatar import AvatarModels, StreamingAvatar, fit_reference_image
+from model.stream.windowing import ClipWindower
 
 SIZE = "64*64"  # smallest frame the DiT's FramePack motion packing accepts; keeps a clip well under a second
 
@@ -155,7 +155,7 @@ def test_close_frees_the_session_caches(models, cfg):
 
 def test_models_saved_as_a_bundle_load_back_and_render_the_same_clip(models, cfg, tmp_path):
     from model.config import replace_key
-    from model.weights import save_bundle
+    from model.weights.checkpoint import save_bundle
 
     bundle = save_bundle(tmp_path / "tiny.safetensors", {
         "dit": models.dit, "vae": models.vae.vae, "audio_encoder": models.audio_encoder.model,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from model.config import REPO_ROOT, load_config
-from model.offline import read_speech
-from model.pipeline import AvatarModels, StreamingAvatar
-from model.windowing import ClipWindower
+from model.stream.avatar import AvatarModels, StreamingAvatar
+from model.stream.windowing import ClipWindower
+from offline.render import read_speech
 
 TRAINED = REPO_ROOT / "model" / "assets" / "tiny_avatar.safetensors"
 NUM_CLIPS = 4

@@ -11,8 +11,8 @@ import psutil
 import torch
 
 from model.config import load_config
-from model.pipeline import AvatarModels, StreamingAvatar
-from model.windowing import ClipWindower
+from model.stream.avatar import AvatarModels, StreamingAvatar
+from model.stream.windowing import ClipWindower
 
 NUM_CLIPS = 100
 # Keeping each clip's frames (64x64) would add ~13 MiB over 90 clips, its latents ~1 MiB more.

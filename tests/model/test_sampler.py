@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from model.sampler import FlowMatchSchedule, denoise_block
+from model.stream.sampler import FlowMatchSchedule, denoise_block
 
 
 @pytest.mark.parametrize("sample_steps", range(1, 9))

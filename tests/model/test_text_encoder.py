@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import load_config
-from model.text_encoder import EOS_ID, PAD_ID, ByteTokenizer, TextEncoder, make_tokenizer
+from model.encoders.text import EOS_ID, PAD_ID, ByteTokenizer, TextEncoder, make_tokenizer
 
 
 @pytest.fixture(scope="module")

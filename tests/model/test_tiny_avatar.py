@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.metrics import mouth_opening
 from model.config import REPO_ROOT, load_config
-from model.metrics import mouth_opening
-from model.pipeline import AvatarModels, StreamingAvatar
+from model.stream.avatar import AvatarModels, StreamingAvatar
 from training.lip_sync_check import generate_frames, score_video
 from training.speech import silence
 from training.synthetic_faces import FacePose, render_frame
@@ -49,7 +49,7 @@ def test_silence_keeps_the_mouth_closed(cfg):
 # DRIFT GATE: as served, the colours hold across clips. Through one continuous decoder cache the shipped bundle
 # (run 2 + the decoder fine-tune) drifts on heldout 1: 8.0 -> 9.5 -> 10.8 -> 12.8 -> 18.5 /255 (each clip alone ~8),
 # the fifth clip 2.3x the first, 33.5 by the eighth. configs/tiny.yaml therefore bounds the decoder's context
-# (model.vae.stream_context_frames 3, stream_restart_frames 9, crossfaded; model/vae.py): 8.0 9.5 9.6 11.3 11.6,
+# (model.vae.stream_context_frames 3, stream_restart_frames 9, crossfaded; model/vae/streaming.py): 8.0 9.5 9.6 11.3 11.6,
 # and no clip of 8 beyond 1.6x the first (BENCHMARKS.md, 2026-11-23).
 STREAM_DRIFT_CLIPS = 5
 STREAM_DRIFT_MAX_RATIO = 2.0  # no clip worse than twice the first

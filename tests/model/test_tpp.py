@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import parallel
 from model.config import load_config
-from model.parallel import LaunchError, plan_layout
+from model.parallel import group as parallel
+from model.parallel.group import LaunchError, plan_layout
 from tests.model.group_runner import random_session_inputs, run_in_group
 
 # random weights, 2 blocks per clip (the motion context skips the block still in flight), 2 steps
@@ -20,8 +20,8 @@ CLIPS = 3
 
 
 def _tpp_worker() -> dict:
-    from model.group_sessions import follow, new_avatar, release_followers
-    from model.pipeline import AvatarModels
+    from model.parallel.followers import follow, new_avatar, release_followers
+    from model.stream.avatar import AvatarModels
 
     cfg = load_config(None, {**SETTINGS, "parallel.mode": "tpp"})
     group = parallel.start_group_from_config(cfg)
@@ -51,7 +51,7 @@ def _tpp_worker() -> dict:
 
 
 def test_two_rank_tpp_gives_the_frames_of_per_step_on_one_process() -> None:
-    from model.pipeline import AvatarModels, StreamingAvatar
+    from model.stream.avatar import AvatarModels, StreamingAvatar
 
     torch.set_num_threads(1)
     cfg = load_config(None, SETTINGS)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import VAEConfig
-from model.vae import AvatarVAE, build_vae
+from model.vae.streaming import AvatarVAE, build_vae
 
 SIZE = 32  # pixels; small so the 3D convs run in milliseconds on one core
 

@@ -6,8 +6,8 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from model.config import load_config
-from model.vae import build_vae
-from model.vae_cpu import PlaneSumRMSNorm, StackedFrameCausalConv3d, use_cpu_fast_paths
+from model.vae.cpu_paths import PlaneSumRMSNorm, StackedFrameCausalConv3d, use_cpu_fast_paths
+from model.vae.streaming import build_vae
 
 
 @pytest.mark.parametrize(

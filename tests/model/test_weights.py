@@ -11,20 +11,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.config import load_config
-from model.dit import AvatarDiT
-from model.weights import (
+from model.net.dit import AvatarDiT
+from model.weights.checkpoint import (
     INDEX_NAME,
     CheckpointError,
     bundle_config,
     load_bundle,
     load_dit,
-    load_published,
     original_state_dict,
     original_to_ours,
     ours_to_original,
     save_bundle,
     write_sharded,
 )
+from model.weights.published import load_published
 
 SHARD_BYTES = 2_000_000  # several shards for the ~8 MB tiny DiT
 

@@ -19,21 +19,27 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import UMT5EncoderModel, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from model.audio_encoder import wav2vec2_config
 from model.config import load_config
-from model.dit import AvatarDiT
-from model.encoder_weights import (
+from model.encoders.audio import wav2vec2_config
+from model.encoders.text import PretrainedTokenizer, umt5_config
+from model.io_types import AudioWindow
+from model.net.dit import AvatarDiT
+from model.stream.avatar import AvatarModels, StreamingAvatar
+from model.vae.streaming import build_vae
+from model.weights.checkpoint import (
+    CheckpointError,
+    load_dit,
+    original_state_dict,
+    ours_to_diffusers,
+    write_sharded,
+)
+from model.weights.encoders import (
     T5_FILE,
     VAE_FILE,
     WAV2VEC2_DIR,
     diffusers_vae_to_wan,
     transformers_t5_to_wan,
 )
-from model.io_types import AudioWindow
-from model.pipeline import AvatarModels, StreamingAvatar
-from model.text_encoder import PretrainedTokenizer, umt5_config
-from model.vae import build_vae
-from model.weights import CheckpointError, load_dit, original_state_dict, ours_to_diffusers, write_sharded
 
 SIZE = "64*64"
 SHARD_BYTES = 2_000_000
@@ -232,7 +238,7 @@ def test_bfloat16_load_puts_every_part_in_bfloat16(published, cfg) -> None:
 
 
 def test_legacy_wav2vec2_bin_with_weight_norm_g_v_names_loads(tmp_path, cfg, source) -> None:
-    from model.encoder_weights import load_wav2vec2
+    from model.weights.encoders import load_wav2vec2
 
     folder = tmp_path / WAV2VEC2_DIR
     _write_wav2vec2(folder, cfg, source["audio_encoder"])

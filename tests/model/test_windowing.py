@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.windowing import ClipWindower
+from model.stream.windowing import ClipWindower
 
 SR = 16000
 CLIP = 12000

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import model.group_sessions
+import model.parallel.followers
 from model.config import load_config
 from model.io_types import AudioWindow, VideoClip
 from server.engine import ModelEngine, streams_parts
@@ -89,7 +89,7 @@ class GatedAvatar:
 
 
 class ForwardingAvatar:
-    """Like model.group_sessions.GroupAvatar: its own next_clip, everything else forwarded to the inner one."""
+    """Like model.parallel.followers.GroupAvatar: its own next_clip, everything else forwarded to the inner one."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -108,14 +108,14 @@ class ForwardingAvatar:
 def wrap_new_avatars(monkeypatch, wrapper) -> list[Any]:
     """Every avatar the engine makes from now on is `wrapper(real avatar)`; returns the list of them."""
     made: list[Any] = []
-    real_new_avatar = model.group_sessions.new_avatar
+    real_new_avatar = model.parallel.followers.new_avatar
 
     def new_avatar(*args: Any, **kwargs: Any) -> Any:
         avatar = wrapper(real_new_avatar(*args, **kwargs))
         made.append(avatar)
         return avatar
 
-    monkeypatch.setattr(model.group_sessions, "new_avatar", new_avatar)
+    monkeypatch.setattr(model.parallel.followers, "new_avatar", new_avatar)
     return made
 
 

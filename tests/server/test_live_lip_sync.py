@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evaluation.metrics import LipSyncScore
 from model.config import AppConfig, load_config
-from model.metrics import LipSyncScore
-from model.pipeline import AvatarModels, StreamingAvatar
+from model.stream.avatar import AvatarModels, StreamingAvatar
 from server.tracks import AvatarVideoTrack
 from tests.server.av_analysis import RATE_HZ
 from tests.server.conftest import start_server

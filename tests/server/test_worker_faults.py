@@ -54,7 +54,7 @@ async def test_live_sessions_hear_of_a_dead_worker_and_new_sessions_work_after_r
             if fault == "killed":
                 engine.kill_worker()
             else:
-                from model.pipeline import StreamingAvatar
+                from model.stream.avatar import StreamingAvatar
 
                 def crash(self, window, sample_steps=None):
                     raise WorkerKilled("simulated fatal error in the model (e.g. a lost GPU)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.metrics import luma
+from evaluation.metrics import luma
 from training.mouth_motion import frame_count, mouth_track
 from training.speech import (
     HELDOUT_SENTENCES,

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import Wav2Vec2Model
 
-from model.audio_encoder import wav2vec2_config
 from model.config import load_config
-from model.dit import AvatarDiT
-from model.text_encoder import TextEncoder
-from model.vae import AvatarVAE, build_vae
+from model.encoders.audio import wav2vec2_config
+from model.encoders.text import TextEncoder
+from model.net.dit import AvatarDiT
+from model.vae.streaming import AvatarVAE, build_vae
 from training.dit_training import DiTBatch, dit_loss, encode_streams
 from training.lip_sync_check import heldout_samples, save_heldout_bank
 from training.speech import make_utterance

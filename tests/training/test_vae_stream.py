@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import load_config
-from model.vae import AvatarVAE, build_vae
+from model.vae.streaming import AvatarVAE, build_vae
 from training.speech import make_utterance
 from training.stream_pool import build_pool
 from training.talking_dataset import split_identities

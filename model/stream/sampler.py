@@ -91,7 +91,7 @@ class KVUpdate:
     last_step: one window; the last step's call writes the block's K/V (steps calls per block).
     per_step: one window per step; step s reads window s and writes the block's step-s K/V into it
       (steps calls per block). Each step only ever sees its own noise level's history, which is what
-      lets one GPU own one step (timestep-forcing pipeline parallelism, `model/tpp.py`).
+      lets one GPU own one step (timestep-forcing pipeline parallelism, `model/parallel/tpp.py`).
     """
 
     mode: str

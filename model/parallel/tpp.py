@@ -15,7 +15,7 @@ this one, as on one process. The motion context leaves out the newest N-1 blocks
 flight (`KVUpdate.motion_lag_blocks`); `StreamingAvatar` in per_step mode defines the clip boundary the
 same way, so N ranks give the frames of one process.
 
-Only `model/parallel.py`'s group API is used here (broadcast_job, broadcast_tensor, ring_exchange).
+Only `model/parallel/group.py`'s group API is used here (broadcast_job, broadcast_tensor, ring_exchange).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from model.dit import AvatarDiT, StreamCache
 from model.io_types import AudioWindow
-from model.pipeline import MotionHistory, StreamingAvatar, copy_sink
-from model.sampler import FlowMatchSchedule, euler_step
+from model.net.dit import AvatarDiT, StreamCache
+from model.stream.avatar import MotionHistory, StreamingAvatar, copy_sink
+from model.stream.sampler import FlowMatchSchedule, euler_step
 
 OP_STEP, OP_OPEN, OP_CLOSE, OP_QUIT = "step", "open", "close", "quit"  # "quit" = group_sessions.JOB_QUIT
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.rope import grid_positions
+from model.net.rope import grid_positions
 
 ZIP_FRAME_BUCKETS = (1, 2, 16)  # newest .. oldest, in latent frames
 MOTION_LATENT_FRAMES = sum(ZIP_FRAME_BUCKETS)  # 19 = (73 motion video frames + 3) // 4

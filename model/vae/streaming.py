@@ -26,7 +26,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanUpsample
 
 from model.config import RuntimeConfig, VAEConfig
-from model.vae_cpu import use_cpu_fast_paths
+from model.vae.cpu_paths import use_cpu_fast_paths
 
 TIME_STRIDE = 4  # video frames per latent frame (after the first)
 SPACE_STRIDE = 8  # pixels per latent cell, each side

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import FP8_MODES
-from model.parallel import copy_full_into
+from model.parallel.group import copy_full_into
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448

@@ -6,9 +6,9 @@ audio features -> for each block: noise, a few sampler steps, K/V into the cache
 `next_clip` = `decode_clip(denoise_clip(window))`; the two halves are public so a caller may run the
 decode of clip n alongside the denoising of clip n+1.
 
-How a block's K/V reach the cache is `sampler.kv_update` (see `model.sampler.KVUpdate`): an extra
+How a block's K/V reach the cache is `sampler.kv_update` (see `model.stream.sampler.KVUpdate`): an extra
 clean pass (the reference), the last step's call, or one window per step. `generate_block` and
-`MotionHistory` are the pieces that `model/tpp.py` (one GPU per step) and `bench/` share with this
+`MotionHistory` are the pieces that `model/parallel/tpp.py` (one GPU per step) and `bench/` share with this
 class, so all of them make the same DiT calls.
 """
 from __future__ import annotations
@@ -24,15 +24,15 @@ import torch
 from PIL import Image
 from transformers import UMT5EncoderModel, Wav2Vec2Model
 
-from model import parallel
-from model.audio_encoder import AudioEncoder, wav2vec2_config
 from model.config import REPO_ROOT, AppConfig
-from model.dit import AvatarDiT, StreamCache
-from model.dit_motion import MOTION_LATENT_FRAMES
+from model.encoders.audio import AudioEncoder, wav2vec2_config
+from model.encoders.text import TextEncoder, make_tokenizer, umt5_config
 from model.io_types import AudioWindow, VideoClip
-from model.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, KVUpdate, denoise_steps
-from model.text_encoder import TextEncoder, make_tokenizer, umt5_config
-from model.vae import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
+from model.net.dit import AvatarDiT, StreamCache
+from model.net.motion import MOTION_LATENT_FRAMES
+from model.parallel import group as parallel
+from model.stream.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, KVUpdate, denoise_steps
+from model.vae.streaming import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,7 +148,7 @@ def _sharded_modules(cfg: AppConfig, group: parallel.ParallelGroup, checkpoint: 
     dit.quantize_fp8(cfg.runtime.fp8)
     group.shard_layers(dit, dit.shard_units())
     if checkpoint is None:
-        from model.weights import fill_random
+        from model.weights.checkpoint import fill_random
 
         fill_random(dit, device, seed=cfg.runtime.seed)
         modules.update(_random_modules(cfg, device, dtype, skip=("dit",)))
@@ -161,12 +161,13 @@ def _sharded_modules(cfg: AppConfig, group: parallel.ParallelGroup, checkpoint: 
 def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Module], device: torch.device,
                      dtype: torch.dtype) -> None:
     """Fill the `meta` modules from disk: one .safetensors bundle, or a published checkpoint folder."""
-    from model import weights
+    from model.weights.checkpoint import load_bundle
+    from model.weights.published import load_published
 
     if path.is_file():
-        weights.load_bundle(path, modules, device=device, dtype=dtype)
+        load_bundle(path, modules, device=device, dtype=dtype)
     else:
-        weights.load_published(path, cfg, device=device, dtype=dtype, **modules)
+        load_published(path, cfg, device=device, dtype=dtype, **modules)
 
 
 # ----------------------------------------------------------------------------- image helpers
@@ -476,4 +477,4 @@ class StreamingAvatar:
         if new != self.clip_samples or window.new_from < 0:
             raise ValueError(f"audio window has {new} new samples after new_from={window.new_from}; this model "
                              f"needs exactly {self.clip_samples} ({self.frames_per_clip} frames at {self.fps} fps, "
-                             f"{self.sample_rate_hz} Hz): cut windows with model.windowing.ClipWindower")
+                             f"{self.sample_rate_hz} Hz): cut windows with model.stream.windowing.ClipWindower")

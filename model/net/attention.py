@@ -1,10 +1,10 @@
 """The one self-attention call of the DiT, and the seam where sequence parallelism plugs in.
 
-Every self-attention of `model/dit.py` (denoising, commit and sink prefill) calls `attention(q, k, v)`
+Every self-attention of `model/net/dit.py` (denoising, commit and sink prefill) calls `attention(q, k, v)`
 with q [B, Sq, H, D] and k, v [B, Sk, H, D] (Sk >= Sq: keys also hold the sink and the rolling window).
 Nothing else in the model knows whether it runs on one process or many.
 
-Sequence-parallel hook (Ulysses): `model/parallel.py` calls `set_sequence_parallel(group)` with an object
+Sequence-parallel hook (Ulysses): `model/parallel/group.py` calls `set_sequence_parallel(group)` with an object
 that has
     shard_tokens(x, dim=1) -> this rank's share of the tokens along `dim`
     gather_tokens(x, dim=1) -> all ranks' shares concatenated in rank order
@@ -40,7 +40,7 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class SequenceParallel(Protocol):
-    """What the DiT needs from a sequence-parallel group (implemented by `model.parallel.ParallelGroup`)."""
+    """What the DiT needs from a sequence-parallel group (implemented by `model.parallel.group.ParallelGroup`)."""
 
     def shard_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor: ...
 

@@ -13,7 +13,7 @@ Layouts
   `trainable_condition_mask`, the audio cross-attention as q/k/v/o -> to_q/to_k/to_v/to_out.0. `AvatarDiT`'s
   own names (the backbone as diffusers, the S2V parts as Wan2.2) load too.
 - the rest of a published folder (Wan2.1_VAE.pth, the umT5 .pth + tokenizer, the wav2vec2 folder):
-  `model/encoder_weights.py`.
+  `model/weights/encoders.py`; the whole folder at once: `model/weights/published.py`.
 - bundle: one safetensors file of prefixed state dicts (`dit.`, `vae.`, `audio_encoder.`, `text_encoder.`),
   the AppConfig as JSON in the metadata (`save_bundle` / `load_bundle`).
 
@@ -38,9 +38,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.config import AppConfig, DiTConfig, load_config_from_dict
-from model.dit import AvatarDiT
-from model.fp8 import Fp8Linear
-from model.parallel import copy_full_into
+from model.net.dit import AvatarDiT
+from model.net.fp8 import Fp8Linear
+from model.parallel.group import copy_full_into
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _check_fit(
 def checkpoint_shapes(module: nn.Module) -> dict[str, torch.Size]:
     """Each tensor's name and shape as a checkpoint stores it.
 
-    Differs from `state_dict()` only for float8 layers (`model/fp8.py`), whose checkpoints hold the
+    Differs from `state_dict()` only for float8 layers (`model/net/fp8.py`), whose checkpoints hold the
     ordinary [out, in] weight and no scale; sharded parameters report their whole shape either way.
     """
     shapes = {k: v.shape for k, v in module.state_dict().items()}
@@ -502,40 +502,6 @@ def _placement(
     )
     wanted = dtype if dtype is not None else (existing.dtype if not existing.is_meta else torch.float32)
     return place, _target_dtype(name, existing.dtype, wanted, fp32)
-
-
-def load_published(
-    path: str | Path,
-    cfg: AppConfig,
-    *,
-    dit: AvatarDiT,
-    vae: nn.Module | None = None,
-    audio_encoder: nn.Module | None = None,
-    text_encoder: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> list[str]:
-    """Fill every module given, in place, from a published Wan2.2-S2V-14B folder (+ cfg.model.lora merged).
-
-    DiT from the safetensors shards, `vae` (AutoencoderKLWan) from Wan2.1_VAE.pth, `text_encoder`
-    (UMT5EncoderModel) from the umT5 .pth, `audio_encoder` (Wav2Vec2Model) from the wav2vec2 subfolder.
-    Tensors on `meta` go to `device`/`dtype`; materialised ones keep theirs. Returns the parts filled.
-    """
-    from model import encoder_weights  # imports this module
-
-    fill_dit(dit, path, cfg.model.lora, device, dtype)
-    filled = ["dit"]
-    folder = Path(path)
-    if vae is not None:
-        encoder_weights.load_wan_vae(vae, folder, cfg.model.vae, device, dtype)
-        filled.append("vae")
-    if text_encoder is not None:
-        encoder_weights.load_umt5(text_encoder, folder, device, dtype)
-        filled.append("text_encoder")
-    if audio_encoder is not None:
-        encoder_weights.load_wav2vec2(audio_encoder, folder, cfg.model.audio_encoder, device, dtype)
-        filled.append("audio_encoder")
-    return filled
 
 
 def original_state_dict(model: AvatarDiT) -> dict[str, torch.Tensor]:

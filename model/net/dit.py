@@ -1,6 +1,6 @@
 """The audio-conditioned DiT of the Wan2.2-S2V / LiveAvatar family, streamed block by block.
 
-Streaming API (what `model/pipeline.py` codes against):
+Streaming API (what `model/stream/avatar.py` codes against):
 
     dit = AvatarDiT(cfg.model.dit)                       # any size from DiTConfig
     cache = dit.new_cache(batch_size, device, dtype)     # StreamCache: fixed-size buffers, allocated once
@@ -28,18 +28,18 @@ queries and keys are rotated at frames frame_start..., committed keys keep their
 and motion tokens) moves with the stream (`_sink_positions_at`): its keys are kept un-rotated and
 rotated once per block into a region next to the window, shared by that block's calls. Angles are
 float64, tables float32, so hours of stream (frame ~10^6) give the output of frame 0 within float
-rounding (see `model/rope.py`).
+rounding (see `model/net/rope.py`).
 
-Sequence parallelism hook: every self-attention call goes through `model.attention.attention`;
-`model/parallel.py` wraps it (Ulysses all-to-all heads<->sequence) via
-`model.attention.set_sequence_parallel(...)` without touching the layers (see that module).
+Sequence parallelism hook: every self-attention call goes through `model.net.attention.attention`;
+`model/parallel/group.py` wraps it (Ulysses all-to-all heads<->sequence) via
+`model.net.attention.set_sequence_parallel(...)` without touching the layers (see that module).
 
 Speed (same results within float tolerance; `AvatarDiT.apply_runtime(cfg.runtime)` after loading):
 RoPE tables are built on the device (no host copies) once per block; a call rotates only its own
 queries and keys, writes its keys and values into a working slot right after the rotated sink, and
 attends over one contiguous slice of the cache (no rotation of the memory, no concatenation); commit
 copies the working slot into the window. A block is a function of tensors plus that one declared
-in-place cache write (`model.attention.attention_into`), so `runtime.compile` compiles it once for all
+in-place cache write (`model.net.attention.attention_into`), so `runtime.compile` compiles it once for all
 layers without graph breaks; `runtime.fuse_qkv` runs q/k/v as one GEMM and `runtime.attention_backend`
 picks the SDPA kernel.
 """
@@ -56,19 +56,26 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
 from torch import nn
 
-from model.attention import (
+from model.config import DiTConfig, RuntimeConfig
+from model.net.attention import (
     attention,
     attention_into,
     local_attention,
     sequence_parallel,
     set_attention_backend,
 )
-from model.config import DiTConfig, RuntimeConfig
-from model.dit_audio import AudioInjector, CausalAudioEncoder
-from model.dit_motion import MOTION_LATENT_FRAMES, FramePackMotioner
-from model.fp8 import Fp8Linear, QuantizedActivations, fp8_gemm_supported, quantize_linears
-from model.parallel import is_sharded
-from model.rope import RotationTables, eager_fast_path, grid_positions, rotate, rotate_into, rotation_tables
+from model.net.audio import AudioInjector, CausalAudioEncoder
+from model.net.fp8 import Fp8Linear, QuantizedActivations, fp8_gemm_supported, quantize_linears
+from model.net.motion import MOTION_LATENT_FRAMES, FramePackMotioner
+from model.net.rope import (
+    RotationTables,
+    eager_fast_path,
+    grid_positions,
+    rotate,
+    rotate_into,
+    rotation_tables,
+)
+from model.parallel.group import is_sharded
 
 # The reference places the reference-image sink at latent frame 30 (Wan2.2 model_s2v.py ref_grid_sizes
 # [30, 0, 0]) and LiveAvatar rolls it forward with the stream so it stays 4..30 frames (random per call)
@@ -394,7 +401,7 @@ class AvatarDiT(nn.Module):
         return self
 
     def quantize_fp8(self, mode: str) -> int:
-        """Linear layers of the blocks and audio injectors in float8 (`model/fp8.py`); returns how many.
+        """Linear layers of the blocks and audio injectors in float8 (`model/net/fp8.py`); returns how many.
 
         Embeddings, time/text projections and the output head stay as they are: they are small and set
         the scale of everything after them.

@@ -6,7 +6,7 @@ hosts the server) therefore announces each session call as a `SessionJob` before
 the other ranks sit in `follow()` and run each announced job on their own `StreamingAvatar`.
 `new_avatar()` hands the engine a plain `StreamingAvatar` on one process and a `GroupAvatar` (same
 methods) in a group, so the engine's code is the same in both. Under `parallel.mode tpp` (one GPU per
-sampling step) rank 0 gets a `model.tpp.TppAvatar` and the other ranks run `model.tpp.follow`.
+sampling step) rank 0 gets a `model.parallel.tpp.TppAvatar` and the other ranks run `model.parallel.tpp.follow`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from model import parallel
 from model.io_types import AudioWindow, VideoClip
+from model.parallel import group as parallel
 
 JOB_START = "start"
 JOB_CLIP = "clip"
@@ -46,7 +46,7 @@ class GroupAvatar:
     """A `StreamingAvatar` on rank 0 whose every call is first announced to the follower ranks."""
 
     def __init__(self, models: Any, cfg: Any, seed: int | None, group: parallel.ParallelGroup) -> None:
-        from model.pipeline import StreamingAvatar
+        from model.stream.avatar import StreamingAvatar
 
         if group.rank != 0:
             raise RuntimeError(f"rank {group.rank} tried to open a session; only rank 0 serves, the other "
@@ -89,12 +89,12 @@ def new_avatar(models: Any, cfg: Any, seed: int | None = None) -> Any:
     """The avatar the engine should use: plain on one process, announced to the group otherwise."""
     group = parallel.current()
     if group.distributed and group.pp_size > 1:
-        from model.tpp import TppAvatar
+        from model.parallel.tpp import TppAvatar
 
         return TppAvatar(models, cfg, seed, group)
     if group.distributed and group.sp_size > 1:
         return GroupAvatar(models, cfg, seed, group)
-    from model.pipeline import StreamingAvatar
+    from model.stream.avatar import StreamingAvatar
 
     return StreamingAvatar(models, cfg, seed=seed)
 
@@ -105,11 +105,11 @@ def follow(models: Any, cfg: Any, group: parallel.ParallelGroup | None = None) -
 
     Followers only denoise (their share of the tokens); the frames come from rank 0's decoder.
     """
-    from model.pipeline import StreamingAvatar
+    from model.stream.avatar import StreamingAvatar
 
     group = group or parallel.current()
     if group.pp_size > 1:
-        from model import tpp
+        from model.parallel import tpp
 
         return tpp.follow(models, cfg, group)
     avatars: dict[int, StreamingAvatar] = {}

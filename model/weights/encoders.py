@@ -5,7 +5,7 @@
                                         `convert_vae`, derived here from the structure so any num_res_blocks works)
     models_t5_umt5-xxl-enc-bf16.pth     torch state dict, Wan2.2 `wan/modules/t5.py` `T5Encoder` names ->
                                         transformers `UMT5EncoderModel` (relative position bias in every layer)
-    google/umt5-xxl/                    the tokenizer (read by model/text_encoder.py, local files only)
+    google/umt5-xxl/                    the tokenizer (read by model/encoders/text.py, local files only)
     wav2vec2-large-xlsr-53-english/     transformers folder (config.json + model.safetensors or pytorch_model.bin)
                                         of a `Wav2Vec2ForCTC`: `wav2vec2.` prefix dropped, CTC/pre-training heads
                                         ignored, legacy weight-norm names (weight_g/weight_v) mapped
@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from model.config import AudioEncoderConfig, VAEConfig
-from model.weights import CheckpointError, _assign, _check_fit, _placement, rename_key
+from model.weights.checkpoint import CheckpointError, _assign, _check_fit, _placement, rename_key
 
 log = logging.getLogger(__name__)
 

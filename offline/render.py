@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from model.config import AppConfig
 from model.io_types import AudioWindow
-from model.windowing import ClipWindower
+from model.stream.windowing import ClipWindower
 
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 VIDEO_CRF = "18"  # visually lossless for talking heads; the file is the product here
@@ -129,7 +129,7 @@ class Mp4Writer:
 
 def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Render `args.audio` spoken by `args.image` into `args.out`; 0 when done, 130 when stopped with Ctrl-C."""
-    from model.pipeline import (  # torch and the models load only for this command
+    from model.stream.avatar import (  # torch and the models load only for this command
         AvatarModels,
         StreamingAvatar,
     )

@@ -1,6 +1,6 @@
 """The GPU group: process-group start-up, rank roles, Ulysses sequence parallelism, and the
 point-to-point plane of timestep-forcing pipeline parallelism (`parallel.mode tpp`, driven by
-`model/tpp.py` through `broadcast_job`, `broadcast_tensor` and `ring_exchange` only).
+`model/parallel/tpp.py` through `broadcast_job`, `broadcast_tensor` and `ring_exchange` only).
 
 The only module that knows about `torch.distributed`. A group is launched with
 `torchrun --nproc-per-node N run_server.py ...`: rank 0 hosts the server and is also a DiT rank,
@@ -466,7 +466,7 @@ def current() -> ParallelGroup:
 
 def set_current(group: ParallelGroup) -> ParallelGroup:
     """Make `group` the one the DiT's attention and token sharding use; returns the previous one."""
-    from model import attention  # the DiT's hook; imported here so this module loads without the model
+    from model.net import attention  # the DiT's hook; imported here so this module loads without the model
 
     global _current
     previous, _current = _current, group
