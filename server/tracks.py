@@ -59,7 +59,9 @@ class AvatarVideoTrack(MediaStreamTrack):
     ready video (the next part is late) the last frame is held: the avatar pauses mid-word, as the
     returned voice does, instead of jumping to the reference pose and back. Idle frames fill the time
     before the first clip, a true gap (a dropped clip, with later video queued) and a hold longer than
-    `max_hold_s` (the clips stopped coming).
+    `max_hold_s` (the clips stopped coming). Before the first clip they breathe on the reference; once
+    the model has made a frame they breathe on the last frame it made, so a late or dropped clip never
+    swaps the generated face for the crisp reference and back.
     """
 
     kind = "video"
@@ -104,9 +106,11 @@ class AvatarVideoTrack(MediaStreamTrack):
         return clip.frames[index]
 
     def idle_frame(self, wall_s: float) -> np.ndarray:
-        """The reference image, slowly brightening and dimming, so a waiting avatar looks alive."""
+        """The last generated frame (the reference before the first clip), slowly brightening and dimming,
+        so a waiting avatar looks alive and keeps the look the viewer has been seeing."""
         gain = 1.0 + self._breath_depth * math.sin(2 * math.pi * wall_s / self._breath_period_s)
-        return np.clip(self._idle_base * gain, 0, 255).astype(np.uint8)
+        base = self._idle_base if self._last_rgb is None else self._last_rgb.astype(np.float32)
+        return np.clip(base * gain, 0, 255).astype(np.uint8)
 
     def frame_at(self, wall_s: float) -> np.ndarray:
         """The frame to send at `wall_s` (counted in the clip/held/idle totals)."""

@@ -23,7 +23,7 @@ PART_FRAMES = 6  # 0.375 s
 PART_S = PART_FRAMES / FPS
 ANCHOR = 100.0  # stream time 0 arrived at this wall time
 MARGIN = 0.1
-REFERENCE_VALUE = 200  # idle frames are this grey, breathing by a few levels
+REFERENCE_VALUE = 200  # idle frames before the first clip are this grey, breathing by a few levels
 
 
 class FakePacer:
@@ -63,7 +63,7 @@ def part(index: int) -> VideoClip:
 def frame_number(rgb: np.ndarray) -> int | None:
     """The stream frame an image shows, or None for an idle (reference) frame."""
     value = int(rgb[0, 0, 0])
-    return None if value > 150 else value // 10 - 1
+    return None if value > 150 else round(value / 10) - 1  # (a breathing idle frame is within 4% of it)
 
 
 def make_tracks(latency_history: int = 8) -> tuple[PlayoutClock, AvatarVideoTrack, SyncedAudioTrack]:
@@ -180,14 +180,29 @@ async def test_early_parts_play_without_a_stall_and_the_delay_falls_per_clip():
     assert video.held_frames_sent == 0 and numbers == sorted(numbers)
 
 
-async def test_a_dropped_clip_is_played_through_with_idle_frames_and_the_voice():
+async def test_a_dropped_clip_is_played_through_on_the_last_generated_frame():
     clock, video, audio = make_tracks()
     arrivals = [(100.5, part(0)), (100.7, part(1))]
-    _pcm, _shown = await play(clock, video, audio, 101.5, arrivals)
+    _pcm, shown = await play(clock, video, audio, 101.5, arrivals)
+    last_made = [s[2] for s in shown if s[2] is not None][-1]
     clock.note_no_video(0.75, 1.5, 101.5)  # clip 1 dropped: its time plays without video, not as a stall
     late = part(4)  # clip 2 arrives at once
     clock.note_clip_ready(late.t0, late.t0 + late.duration_s, 101.5)
     video.add_clip(late)
     t = clock.stream_time_at(101.6)
     assert 0.75 < t < 1.5
-    assert frame_number(video.frame_at(101.6)) is None, "a dropped clip's time shows idle frames"
+    idle = video.frame_at(101.6)
+    # the dropped clip's time breathes on the last frame the model made, not on the reference
+    assert frame_number(idle) is not None, "a dropped clip must not swap in the reference"
+    assert abs(int(idle[0, 0, 0]) - 10 * (last_made + 1)) <= 0.05 * 10 * (last_made + 1) + 1
+    assert video.idle_frames_sent == sum(s[2] is None for s in shown) + 1
+
+
+async def test_clips_that_stop_coming_leave_the_last_generated_frame_not_the_reference():
+    clock, video, audio = make_tracks()
+    _pcm, shown = await play(clock, video, audio, 106.0, [(100.5, part(0))])  # part 1 never comes
+    after_first = [s for s in shown if s[0] >= ANCHOR + 0.6]
+    assert after_first and all(s[2] is not None for s in after_first), \
+        "once a frame was made, neither a stall nor a hold past max_hold_s may show the reference"
+    assert {s[2] for s in shown if s[0] >= ANCHOR + 0.6 + PART_S} == {PART_FRAMES - 1}
+    assert video.idle_frames_sent > sum(s[2] is None for s in shown), "the hold outlasted max_hold_s"
