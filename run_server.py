@@ -2,7 +2,7 @@
 """Start the live avatar server, or render a long video offline.
 
     python run_server.py [serve] [--config configs/tiny.yaml] [--host H] [--port P] [--KEY VALUE ...]
-    python run_server.py offline --audio speech.wav --image ref.png --out out.mp4 [--num_clip N] [--KEY VALUE ...]
+    python run_server.py offline --audio speech.wav [--image ref.png] --out out.mp4 [--num_clip N] [--KEY VALUE ...]
 
 Every config key is a flag: `--sample_steps 2`, `--sampler.sample_steps 2`, `--video.size 256*256`.
 Under `torchrun --nproc-per-node N`, rank 0 serves and the other ranks run the DiT.
@@ -50,7 +50,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML preset (default: configs/tiny.yaml)")
     if command == "offline":
         parser.add_argument("--audio", required=True, help="speech file (wav/mp3/...) driving the avatar")
-        parser.add_argument("--image", required=True, help="reference image (the avatar's identity)")
+        parser.add_argument("--image", default=None,
+                            help="reference image (the avatar's identity; default: --server.reference, else the "
+                                 "server's drawn face)")
         parser.add_argument("--out", required=True, help="output .mp4")
         parser.add_argument("--num_clip", type=int, default=None, help="stop after N clips (default: whole audio)")
         parser.add_argument("--prompt_text", default=None, help="text prompt (default: server.prompt)")

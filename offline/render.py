@@ -1,6 +1,7 @@
 """Offline long video: a speech file and a reference image in, an MP4 out, written clip by clip.
 
-`python run_server.py offline --audio speech.wav --image ref.png --out out.mp4 [--num_clip N]`.
+`python run_server.py offline --audio speech.wav [--image ref.png] --out out.mp4 [--num_clip N]`; without
+--image it animates the face the server shows by default (`--server.reference`, else the drawn face).
 Each clip is decoded the moment it is denoised and goes straight into the file (H.264 + AAC of the
 same speech), so memory stays flat for any length and Ctrl-C leaves a playable file.
 
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from model.config import AppConfig
 from model.io_types import AudioWindow
 from model.stream.windowing import ClipWindower
+from server.reference_image import reference_or_drawn
 
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 VIDEO_CRF = "18"  # visually lossless for talking heads; the file is the product here
@@ -136,7 +138,7 @@ def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
 
     try:
         speech = read_speech(args.audio, cfg.audio_sample_rate_hz)
-        image = read_image(args.image)
+        image = read_image(args.image) if args.image else reference_or_drawn(cfg.server.reference)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

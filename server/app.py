@@ -15,7 +15,7 @@ from model.config import AppConfig
 from server.access import access_middleware, resolve_token
 from server.health import healthz_handler, metrics_handler, page_config_handler
 from server.limits import limits_middleware
-from server.reference_image import ReferenceImageError, drawn_reference, image_from_file
+from server.reference_image import ReferenceImageError, reference_or_drawn
 from server.seam import ClipGenerator
 from server.signaling import STATE_KEY, ServerState, offer_handler, websocket_handler
 
@@ -66,7 +66,7 @@ def _watch_engine(state: ServerState) -> None:
 
 def default_reference(cfg: AppConfig) -> np.ndarray:
     """The avatar shown unless the page sends its own: `--reference` or a drawn face."""
-    return image_from_file(cfg.server.reference) if cfg.server.reference else drawn_reference()
+    return reference_or_drawn(cfg.server.reference)
 
 
 def _ssl_context(cfg: AppConfig) -> ssl.SSLContext | None:

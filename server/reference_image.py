@@ -87,6 +87,12 @@ def image_from_file(path: str | Path) -> np.ndarray:
     return image_from_bytes(path.read_bytes(), str(path))
 
 
+def reference_or_drawn(reference_path: str | Path | None) -> np.ndarray:
+    """The face used when a run names none: the `--server.reference` file if set, else the drawn face
+    (the live server and the offline CLI show the same one)."""
+    return image_from_file(reference_path) if reference_path else drawn_reference()
+
+
 def drawn_reference(height: int = 512, width: int = 512) -> np.ndarray:
     """A simple drawn face, so the server shows someone even when no reference image was given."""
     image = Image.new("RGB", (width, height), (70, 96, 128))

@@ -85,6 +85,20 @@ def test_num_clip_stops_video_and_sound_after_n_clips(tmp_path, image):
     assert info["audio_s"] == pytest.approx(1.5, abs=0.05)
 
 
+def test_without_image_it_animates_the_servers_default_face(tmp_path):
+    """No --image: the drawn face the server shows by default (trained bundle, one clip), not some other image."""
+    from server.reference_image import drawn_reference, resize_rgb
+
+    speech = write_wav(tmp_path / "tone.wav", voiced_tone(1.0, 16000), 16000)
+    out = tmp_path / "default_face.mp4"
+    assert main(["offline", "--audio", str(speech), "--out", str(out), "--num_clip", "1"]) == 0
+    with av.open(str(out)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float64)
+    drawn = resize_rgb(drawn_reference(), *frames.shape[1:3]).astype(np.float64)
+    r = np.corrcoef(frames.mean(axis=0).ravel(), drawn.ravel())[0, 1]
+    assert r > 0.8, f"the video does not show the drawn default face (r {r:.2f})"
+
+
 def test_unreadable_audio_is_reported_with_its_path(tmp_path, image, capsys):
     bad = tmp_path / "not_audio.wav"
     bad.write_bytes(b"this is not audio")
