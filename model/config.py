@@ -113,11 +113,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class VideoConfig:
-    """Output video: `size` is width*height as in the reference CLI (`704*384`)."""
+    """Output video: `size` is width*height as in the reference CLI (`704*384`).
+
+    `sizing` aspect: `size` is an area budget and each session's frame size follows its reference image's
+    aspect ratio (LiveAvatar's `get_gen_size`: multiples of 64, e.g. 704*384 -> 384x704 landscape, 704x384
+    portrait, 512x512 square); crop: every session runs at exactly `size` (the image is cropped to it).
+    """
 
     size: str = "704*384"
-    fps: float = 16.0
+    fps: float = 25.0
     infer_frames: int = 48
+    sizing: str = "aspect"
 
     @property
     def width(self) -> int:
@@ -135,10 +141,41 @@ class SamplerConfig:
     sample_steps: int = 4
     shift: float = 3.0
     num_train_timesteps: int = 1000
-    # How a block's K/V enter the rolling window: clean_pass (an extra DiT pass on the clean block at
-    # timestep 0, as the reference), last_step (the last denoising step's K/V, one pass less), or
-    # per_step (one window per step, each step reads and writes its own; sample_steps is then fixed).
-    kv_update: str = "clean_pass"
+    # How a block's K/V enter the rolling window: per_step (one window per step, each step reads and writes
+    # its own noisy K/V, as LiveAvatar; sample_steps is then fixed), clean_pass (an extra DiT pass on the
+    # clean block at timestep 0 writes one window), or last_step (the last denoising step's K/V, one window).
+    kv_update: str = "per_step"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a session's clips follow each other (`docs/model.md`, "Streaming scheme").
+
+    `scheme` is a preset of every other key here plus `sampler.kv_update` and `video.sizing`: a key given
+    in the file or on the command line wins over it. reference: LiveAvatar's inference path (its TPP
+    multi-GPU script); ours: what this project ran before (motion refilled from generated frames).
+    """
+
+    scheme: str = "reference"
+    # Motion latents (FramePack) behind every clip: static = the session's initial motion latents for the
+    # whole stream; generated = refilled after every clip with the newest generated latent frames.
+    motion: str = "static"
+    # Initial motion latents: still_video = the VAE encoding of the reference image repeated as a 73-frame
+    # still video (19 latent frames); copies = 19 copies of the reference image's one-frame latent.
+    motion_init: str = "still_video"
+    motion_rope: str = "absolute"  # motion tokens' RoPE frames: absolute (sink-pass frames) | follow (the window)
+    # After clip 0 the sink (reference latent) becomes the first generated latent frame of clip 0, once.
+    sink_swap: bool = True
+    # Reference-sink distance d, drawn per DiT call uniformly in [min, max] from a per-session generator
+    # seeded by the session seed: the sink sits at latent frame max(30, frame_start + d). 30..30 is fixed.
+    sink_distance_min: int = 4
+    sink_distance_max: int = 30
+    # Initial noise: per_clip = a generator seeded seed + clip index draws the whole clip, blocks are slices;
+    # per_block = one generator per session, one float32 draw per block.
+    noise: str = "per_clip"
+    # Streaming decoder primed with: still_video = the first 7 latents of the still-video encoding;
+    # reference = the reference image's latent (its one frame discarded either way).
+    decoder_prime: str = "still_video"
 
 
 @dataclass(frozen=True)
@@ -193,6 +230,19 @@ class ServerConfig:
     playout_margin_s: float = 0.15  # slack added to the measured generation latency before playback
     max_queued: int = 0  # offers beyond max_sessions that wait in line (told their place); 0 = refuse with busy
     connect_timeout_s: float = 20.0  # a session whose ICE/DTLS is not up by then is closed and its slot freed
+    # per client address (server/client_caps.py): open websockets, offers being answered or waiting, WHEP viewers
+    max_connections_per_client: int = 16
+    max_pending_offers_per_client: int = 4
+    max_viewers_per_client: int = 16
+    offer_timeout_s: float = 30.0  # a websocket that holds no session nor offer for this long is closed
+    # the sessions API (server/sessions.py): speech bodies, idle API sessions, outputs
+    max_audio_bytes: int = 20_000_000  # one speak request's audio file
+    max_speech_s: float = 300.0  # speech one session may have queued (seconds of audio)
+    max_text_chars: int = 2000  # one speak request's text
+    tts_voice: str = "en"  # espeak-ng voice for text speech
+    session_idle_timeout_s: float = 600.0  # an API session with no speech, viewer or output for this long ends
+    rtmp: str | None = None  # RTMP URL the first session is pushed to (rtmp://host/app/key)
+    recording_dir: str = "recordings"  # where `record: true` sessions write their fragmented MP4
 
 
 @dataclass(frozen=True)
@@ -202,6 +252,7 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -219,6 +270,29 @@ _ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/n
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 FP8_MODES = ("none", "weights", "gemm")  # model/net/fp8.py
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
+SIZINGS = ("aspect", "crop")
+MOTION_MODES = ("static", "generated")
+MOTION_INITS = ("still_video", "copies")
+MOTION_ROPES = ("absolute", "follow")  # model/net/dit.py MOTION_ROPE_MODES
+NOISE_LAYOUTS = ("per_clip", "per_block")
+DECODER_PRIMES = ("still_video", "reference")
+MAX_SINK_DISTANCE = 30  # the reference draws 4..30 (causal_model_s2v.py `random.randint(4, 30)`)
+
+# Each streaming scheme as the keys it sets (a key given in the file or as a flag wins over its scheme).
+STREAM_SCHEMES: dict[str, dict[str, Any]] = {
+    "reference": {  # LiveAvatar's causal_s2v_pipeline_tpp.py (docs/model.md, "Inference settings")
+        "sampler.kv_update": "per_step", "video.sizing": "aspect", "stream.motion": "static",
+        "stream.motion_init": "still_video", "stream.motion_rope": "absolute", "stream.sink_swap": True,
+        "stream.sink_distance_min": 4, "stream.sink_distance_max": MAX_SINK_DISTANCE, "stream.noise": "per_clip",
+        "stream.decoder_prime": "still_video",
+    },
+    "ours": {  # this project's scheme before the reference one (kept for comparison, BENCHMARKS.md)
+        "sampler.kv_update": "clean_pass", "video.sizing": "crop", "stream.motion": "generated",
+        "stream.motion_init": "copies", "stream.motion_rope": "follow", "stream.sink_swap": False,
+        "stream.sink_distance_min": MAX_SINK_DISTANCE, "stream.sink_distance_max": MAX_SINK_DISTANCE,
+        "stream.noise": "per_block", "stream.decoder_prime": "reference",
+    },
+}
 
 
 def _check(cfg: AppConfig) -> None:
@@ -257,6 +331,7 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.sampler.shift > 0, "sampler.shift", f"must be > 0, got {cfg.sampler.shift}")
     _require(cfg.sampler.kv_update in KV_UPDATE_MODES, "sampler.kv_update",
              f"must be one of {KV_UPDATE_MODES}, got {cfg.sampler.kv_update!r}")
+    _check_stream(cfg)
     _require(cfg.runtime.dtype in _DTYPES, "runtime.dtype", f"must be one of {_DTYPES}, got {cfg.runtime.dtype!r}")
     dev = cfg.runtime.device
     _require(dev == "cpu" or dev == "cuda" or dev.startswith("cuda:"), "runtime.device",
@@ -299,6 +374,16 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.server.max_queued >= 0, "server.max_queued", f"must be >= 0, got {cfg.server.max_queued}")
     _require(cfg.server.connect_timeout_s > 0, "server.connect_timeout_s",
              f"must be > 0 seconds, got {cfg.server.connect_timeout_s}")
+    for key in ("max_connections_per_client", "max_pending_offers_per_client", "max_viewers_per_client",
+                "max_audio_bytes", "max_text_chars"):
+        _require(getattr(cfg.server, key) >= 1, f"server.{key}", f"must be >= 1, got {getattr(cfg.server, key)}")
+    for key in ("offer_timeout_s", "max_speech_s", "session_idle_timeout_s"):
+        _require(getattr(cfg.server, key) > 0, f"server.{key}",
+                 f"must be > 0 seconds, got {getattr(cfg.server, key)}")
+    _require(cfg.server.rtmp is None or cfg.server.rtmp.startswith(("rtmp://", "rtmps://")), "server.rtmp",
+             f"must be an rtmp:// or rtmps:// URL, got {cfg.server.rtmp!r}")
+    _require(bool(cfg.server.tts_voice.strip()) and not cfg.server.tts_voice.startswith("-"), "server.tts_voice",
+             f"must be an espeak-ng voice name (espeak-ng --voices), got {cfg.server.tts_voice!r}")
     _require(cfg.server.max_message_bytes >= 1024, "server.max_message_bytes",
              f"must be >= 1024 (an offer's SDP alone is a few KB), got {cfg.server.max_message_bytes}")
     _require(cfg.server.max_messages_per_s > 0, "server.max_messages_per_s",
@@ -321,6 +406,44 @@ def _check(cfg: AppConfig) -> None:
              f"must equal model.text_encoder.d_model ({text.d_model}), got {dit.text_dim}")
     _require(text.text_len <= dit.text_len, "model.text_encoder.text_len",
              f"must be <= model.dit.text_len ({dit.text_len}), got {text.text_len}")
+
+
+def _check_stream(cfg: AppConfig) -> None:
+    """The streaming scheme's keys (`stream.*`, `video.sizing`)."""
+    stream = cfg.stream
+    _require(stream.scheme in STREAM_SCHEMES, "stream.scheme",
+             f"must be one of {tuple(STREAM_SCHEMES)}, got {stream.scheme!r}")
+    _require(cfg.video.sizing in SIZINGS, "video.sizing", f"must be one of {SIZINGS}, got {cfg.video.sizing!r}")
+    for key, allowed in (("motion", MOTION_MODES), ("motion_init", MOTION_INITS), ("motion_rope", MOTION_ROPES),
+                         ("noise", NOISE_LAYOUTS), ("decoder_prime", DECODER_PRIMES)):
+        value = getattr(stream, key)
+        _require(value in allowed, f"stream.{key}", f"must be one of {allowed}, got {value!r}")
+    low, high = stream.sink_distance_min, stream.sink_distance_max
+    _require(1 <= low <= MAX_SINK_DISTANCE, "stream.sink_distance_min",
+             f"must be in 1..{MAX_SINK_DISTANCE} latent frames (the reference draws 4..30), got {low}")
+    _require(low <= high <= MAX_SINK_DISTANCE, "stream.sink_distance_max",
+             f"must be in stream.sink_distance_min ({low})..{MAX_SINK_DISTANCE} latent frames, got {high}")
+    if cfg.video.sizing == "aspect":
+        w, h = cfg.video.width, cfg.video.height
+        _require(w * h >= 64 * 64, "video.size",
+                 f"with --video.sizing aspect the size is an area budget in 64-pixel steps; {w}*{h} is below 64*64")
+
+
+def apply_scheme(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys of `stream.scheme` (default: StreamConfig's) that `data` does not give; returns `data`."""
+    data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    stream = data.get("stream") or {}
+    if not isinstance(stream, dict):
+        raise ConfigError(f"--stream: expected a mapping, got {stream!r}")
+    scheme = stream.get("scheme", StreamConfig.scheme)
+    if scheme not in STREAM_SCHEMES:
+        raise ConfigError(f"--stream.scheme: must be one of {tuple(STREAM_SCHEMES)}, got {scheme!r}")
+    for dotted, value in STREAM_SCHEMES[scheme].items():
+        section, key = dotted.split(".")
+        node = data.setdefault(section, {})
+        if isinstance(node, dict):
+            node.setdefault(key, value)
+    return data
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -458,14 +581,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if isinstance(value, str):
             value = yaml.safe_load(value) if value != "" else value
         _set_dotted(data, dotted, value)
-    cfg = _build(AppConfig, data)
+    cfg = _build(AppConfig, apply_scheme(data))
     _check(cfg)
     return cfg
 
 
 def replace_key(cfg: AppConfig, dotted: str, value: Any) -> AppConfig:
-    """Return `cfg` with one dotted key changed (validated again)."""
-    return load_config_from_dict(_set_in(dataclasses.asdict(cfg), dotted, value))
+    """Return `cfg` with one dotted key changed (validated again).
+
+    Changing `stream.scheme` also resets every key of the scheme to the new scheme's value."""
+    tree = dataclasses.asdict(cfg)
+    if resolve_key(dotted) == "stream.scheme":
+        for part in STREAM_SCHEMES.get(cfg.stream.scheme, {}):
+            section, key = part.split(".")
+            tree[section].pop(key, None)
+    return load_config_from_dict(_set_in(tree, dotted, value))
 
 
 def _set_in(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
@@ -475,7 +605,7 @@ def _set_in(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 def load_config_from_dict(data: dict[str, Any]) -> AppConfig:
     """Validate an in-memory mapping (tests and tools build configs this way)."""
-    cfg = _build(AppConfig, data)
+    cfg = _build(AppConfig, apply_scheme(data))
     _check(cfg)
     return cfg
 

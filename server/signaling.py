@@ -16,6 +16,7 @@ from aiohttp import WSMsgType, web
 
 from model.config import AppConfig
 from server.admission import AdmissionQueue
+from server.client_caps import CapExceeded, ClientCaps, client_address, close_when_idle
 from server.engine import check_sample_steps
 from server.limits import MessageLimits, hard_message_limit
 from server.metrics import ServerMetrics
@@ -48,10 +49,13 @@ class ServerState:
     sessions: set[Session] = field(default_factory=set)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     admission: AdmissionQueue | None = None
+    caps: ClientCaps | None = None
 
     def __post_init__(self) -> None:
         if self.admission is None:
             self.admission = AdmissionQueue(self.cfg.server.max_sessions, self.cfg.server.max_queued)
+        if self.caps is None:
+            self.caps = ClientCaps(self.cfg)
 
     def session_lost(self, session_id: str, reason: str) -> None:
         """The engine lost a session's model state (its worker died): tell that page and close the session."""
@@ -141,9 +145,11 @@ async def _forget_when_closed(state: ServerState, session: Session) -> None:
 class WebSocketConnection:
     """One page's websocket: at most one live session, its stats loop, and its controls."""
 
-    def __init__(self, ws: web.WebSocketResponse, state: ServerState) -> None:
+    def __init__(self, ws: web.WebSocketResponse, state: ServerState, client: str = "unknown") -> None:
         self._ws = ws
         self._state = state
+        self.client = client
+        self.offering = False  # an offer is being answered or waits in line
         self.session: Session | None = None
         self._stats_task: asyncio.Task | None = None
         self._sends: set[asyncio.Task] = set()  # fire-and-forget sends, held so they are not collected
@@ -201,13 +207,19 @@ class WebSocketConnection:
             raise RequestError("session_exists", 'this connection already has a session; send {"type":"stop"} '
                                                  "first")
         sdp, reference, prompt, steps = parse_offer(message, self._state)
+        self.offering = True
         try:
-            async with self._state.admission.turn(self._has_room, self._tell_position, self.gone):
-                session, answer = await open_session(
-                    self._state, sdp, "offer", reference, prompt, steps,
-                    on_error=lambda text, code: self._send_soon(error_message(code, text)))
+            with self._state.caps.hold("offer", self.client):
+                async with self._state.admission.turn(self._has_room, self._tell_position, self.gone):
+                    session, answer = await open_session(
+                        self._state, sdp, "offer", reference, prompt, steps,
+                        on_error=lambda text, code: self._send_soon(error_message(code, text)))
         except EngineBusy as exc:  # the line is full, or this page left it
             raise RequestError("busy", str(exc)) from None
+        except CapExceeded as exc:
+            raise RequestError(exc.code, str(exc)) from None
+        finally:
+            self.offering = False
         self.session = session
         await self.send({"type": "answer", "sdp": answer.sdp, "session_id": session.session_id})
         self._stats_task = asyncio.create_task(self._stats_loop(session))
@@ -256,10 +268,33 @@ class WebSocketConnection:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """`/ws`: the page's control channel for the life of its session."""
     state = request.app[STATE_KEY]
+    client = client_address(request.remote)
+    try:
+        state.caps.acquire("websocket", client)
+    except CapExceeded as exc:
+        state.metrics.error(exc.code)
+        return web.json_response(error_message(exc.code, str(exc)), status=429)
+    try:
+        return await _serve_websocket(request, state, client)
+    finally:
+        state.caps.release("websocket", client)
+
+
+async def _serve_websocket(request: web.Request, state: ServerState, client: str) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=hard_message_limit(state.cfg), heartbeat=20.0)
     await ws.prepare(request)
-    connection = WebSocketConnection(ws, state)
+    connection = WebSocketConnection(ws, state, client)
     connection.gone = lambda: ws.closed or request.transport is None or request.transport.is_closing()
+    timeout_s = state.cfg.server.offer_timeout_s
+
+    async def close_idle() -> None:
+        log.info("websocket from %s closed: no offer nor session for %g s", client, timeout_s)
+        await connection.send(error_message("offer_timeout", f"no offer arrived within {timeout_s:g} s "
+                                                             "(--server.offer_timeout_s); connect again to start"))
+        await ws.close()
+
+    watcher = asyncio.create_task(close_when_idle(
+        lambda: connection.session is None and not connection.offering, close_idle, timeout_s))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -270,6 +305,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                 log.info("websocket closed with error: %s", ws.exception())
                 break
     finally:
+        watcher.cancel()
         await connection.close_session()
     return ws
 
@@ -293,9 +329,13 @@ async def offer_handler(request: web.Request) -> web.Response:
         if sdp_type != "offer":
             raise RequestError("bad_offer", f"expected an SDP of type 'offer', got {sdp_type!r}")
         sdp, reference, prompt, steps = parse_offer(payload, state)
-        _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
+        try:
+            with state.caps.hold("offer", client_address(request.remote)):
+                _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
+        except CapExceeded as exc:
+            raise RequestError(exc.code, str(exc)) from None
     except RequestError as exc:
         state.metrics.error(exc.code)
-        status = {"busy": 503, "too_large": 413}.get(exc.code, 400)
+        status = {"busy": 503, "too_large": 413, CapExceeded.code: 429}.get(exc.code, 400)
         return web.json_response(error_message(exc.code, str(exc)), status=status)
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
