@@ -3,20 +3,27 @@
 Streaming API (what `model/stream/avatar.py` codes against):
 
     dit = AvatarDiT(cfg.model.dit)                       # any size from DiTConfig
-    cache = dit.new_cache(batch_size, device, dtype)     # StreamCache: fixed-size buffers, allocated once
+    cache = dit.new_cache(batch_size, device, dtype, motion_rope="follow")
+        # StreamCache: fixed-size buffers, allocated once. motion_rope: where the FramePack motion tokens
+        # sit in RoPE frames over the stream: "absolute" keeps them at their frames of the sink pass
+        # (-1 .. -19) for the whole stream, as LiveAvatar does; "follow" moves them with the window, just
+        # behind its oldest committed block (bounded distance).
     dit.prefill(cache, ref_latent, text_context, motion_latents=None)
         # ref_latent [B,16,1,h,w]: attention sink (K/V kept for the whole session);
         # text_context [B, L<=text_len, text_dim]: projected and its K/V cached once per layer;
         # motion_latents [B,16,T,h,w] (optional, e.g. the previous clip's latents): packed FramePack-style
         # (1 + 2 + 16 latent frames) into the sink. Calling prefill again replaces the sink and the text,
         # and keeps the rolling window (that is how the motion context of the previous clip is refreshed).
-    v = dit(noisy, timestep, audio, cache, frame_start)
+    v = dit(noisy, timestep, audio, cache, frame_start, sink_distance=None)
         # noisy [B,16,F,h,w], timestep [B] in 0..1000, audio [B, 4*F, num_audio_layers, audio_dim]
         # (wav2vec2 hidden states of every layer, one row per video frame of this block),
         # frame_start: index of the block's first latent frame in the stream (int, 0, F, 2F, ...).
         # Returns the flow velocity, same shape as `noisy`, float32. Does not modify the cache, unless
         # store_slot=True: then this call's K/V are the block's window entry (no commit pass needed).
-    dit.commit(cache, clean, audio, frame_start)
+        # sink_distance: None puts the reference sink REF_FRAME_OFFSET (30) frames ahead of the block;
+        # an int d puts it at absolute latent frame max(30, frame_start + d), LiveAvatar's rule for its
+        # per-call draw d in 4..30 (causal_model_s2v.py `relative_dist`, rollout of the ref grid).
+    dit.commit(cache, clean, audio, frame_start, sink_distance=None)
         # runs the clean block at timestep 0 and appends its K/V to the rolling window
         # (the window keeps kv_cache_blocks - 1 committed blocks; with the block being denoised that is
         # kv_cache_blocks blocks, one clip of the reference: 4 x 3 latent frames).
@@ -26,7 +33,8 @@ itself, never to later blocks. RoPE is relative (R(p_q) q . R(p_k) k depends on 
 keys are stored already rotated at their absolute latent frame and never rotated again: a block's
 queries and keys are rotated at frames frame_start..., committed keys keep theirs. The sink (reference
 and motion tokens) moves with the stream (`_sink_positions_at`): its keys are kept un-rotated and
-rotated once per block into a region next to the window, shared by that block's calls. Angles are
+rotated into a region next to the window once per sink layout (block, sink distance), shared by the
+calls that use that layout (a distance drawn per call rotates per call). Angles are
 float64, tables float32, so hours of stream (frame ~10^6) give the output of frame 0 within float
 rounding (see `model/net/rope.py`).
 
@@ -65,7 +73,7 @@ from model.net.attention import (
     set_attention_backend,
 )
 from model.net.audio import AudioInjector, CausalAudioEncoder
-from model.net.fp8 import Fp8Linear, QuantizedActivations, fp8_gemm_supported, quantize_linears
+from model.net.fp8 import Fp8Linear, fp8_gemm_supported, quantize_linears, switch_mode
 from model.net.motion import MOTION_LATENT_FRAMES, FramePackMotioner
 from model.net.rope import (
     RotationTables,
@@ -78,10 +86,14 @@ from model.net.rope import (
 from model.parallel.group import is_sharded
 
 # The reference places the reference-image sink at latent frame 30 (Wan2.2 model_s2v.py ref_grid_sizes
-# [30, 0, 0]) and LiveAvatar rolls it forward with the stream so it stays 4..30 frames (random per call)
-# ahead of the block being denoised (causal_model_s2v.py `relative_dist`). We keep it a fixed 30 frames
-# ahead: in the trained range, deterministic, and identical to the reference for the first block.
+# [30, 0, 0]) and LiveAvatar rolls it forward with the stream: each call draws d in 4..30 and the sink
+# sits at absolute frame max(30, frame_start + d) (causal_model_s2v.py `relative_dist`, `start_idx`,
+# `num_frames_cond_rollout`; causal_s2v_utils.py `rollout_grid_sizes`). `sink_distance` takes such a d;
+# without one the sink stays a fixed REF_FRAME_OFFSET frames ahead of the block (deterministic, and the
+# reference's layout for the block at frame 0).
 REF_FRAME_OFFSET = 30
+MOTION_ROPE_FOLLOW, MOTION_ROPE_ABSOLUTE = "follow", "absolute"
+MOTION_ROPE_MODES = (MOTION_ROPE_FOLLOW, MOTION_ROPE_ABSOLUTE)
 NUM_AUDIO_TOKENS = 4  # Wan2.2 WanModel_S2V num_audio_token default
 COND_MASK_NOISY, COND_MASK_REF, COND_MASK_MOTION = 0, 1, 2  # rows of `trainable_cond_mask`
 SINK_KIND_REF, SINK_KIND_MOTION = 0, 1
@@ -107,8 +119,8 @@ class StreamCache:
         kv_v: [sink n     |                  working slot b | slot 0 b | ... ]   (values)
 
     Raw sink keys are un-rotated (`copy_sink` copies them with the values); the rotated sink holds them
-    rotated for the block at `rotated_sink_for`; the working slot holds the last call's rotated keys;
-    window slots hold committed keys rotated at their absolute frames. A call attends over
+    rotated for the layout in `rotated_sink_for` (block start, reference frame, sink); the working slot
+    holds the last call's rotated keys; window slots hold committed keys rotated at their absolute frames. A call attends over
     kv_k[n : 2n + (1 + filled) b] and kv_v[: n + (1 + filled) b], one slice each.
     """
 
@@ -116,6 +128,7 @@ class StreamCache:
     device: torch.device
     dtype: torch.dtype
     num_slots: int
+    motion_rope: str = MOTION_ROPE_FOLLOW  # MOTION_ROPE_*: motion tokens' RoPE frames over the stream
     text_k: torch.Tensor | None = None  # [L, B, text_len, H, D]
     text_v: torch.Tensor | None = None
     kv_k: torch.Tensor | None = None  # [L, B, 2 * sink + (1 + slots) * block, H, D]
@@ -128,9 +141,9 @@ class StreamCache:
     block_positions: torch.Tensor | None = None  # [block_tokens, 3] of a block starting at frame 0
     slot_frame_start: list[int | None] = field(default_factory=list)
     next_slot: int = 0
-    # (frame_start, sink_positions object) the rotated sink was made for: a new sink (prefill, copy_sink)
-    # brings a new positions tensor, so holding the object tells a stale rotation apart.
-    rotated_sink_for: tuple[int, torch.Tensor] | None = None
+    # (frame_start, reference frame, sink_positions object) the rotated sink was made for: a new sink
+    # (prefill, copy_sink) brings a new positions tensor, so holding the object tells a stale rotation apart.
+    rotated_sink_for: tuple[int, int, torch.Tensor] | None = None
     rope: dict[tuple, RotationTables] = field(default_factory=dict)  # block tables per frame_start
     device_positions: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -245,7 +258,7 @@ class AvatarBlock(WanTransformerBlock):
         if self.qkv_weight is not None:
             q, k, v = F.linear(hidden, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
         elif isinstance(attn.to_q, Fp8Linear) and attn.to_q.gemm:  # one float8 quantisation for q, k and v
-            xq = QuantizedActivations.of(hidden)
+            xq = attn.to_q.quantize_input(hidden)
             q, k, v = (attn.to_q.forward_quantized(xq), attn.to_k.forward_quantized(xq),
                        attn.to_v.forward_quantized(xq))
         else:
@@ -403,19 +416,15 @@ class AvatarDiT(nn.Module):
     def quantize_fp8(self, mode: str) -> int:
         """Linear layers of the blocks and audio injectors in float8 (`model/net/fp8.py`); returns how many.
 
-        Embeddings, time/text projections and the output head stay as they are: they are small and set
-        the scale of everything after them.
+        Embeddings, time/text projections, the audio encoder's final linear and the output head stay as they
+        are: they are small and set the scale of everything after them; the same layers LiveAvatar's `--fp8`
+        leaves out (`model.net.fp8.REFERENCE_FP8_EXCLUDED`).
         """
-        if mode == "gemm" and self.device.type != "meta" and not fp8_gemm_supported(self.device):
-            raise ValueError(f"--runtime.fp8 gemm: {torch.cuda.get_device_name(self.device)} has no float8 tensor "
+        if mode in ("gemm", "tensor") and self.device.type != "meta" and not fp8_gemm_supported(self.device):
+            raise ValueError(f"--runtime.fp8 {mode}: {torch.cuda.get_device_name(self.device)} has no float8 tensor "
                              "cores (compute capability 8.9+ needed); use --runtime.fp8 weights")
         if self.is_fp8:  # already float8: switch between widening the weights and float8 GEMMs
-            if mode == "none":
-                raise ValueError("--runtime.fp8 none: this model's weights are float8 already; reload it")
-            layers = [m for m in self.modules() if isinstance(m, Fp8Linear)]
-            for layer in layers:
-                layer.gemm = mode == "gemm"
-            return len(layers)
+            return switch_mode([m for m in self.modules() if isinstance(m, Fp8Linear)], mode)
         return quantize_linears([self.blocks, self.audio_injector], mode)
 
     @property
@@ -447,10 +456,21 @@ class AvatarDiT(nn.Module):
 
     # ---- streaming API
 
-    def new_cache(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> StreamCache:
-        """An empty cache for one stream; buffers are allocated by the first `prefill`."""
+    def new_cache(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, motion_rope: str = MOTION_ROPE_FOLLOW
+    ) -> StreamCache:
+        """An empty cache for one stream; buffers are allocated by the first `prefill`.
+
+        motion_rope "absolute": the FramePack motion tokens keep their RoPE frames of the sink pass
+        (-1 .. -19) for the whole stream (LiveAvatar: `rollout_grid_sizes` never shifts the motion
+        groups), so their distance to the block grows with the stream; "follow": they move with the
+        window, just behind its oldest committed block.
+        """
+        if motion_rope not in MOTION_ROPE_MODES:
+            raise ValueError(f"motion_rope must be one of {MOTION_ROPE_MODES}, got {motion_rope!r}")
         slots = self.cfg.kv_cache_blocks - 1
-        return StreamCache(batch_size, torch.device(device), dtype, slots, slot_frame_start=[None] * slots)
+        return StreamCache(batch_size, torch.device(device), dtype, slots, motion_rope=motion_rope,
+                           slot_frame_start=[None] * slots)
 
     @torch.no_grad()
     def prefill(
@@ -506,7 +526,7 @@ class AvatarDiT(nn.Module):
             x, k = block(x, cache.text_k[layer], cache.text_v[layer], proj, tables.cos, tables.sin,
                          cache.kv_k[layer, :, n : 2 * n], cache.kv_v[layer, :, :n], 0, return_keys=True)
             cache.kv_k[layer, :, :n] = k
-        cache.rotated_sink_for = (0, cache.sink_positions)
+        cache.rotated_sink_for = (0, REF_FRAME_OFFSET, cache.sink_positions)
 
     @torch.no_grad()
     def forward(
@@ -517,27 +537,39 @@ class AvatarDiT(nn.Module):
         cache: StreamCache,
         frame_start: int,
         store_slot: bool = False,
+        sink_distance: int | None = None,
     ) -> torch.Tensor:
         """Flow velocity [B,16,F,h,w] (float32) for one noisy block; reads the cache.
 
         With `store_slot`, this call's K/V also become the block's entry in the rolling window, as
         `commit` would write them, without commit's extra pass (the sampler's `kv_update` modes).
+        `sink_distance` d puts the reference sink at frame max(30, frame_start + d) (the reference's
+        per-call draw); None keeps it REF_FRAME_OFFSET frames ahead of the block.
         """
         self._check_block(cache, noisy, audio, frame_start, committing=store_slot)
         store = store_slot and cache.num_slots > 0
-        hidden, temb = self._run_block(cache, noisy, timestep, audio, frame_start, commit=store)
+        hidden, temb = self._run_block(cache, noisy, timestep, audio, frame_start, commit=store,
+                                       sink_distance=sink_distance)
         if store:
             self._advance_slot(cache, frame_start)
         return self._head(hidden, temb, noisy.shape)
 
     @torch.no_grad()
-    def commit(self, cache: StreamCache, clean: torch.Tensor, audio: torch.Tensor, frame_start: int) -> None:
-        """Append the clean block's K/V (timestep 0) to the rolling window, evicting the oldest block."""
+    def commit(
+        self,
+        cache: StreamCache,
+        clean: torch.Tensor,
+        audio: torch.Tensor,
+        frame_start: int,
+        sink_distance: int | None = None,
+    ) -> None:
+        """Append the clean block's K/V (timestep 0) to the rolling window, evicting the oldest block
+        (`sink_distance` as in `forward`)."""
         self._check_block(cache, clean, audio, frame_start, committing=True)
         if cache.num_slots == 0:
             return
         timestep = torch.zeros(clean.shape[0], device=self.device)
-        self._run_block(cache, clean, timestep, audio, frame_start, commit=True)
+        self._run_block(cache, clean, timestep, audio, frame_start, commit=True, sink_distance=sink_distance)
         self._advance_slot(cache, frame_start)
 
     @staticmethod
@@ -556,6 +588,7 @@ class AvatarDiT(nn.Module):
         audio: torch.Tensor,
         frame_start: int,
         commit: bool,
+        sink_distance: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's tokens through every layer: self-attn over sink + window + itself, text, audio."""
         sp = sequence_parallel()
@@ -568,7 +601,7 @@ class AvatarDiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=self.device, dtype=torch.float32).reshape(-1).expand(b)
         temb, proj = self._time_embedding(timestep)
         audio_global, audio_local = self.casual_audio_encoder(audio.to(self.device, self.dtype))
-        self._rotate_sink(cache, frame_start)
+        self._rotate_sink(cache, frame_start, sink_distance)
         tables = self._block_tables(cache, frame_start)
         n = cache.sink_tokens
         span = cache.slot_start(cache.filled_slots)  # sink + working slot + filled window slots
@@ -624,18 +657,38 @@ class AvatarDiT(nn.Module):
         cache.text_v = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.sink_tokens, cache.block_tokens, cache.latent_hw = sink_tokens, block_tokens, latent_hw
 
-    def _sink_positions_at(self, cache: StreamCache, frame_start: int) -> torch.Tensor:
-        """Sink positions relative to a block starting at `frame_start` (bounded for any frame_start).
+    @staticmethod
+    def ref_frame(frame_start: int, sink_distance: int | None = None) -> int:
+        """Absolute latent frame of the reference sink for the block at `frame_start`.
 
-        Reference sink: REF_FRAME_OFFSET frames ahead. Motion tokens: the reference keeps them at fixed
-        absolute frames (-1 .. -19), which drift ever further behind a long stream; we let them follow the
-        window instead, never further back than just behind its oldest committed block.
+        None: REF_FRAME_OFFSET frames ahead. An int d: LiveAvatar's rule, max(30, frame_start + d)
+        (its `num_frames_cond_rollout = max(0, frame_start - (30 - d))` added to the ref frame 30).
         """
+        if sink_distance is None:
+            return frame_start + REF_FRAME_OFFSET
+        if isinstance(sink_distance, bool) or not isinstance(sink_distance, int) or sink_distance < 0:
+            raise StreamStateError(f"sink_distance must be a non-negative int of latent frames, got {sink_distance!r}")
+        return max(REF_FRAME_OFFSET, frame_start + sink_distance)
+
+    def _motion_frame_shift(self, cache: StreamCache, frame_start: int) -> int:
+        """Frames the motion tokens are moved from their sink-pass frames for the block at `frame_start`."""
+        if cache.motion_rope == MOTION_ROPE_ABSOLUTE:
+            return 0
         window_frames = cache.num_slots * self.cfg.num_frames_per_block
-        motion_shift = -min(frame_start, window_frames)
-        shift = torch.where(cache.sink_kind == SINK_KIND_REF, REF_FRAME_OFFSET, motion_shift).to(
-            torch.float64
-        )
+        return frame_start - min(frame_start, window_frames)
+
+    def _sink_positions_at(
+        self, cache: StreamCache, frame_start: int, sink_distance: int | None = None
+    ) -> torch.Tensor:
+        """Sink positions relative to a block starting at `frame_start`.
+
+        Reference sink: at `ref_frame`. Motion tokens: with motion_rope "absolute" at their frames of the
+        sink pass (-1 .. -19), which drift ever further behind a long stream (the reference); with
+        "follow" they move with the window, never further back than just behind its oldest committed block.
+        """
+        ref = self.ref_frame(frame_start, sink_distance) - frame_start
+        motion = self._motion_frame_shift(cache, frame_start) - frame_start
+        shift = torch.where(cache.sink_kind == SINK_KIND_REF, ref, motion).to(torch.float64)
         positions = cache.sink_positions.clone()
         positions[:, 0] += shift
         return positions
@@ -651,32 +704,37 @@ class AvatarDiT(nn.Module):
             cache.device_positions[name] = held
         return held[1]
 
-    def _sink_positions_abs(self, cache: StreamCache, frame_start: int) -> torch.Tensor:
+    def _sink_positions_abs(
+        self, cache: StreamCache, frame_start: int, sink_distance: int | None = None
+    ) -> torch.Tensor:
         """Absolute positions (float64, on the device) of the sink for the block at `frame_start`:
-        `_sink_positions_at` shifted by frame_start, computed on the device (no host copy per block)."""
+        `_sink_positions_at` shifted by frame_start, computed on the device (no host copy per block).
+        The sink's base positions put the reference at frame 0, so the reference frame is added whole."""
         base = self._device_positions(cache, "sink", cache.sink_positions)
         is_ref = self._device_positions(cache, "sink_kind", cache.sink_kind)
-        window_frames = cache.num_slots * self.cfg.num_frames_per_block
-        motion = frame_start - min(frame_start, window_frames)
-        ref = frame_start + REF_FRAME_OFFSET
+        motion = self._motion_frame_shift(cache, frame_start)
+        ref = self.ref_frame(frame_start, sink_distance)
         positions = base.clone()
         positions[:, 0] += motion + (ref - motion) * is_ref
         return positions
 
-    def _rotate_sink(self, cache: StreamCache, frame_start: int) -> None:
-        """Rotate the raw sink keys for the block at `frame_start` into the rotated-sink region, once per
-        block (and after each new sink): every call of the block (denoising steps, commit) reuses it."""
+    def _rotate_sink(self, cache: StreamCache, frame_start: int, sink_distance: int | None = None) -> None:
+        """Rotate the raw sink keys for the block at `frame_start` (reference at `ref_frame`) into the
+        rotated-sink region, once per layout (and after each new sink): calls with the same block and
+        reference frame (denoising steps, commit) reuse it; a distance drawn per call rotates per call."""
+        ref = self.ref_frame(frame_start, sink_distance)
         done = cache.rotated_sink_for
-        if done is not None and done[0] == frame_start and done[1] is cache.sink_positions:
+        if done is not None and done[0] == frame_start and done[1] == ref and done[2] is cache.sink_positions:
             return
-        tables = rotation_tables(self._sink_positions_abs(cache, frame_start), self.head_dim, self.device)
+        tables = rotation_tables(self._sink_positions_abs(cache, frame_start, sink_distance), self.head_dim,
+                                 self.device)
         n = cache.sink_tokens
         for layer in range(cache.kv_k.shape[0]):  # per layer: a float32 temporary of one layer's sink
             if eager_fast_path():
                 rotate_into(cache.kv_k[layer, :, n : 2 * n], cache.kv_k[layer, :, :n], tables.cos, tables.sin)
             else:
                 cache.kv_k[layer, :, n : 2 * n] = rotate(cache.kv_k[layer, :, :n], tables.cos, tables.sin)
-        cache.rotated_sink_for = (frame_start, cache.sink_positions)
+        cache.rotated_sink_for = (frame_start, ref, cache.sink_positions)
 
     def _block_tables(self, cache: StreamCache, frame_start: int) -> RotationTables:
         """Rotation tables of the block's tokens at their absolute frames (built on the device, once per block)."""

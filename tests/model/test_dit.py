@@ -352,3 +352,94 @@ def test_bfloat16_streams_do_not_drift_with_stream_length(cfg) -> None:
         torch.testing.assert_close(out, _window_then_block(low, cfg, 30, torch.bfloat16), atol=2e-2, rtol=1e-2)
     assert errors[0] < 0.05
     assert max(errors) < 1.2 * errors[0], errors
+
+
+# ----------------------------------------------------------------------------- reference sink distance, motion RoPE
+
+
+def test_sink_distance_puts_the_reference_at_max_30_or_block_plus_distance(dit, cfg) -> None:
+    """LiveAvatar: ref frame = 30 + max(0, frame_start - (30 - d)) = max(30, frame_start + d)."""
+    assert AvatarDiT.ref_frame(0, None) == 30 and AvatarDiT.ref_frame(12, None) == 42
+    assert [AvatarDiT.ref_frame(0, d) for d in (4, 17, 30)] == [30, 30, 30]
+    assert [AvatarDiT.ref_frame(27, d) for d in (3, 4, 30)] == [30, 31, 57]
+    with pytest.raises(StreamStateError, match="sink_distance"):
+        AvatarDiT.ref_frame(3, -1)
+    cache = _started(dit, cfg)
+    sink = dit._sink_positions_abs(cache, 27, sink_distance=10)
+    ref_rows = cache.sink_kind == 0
+    assert torch.equal(sink[ref_rows, 0], torch.full((int(ref_rows.sum()),), 37.0, dtype=torch.float64))
+    assert torch.equal(sink[~ref_rows, 0], cache.sink_positions[~ref_rows, 0] + 27 - 9)  # follow: window of 9
+
+
+def test_sink_distance_changes_the_output_only_where_it_moves_the_reference(dit, cfg) -> None:
+    f = cfg.num_frames_per_block
+    t = torch.tensor([700.0])
+    latents, audio = _block(cfg, 1)
+    cache = _started(dit, cfg)
+    plain = dit(latents, t, audio, cache, 0)
+    for d in (4, 30):  # block at frame 0: every distance keeps the reference at 30
+        torch.testing.assert_close(dit(latents, t, audio, cache, 0, sink_distance=d), plain, rtol=0, atol=0)
+    later = _started(dit, cfg)
+    dit.commit(later, latents, audio, 9 * f)
+    far = dit(latents, t, audio, later, 10 * f)  # reference at 60
+    assert torch.equal(dit(latents, t, audio, later, 10 * f, sink_distance=30), far)
+    near = dit(latents, t, audio, later, 10 * f, sink_distance=4)  # reference at 34
+    assert not torch.allclose(near, far)
+    assert later.rotated_sink_for[:2] == (10 * f, 34)
+    # each call rotates for its own distance: the same distance again gives the same velocity
+    assert torch.equal(dit(latents, t, audio, later, 10 * f, sink_distance=30), far)
+    assert torch.equal(dit(latents, t, audio, later, 10 * f, sink_distance=4), near)
+
+
+def test_a_drawn_distance_rotates_the_sink_once_per_new_reference_frame(dit, cfg) -> None:
+    """The rotated sink is keyed on (block, reference frame): same frame reuses it, a new one redoes it."""
+    f = cfg.num_frames_per_block
+    cache = _started(dit, cfg)
+    latents, audio = _block(cfg, 2)
+    dit.commit(cache, latents, audio, 9 * f)
+    rotations = []
+    original = dit._sink_positions_abs
+
+    def counted(*args, **kwargs):
+        rotations.append(args[1:])
+        return original(*args, **kwargs)
+
+    dit._sink_positions_abs = counted
+    try:
+        for d in (5, 5, 6, None, None, 30):  # frame 30: refs 35, 35, 36, 60, 60, 60
+            dit(latents, torch.tensor([300.0]), audio, cache, 10 * f, sink_distance=d)
+    finally:
+        del dit._sink_positions_abs
+    assert len(rotations) == 3
+
+
+def test_motion_rope_absolute_keeps_the_motion_tokens_at_their_sink_frames(cfg) -> None:
+    """"absolute" (the reference) and "follow" agree while the window has not slid past the motion
+    tokens (frame_start <= window frames) and differ after; unknown modes are refused."""
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg).eval()
+    f = cfg.num_frames_per_block
+    with pytest.raises(ValueError, match="motion_rope"):
+        model.new_cache(1, "cpu", torch.float32, motion_rope="sliding")
+    outs = {}
+    for mode in ("absolute", "follow"):
+        cache = model.new_cache(1, "cpu", torch.float32, motion_rope=mode)
+        ref, text = _inputs(cfg, 0)
+        model.prefill(cache, ref, text)
+        motion = cache.sink_kind == 1
+        if mode == "absolute":
+            for start in (0, 5 * f, 1_000_002):
+                positions = model._sink_positions_abs(cache, start)
+                assert torch.equal(positions[motion], cache.sink_positions[motion].to(torch.float64))
+        velocities = []
+        for block in range(5):
+            latents, audio = _block(cfg, block)
+            velocities.append(model(latents, torch.tensor([500.0]), audio, cache, block * f, sink_distance=7))
+            model.commit(cache, latents, audio, block * f, sink_distance=7)
+        outs[mode] = velocities
+    window_frames = (cfg.kv_cache_blocks - 1) * f
+    for block in range(5):
+        if block * f <= window_frames:
+            assert torch.equal(outs["absolute"][block], outs["follow"][block])
+        else:
+            assert not torch.allclose(outs["absolute"][block], outs["follow"][block])
