@@ -6,14 +6,16 @@ audio features -> for each block: noise, a few sampler steps, K/V into the cache
 `next_clip` = `decode_clip(denoise_clip(window))`; the two halves are public so a caller may run the
 decode of clip n alongside the denoising of clip n+1.
 
-How a block's K/V reach the cache is `sampler.kv_update` (see `model.stream.sampler.KVUpdate`): an extra
-clean pass (the reference), the last step's call, or one window per step. `generate_block` and
+How clips follow each other is the streaming scheme (`stream.*`, `model/stream/scheme.py`): `reference`
+(LiveAvatar's path: one KV window per sampling step, static motion latents from the image's still video,
+the sink swapped to the first generated frame after clip 0, a sink distance drawn per DiT call) or `ours`.
+How a block's K/V reach the cache is `sampler.kv_update` (see `model.stream.sampler.KVUpdate`): one window
+per step (the reference), an extra clean pass, or the last step's call. `generate_block` and
 `MotionHistory` are the pieces that `model/parallel/tpp.py` (one GPU per step) and `bench/` share with this
 class, so all of them make the same DiT calls.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import UMT5EncoderModel, Wav2Vec2Model
 
 from model.config import REPO_ROOT, AppConfig
@@ -32,6 +33,8 @@ from model.net.dit import AvatarDiT, StreamCache
 from model.net.motion import MOTION_LATENT_FRAMES
 from model.parallel import group as parallel
 from model.stream.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, KVUpdate, denoise_steps
+from model.stream.scheme import SinkDistances, clip_noise, motion_start
+from model.stream.sizing import fit_reference_image, rgb_image, session_frame_size
 from model.vae.streaming import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -173,22 +176,6 @@ def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Mod
 # ----------------------------------------------------------------------------- image helpers
 
 
-def fit_reference_image(image: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
-    """Scale the image to cover (height, width), then crop the centre: uint8 [H, W, 3]."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise ValueError(f"reference image must be uint8 [H, W, 3] (RGB), got {image.dtype} {list(image.shape)}")
-    height, width = frame_size
-    pil = Image.fromarray(np.ascontiguousarray(image[..., :3]))
-    scale = max(height / pil.height, width / pil.width)
-    resized = pil.resize((max(width, math.ceil(pil.width * scale)), max(height, math.ceil(pil.height * scale))),
-                         Image.Resampling.LANCZOS)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
-
-
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [1, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -216,15 +203,27 @@ def fixed_steps_message(cfg: AppConfig, asked: object) -> str:
 
 
 def generate_block(dit: AvatarDiT, rings: list[StreamCache], noise: torch.Tensor, block_audio: torch.Tensor,
-                   frame_start: int, schedule: FlowMatchSchedule, kv: KVUpdate):
-    """Noise -> `schedule.sample_steps` Euler steps -> clean block, its K/V in the window(s) as `kv` says."""
+                   frame_start: int, schedule: FlowMatchSchedule, kv: KVUpdate,
+                   sink_distances: tuple[int | None, ...] | None = None):
+    """Noise -> `schedule.sample_steps` Euler steps -> clean block, its K/V in the window(s) as `kv` says.
+
+    `sink_distances`: the reference sink's distance for each DiT call in order (the steps, then the clean
+    pass), None for the DiT's fixed rule (`SinkDistances`)."""
+    distances = sink_distances or (None,) * kv.calls
+
     def denoiser(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        return dit(x, t, block_audio, rings[kv.ring(step)], frame_start, store_slot=kv.stores(step))
+        return dit(x, t, block_audio, rings[kv.ring(step)], frame_start, store_slot=kv.stores(step),
+                   **_sink_kwargs(distances[step]))
 
     block = denoise_steps(denoiser, noise, schedule)
     if kv.clean_pass:
-        dit.commit(rings[0], block.latents, block_audio, frame_start)
+        dit.commit(rings[0], block.latents, block_audio, frame_start, **_sink_kwargs(distances[-1]))
     return block
+
+
+def _sink_kwargs(distance: int | None) -> dict:
+    """The DiT's fixed sink rule is its default: leave the argument out for it."""
+    return {} if distance is None else {"sink_distance": distance}
 
 
 def copy_sink(src: StreamCache, dst: StreamCache) -> None:
@@ -275,12 +274,17 @@ class MotionHistory:
 class _Session:
     """What `start` sets up and every clip reads and advances."""
 
-    ref_latent: torch.Tensor  # [1, 16, 1, h, w]
+    ref_latent: torch.Tensor  # [1, 16, 1, h, w]: the reference image's latent
     text_context: torch.Tensor  # [1, text_len, text_dim]
     rings: list[StreamCache]  # the DiT's KV window(s): one, or one per sampling step (kv_update per_step)
     decoder: StreamingDecoder
     motion: MotionHistory
-    generator: torch.Generator
+    generator: torch.Generator  # stream.noise per_block
+    sink_distances: SinkDistances
+    frame_size: tuple[int, int]  # (height, width) of this session's frames
+    sink_latent: torch.Tensor | None = None  # [1, 16, 1, h, w] in the sink now; None: ref_latent
+    first_frame: torch.Tensor | None = None  # the stream's first clean latent frame (stream.sink_swap)
+    clip_noise: torch.Tensor | None = None  # stream.noise per_clip: the current clip's noise [1, 16, L, h, w]
     next_frame: int = 0  # latent frame index of the next block in the stream
 
     @property
@@ -304,6 +308,7 @@ class StreamingAvatar:
         self.frames_per_block = cfg.model.dit.num_frames_per_block
         self.latent_frames_per_clip = cfg.video.infer_frames // TIME_STRIDE
         self.kv_update = cfg.sampler.kv_update
+        self.stream = cfg.stream
 
     # ---- what the server reads
 
@@ -329,7 +334,16 @@ class StreamingAvatar:
 
     @property
     def frame_size(self) -> tuple[int, int]:
-        return self._cfg.video.height, self._cfg.video.width
+        """(height, width) of the running session's frames; before `start`, those of an image shaped like
+        `video.size` (with `video.sizing aspect` each session's follows its image: `frame_size_for`)."""
+        if self._session is not None:
+            return self._session.frame_size
+        return self.frame_size_for((self._cfg.video.height, self._cfg.video.width))
+
+    def frame_size_for(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) a session started with an image of `image_hw` runs at (`video.sizing`)."""
+        video = self._cfg.video
+        return session_frame_size(video.sizing, (video.height, video.width), image_hw)
 
     # ---- the session
 
@@ -338,24 +352,31 @@ class StreamingAvatar:
         """Encode identity and prompt, fill the DiT's sink and prime the decoder; drops any earlier session."""
         self.close()
         models = self._models
-        image = fit_reference_image(reference_image, self.frame_size)
-        ref_latent = models.vae.encode_reference(image_to_tensor(image)).to(models.device, models.dtype)
+        reference_image = rgb_image(reference_image)
+        frame_size = self.frame_size_for(reference_image.shape[:2])
+        image = image_to_tensor(fit_reference_image(reference_image, frame_size, self._cfg.video.sizing))
+        ref_latent = models.vae.encode_reference(image).to(models.device, models.dtype)
         text_context = models.text_encoder.encode(prompt)
-        motion_latents = ref_latent.expand(-1, -1, MOTION_LATENT_FRAMES, -1, -1).clone()
+        start = motion_start(self.stream, models.vae, image, ref_latent)
         kv = self._kv(self._cfg.sampler.sample_steps)
-        rings = self._open_rings(ref_latent, text_context, motion_latents, kv.rings)
+        rings = self._open_rings(ref_latent, text_context, start.motion_latents, kv.rings)
         generator = torch.Generator(models.device).manual_seed(self._seed)
-        self._session = _Session(ref_latent, text_context, rings, models.vae.new_decoder(ref_latent),
-                                 MotionHistory(motion_latents, kv.motion_lag_blocks), generator)
+        self._session = _Session(ref_latent, text_context, rings, models.vae.new_decoder(start.decoder_prime),
+                                 MotionHistory(start.motion_latents, kv.motion_lag_blocks), generator,
+                                 SinkDistances.from_config(self.stream, self._seed), frame_size)
 
     def _open_rings(self, ref_latent: torch.Tensor, text_context: torch.Tensor, motion_latents: torch.Tensor,
                     count: int) -> list[StreamCache]:
         """`count` KV windows, each holding the session's sink (the reference image and its motion)."""
         models = self._models
-        rings = [models.dit.new_cache(1, models.device, models.dtype) for _ in range(count)]
+        rings = [models.dit.new_cache(1, models.device, models.dtype, **self._cache_kwargs()) for _ in range(count)]
         for ring in rings:
             models.dit.prefill(ring, ref_latent, text_context, motion_latents)
         return rings
+
+    def _cache_kwargs(self) -> dict:
+        """The DiT's default motion RoPE rule ("follow") is left out of the call."""
+        return {} if self.stream.motion_rope == "follow" else {"motion_rope": self.stream.motion_rope}
 
     @torch.inference_mode()
     def next_clip(self, window: AudioWindow, sample_steps: int | None = None) -> VideoClip:
@@ -390,14 +411,14 @@ class StreamingAvatar:
         return torch.cat(list(self._denoise_blocks(window, sample_steps)), dim=2)
 
     def _denoise_blocks(self, window: AudioWindow, sample_steps: int | None) -> Iterator[torch.Tensor]:
-        """Each block's clean latents [1,16,F,h,w] in turn; after the last, the clip's motion is carried."""
+        """Each block's clean latents [1,16,F,h,w] in turn; after the last, the sink is renewed if the scheme says."""
         session = self._require_session()
         steps = self._check_steps(sample_steps)
         self._check_window(window)
         for i, block_audio in enumerate(self._block_audio(window)):
             block = self._generate_block(session, block_audio, steps)
             if i == self.blocks_per_clip - 1:
-                self._carry_motion(session)
+                self._renew_sink(session)
             yield block
 
     def _block_audio(self, window: AudioWindow) -> list[torch.Tensor]:
@@ -424,10 +445,14 @@ class StreamingAvatar:
     def _generate_block(self, session: _Session, block_audio: torch.Tensor, steps: int) -> torch.Tensor:
         """Noise -> `steps` Euler steps with the DiT -> clean block, its K/V in the session's window(s)."""
         frame_start = session.next_frame
+        kv = self._kv(steps)
         block = generate_block(self._models.dit, session.rings, self._noise(session), block_audio, frame_start,
-                               self._schedule(steps), self._kv(steps))
+                               self._schedule(steps), kv, session.sink_distances.draw(kv.calls))
         self.denoiser_calls += block.denoiser_calls
-        session.motion.add(frame_start // self.frames_per_block, block.latents)
+        if self.stream.motion == "generated":  # static motion never reads the history: keep nothing
+            session.motion.add(frame_start // self.frames_per_block, block.latents)
+        if frame_start == 0:
+            session.first_frame = block.latents[:, :, :1].clone()
         session.next_frame += self.frames_per_block
         return block.latents
 
@@ -438,17 +463,35 @@ class StreamingAvatar:
         return KVUpdate(self.kv_update, steps)
 
     def _noise(self, session: _Session) -> torch.Tensor:
+        """Initial noise of the block at `session.next_frame` (`stream.noise`)."""
         _, channels, _, h, w = session.ref_latent.shape
+        models = self._models
+        if self.stream.noise == "per_clip":
+            clip, offset = divmod(session.next_frame, self.latent_frames_per_clip)
+            if offset == 0 or session.clip_noise is None:
+                session.clip_noise = clip_noise(self._seed, clip, (channels, self.latent_frames_per_clip, h, w),
+                                                models.device, models.dtype)
+            return session.clip_noise[:, :, offset:offset + self.frames_per_block]
         shape = (1, channels, self.frames_per_block, h, w)
-        noise = torch.randn(shape, generator=session.generator, device=self._models.device, dtype=torch.float32)
-        return noise.to(self._models.dtype)
+        noise = torch.randn(shape, generator=session.generator, device=models.device, dtype=torch.float32)
+        return noise.to(models.dtype)
 
-    def _carry_motion(self, session: _Session) -> None:
-        """The newest clean frames (MotionHistory) condition the next clip: re-prefill of the sink, copied
-        into every window of the session."""
-        motion = session.motion.before(session.next_frame // self.frames_per_block)
+    def _renew_sink(self, session: _Session) -> None:
+        """At a clip's end: with `stream.motion generated` the newest clean frames (MotionHistory) become the
+        motion tokens, and with `stream.sink_swap` the stream's first generated latent frame becomes the
+        reference sink, once, after clip 0 (LiveAvatar's TPP path, causal_s2v_pipeline_tpp.py L998-1025,
+        L1110-1117). Either re-prefills the sink, copied into every window of the session."""
+        swap = self.stream.sink_swap and session.sink_latent is None and session.first_frame is not None
+        refill = self.stream.motion == "generated"
+        if not (swap or refill):
+            return
+        if swap:
+            session.sink_latent = session.first_frame
+        motion = session.motion.before(session.next_frame // self.frames_per_block) if refill \
+            else session.motion.latents
+        sink = session.ref_latent if session.sink_latent is None else session.sink_latent
         first, *others = session.rings
-        self._models.dit.prefill(first, session.ref_latent, session.text_context, motion)
+        self._models.dit.prefill(first, sink, session.text_context, motion)
         for ring in others:
             copy_sink(first, ring)
 

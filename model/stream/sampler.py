@@ -86,12 +86,14 @@ KV_CLEAN_PASS, KV_LAST_STEP, KV_PER_STEP = "clean_pass", "last_step", "per_step"
 class KVUpdate:
     """Where each sampling step reads and writes K/V, for one `sampler.kv_update` mode and step count.
 
-    clean_pass: one window; no step writes it, an extra pass on the clean block at timestep 0 does
-      (the reference; steps + 1 DiT calls per block).
-    last_step: one window; the last step's call writes the block's K/V (steps calls per block).
     per_step: one window per step; step s reads window s and writes the block's step-s K/V into it
       (steps calls per block). Each step only ever sees its own noise level's history, which is what
-      lets one GPU own one step (timestep-forcing pipeline parallelism, `model/parallel/tpp.py`).
+      lets one GPU own one step (timestep-forcing pipeline parallelism, `model/parallel/tpp.py`). This is
+      LiveAvatar's scheme: no clean pass, every denoising call writes its own step's cache
+      (causal_s2v_pipeline_tpp.py L1062-1078, causal_s2v_pipeline.py L1086 `kv_cache1[str(i+1)]`).
+    clean_pass: one window; no step writes it, an extra pass on the clean block at timestep 0 does
+      (steps + 1 DiT calls per block; not in the reference).
+    last_step: one window; the last step's call writes the block's K/V (steps calls per block).
     """
 
     mode: str
@@ -110,6 +112,11 @@ class KVUpdate:
     @property
     def clean_pass(self) -> bool:
         return self.mode == KV_CLEAN_PASS
+
+    @property
+    def calls(self) -> int:
+        """DiT calls per block: one per step, plus the clean pass."""
+        return self.steps + int(self.clean_pass)
 
     def ring(self, step: int) -> int:
         """The window step `step` reads (and, if `stores`, writes)."""

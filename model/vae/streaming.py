@@ -128,9 +128,26 @@ class AvatarVAE:
         mean = moments[:, : self.latent_channels]
         return self.normalize(mean)
 
+    @torch.inference_mode()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Video [B,3,1+4n,H,W] in [-1,1] -> normalised latents [B,16,1+n,H/8,W/8] (posterior mode).
+
+        The causal encode of Wan's VAE (`WanVAE.encode`, diffusers `_encode`): the first frame alone, then
+        4 frames per call through one private cache, so latent 0 is the first frame's own latent and every
+        later one a 4-frame group's."""
+        if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % TIME_STRIDE:
+            raise ValueError(f"expected a video [B,3,1+4n,H,W], got shape {tuple(video.shape)}")
+        video = video.to(self.device, self.dtype)
+        cache: list = [None] * self._encoder_convs
+        chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(TIME_STRIDE, dim=2))
+        moments = torch.cat([self.vae.encoder(chunk, feat_cache=cache, feat_idx=[0]) for chunk in chunks], dim=2)
+        moments = self.vae.quant_conv(moments)
+        return self.normalize(moments[:, : self.latent_channels])
+
     def new_decoder(self, prime_latent: torch.Tensor, context_frames: int | None = None,
                     restart_frames: int | None = None, crossfade: bool | None = None) -> StreamingDecoder:
-        """A decoder for one session, its causal cache primed with `prime_latent` (the reference).
+        """A decoder for one session, its causal cache primed with `prime_latent` [B,16,P,h,w] (the reference,
+        or the first latents of its still video), whose frames are discarded.
 
         `context_frames`/`restart_frames` override `apply_stream`'s (the drift diagnosis compares both ways)."""
         context = self.stream_context_frames if context_frames is None else context_frames
@@ -174,6 +191,8 @@ class StreamingDecoder:
         self._next_cache: list[torch.Tensor | str | None] | None = None  # the successor, during the overlap
         self._since_restart = 0  # latent frames decoded on the cache in use
         self._decode_latents(prime_latent[:, :, :1], first_chunk=True, cache=self._feat_cache)
+        if prime_latent.shape[2] > 1:  # a longer prime (the reference's 7 still-video latents) goes on as a stream
+            self._decode_latents(prime_latent[:, :, 1:], first_chunk=False, cache=self._feat_cache)
         # every successor starts from this state (entries are replaced, never written in place: a list copy will do)
         self._primed = list(self._feat_cache) if context_frames else None
 
