@@ -1,0 +1,153 @@
+"""Our model against the reference code's own outputs (goldens written by tests/parity/make_goldens.py).
+
+The goldens are LiveAvatar's `CausalWanModel_S2V` (and Wan2.2's audio encoder / Wan2.1 VAE) at a tiny size
+in float32 with seeded random weights; which reference path each follows is in make_goldens.py's docstring.
+Here the weights go through our loaders (the published file layouts) and our modules are driven call for
+call as the reference was: per-step K/V windows (`per_step`), motion tokens at their absolute frames
+(motion_rope "absolute"), the reference's sink distance of each call, the sink swapped after clip 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model.config import DiTConfig
+from model.net.dit import AvatarDiT
+from model.stream.sampler import FlowMatchSchedule, KVUpdate, euler_step
+from model.weights.checkpoint import load_dit
+
+GOLDENS = Path(__file__).resolve().parent / "goldens"
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def _read(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(GOLDENS / name), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.double() - reference.double()).norm() / reference.double().norm())
+
+
+# ----------------------------------------------------------------------------- the DiT
+
+
+@pytest.fixture(scope="module")
+def dit_golden() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return _read("dit.safetensors")
+
+
+@pytest.fixture(scope="module")
+def dit(dit_golden) -> AvatarDiT:
+    torch.set_num_threads(1)
+    sizes = json.loads(dit_golden[1]["dit"])
+    cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
+    return load_dit(cfg, GOLDENS / "dit_checkpoint")  # the published layout, through our loader
+
+
+class ReferenceDrive:
+    """Our DiT called as the reference's TPP loop calls its own: one window per step, the sink prefilled on
+    each, frame_start (r * blocks + b) * F, the recorded sink distance of each call, our Euler steps."""
+
+    def __init__(self, dit: AvatarDiT, golden: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        self.dit, self.g = dit, golden
+        self.steps, self.f = int(meta["steps"]), dit.cfg.num_frames_per_block
+        self.frames = int(meta["infer_frames"])
+        self.schedule = FlowMatchSchedule(self.steps, float(meta["shift"]))
+        self.kv = KVUpdate("per_step", self.steps)
+        self.rings = [dit.new_cache(1, "cpu", torch.float32, motion_rope="absolute")
+                      for _ in range(self.kv.rings)]
+        self.blocks = golden["noise"].shape[2] // self.f
+
+    def prefill(self, ref_latent: torch.Tensor) -> None:
+        for ring in self.rings:
+            self.dit.prefill(ring, ref_latent, self.g["text"][None], self.g["motion_latents"])
+
+    def audio(self, clip: int, block: int) -> torch.Tensor:
+        """[1, 4F, layers, dim] rows of the block's video frames (the reference slices [1, layers, dim, T])."""
+        start = clip * self.frames + block * 4 * self.f
+        return self.g["audio"][..., start : start + 4 * self.f].permute(0, 3, 1, 2)
+
+    def call(self, x: torch.Tensor, clip: int, block: int, step: int) -> torch.Tensor:
+        t = self.schedule.timesteps[step].reshape(1)
+        frame_start = (clip * self.blocks + block) * self.f
+        distance = int(self.g["sink_distance"][clip, block, step])
+        return self.dit(x, t, self.audio(clip, block), self.rings[self.kv.ring(step)], frame_start,
+                        store_slot=self.kv.stores(step), sink_distance=distance)
+
+    def block(self, clip: int, block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.g["noise"][clip][None, :, block * self.f : (block + 1) * self.f]
+        velocities = []
+        for step in range(self.steps):
+            v = self.call(x, clip, block, step)
+            velocities.append(v[0])
+            x = euler_step(x, v, self.schedule, step)
+        return x, velocities
+
+
+@pytest.fixture(scope="module")
+def three_clips(dit, dit_golden) -> dict[str, torch.Tensor]:
+    """Our whole run of the golden's three clips, driven by our own outputs (the reference's were too)."""
+    golden, meta = dit_golden
+    drive = ReferenceDrive(dit, golden, meta)
+    clips = golden["noise"].shape[0]
+    velocities, latents = [], []
+    with torch.inference_mode():
+        drive.prefill(golden["ref_latent"])
+        for clip in range(clips):
+            if clip == 1:  # the TPP sink swap: the first latent frame of clip 0's first block
+                drive.prefill(latents[0][:, :, 0:1])
+            for block in range(drive.blocks):
+                x, v = drive.block(clip, block)
+                latents.append(x)
+                velocities.extend(v)
+    shape = golden["velocity"].shape
+    return {"velocity": torch.stack(velocities).reshape(shape),
+            "latents": torch.cat(latents).reshape(golden["latents"].shape)}
+
+
+def test_schedule_is_the_reference_schedulers(dit_golden) -> None:
+    golden, meta = dit_golden
+    schedule = FlowMatchSchedule(int(meta["steps"]), float(meta["shift"]))
+    torch.testing.assert_close(schedule.timesteps, golden["timesteps"], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(schedule.sigmas, golden["sigmas"], rtol=1e-6, atol=1e-7)
+
+
+def test_one_dit_call_matches_the_reference(dit, dit_golden) -> None:
+    """The first call of the stream (clip 0, block 0, step 0) from the golden's inputs."""
+    golden, meta = dit_golden
+    drive = ReferenceDrive(dit, golden, meta)
+    with torch.inference_mode():
+        drive.prefill(golden["ref_latent"])
+        v = drive.call(golden["noise"][0][None, :, : drive.f], 0, 0, 0)
+    assert relative_error(v[0], golden["velocity"][0, 0, 0]) < MAX_RELATIVE_ERROR
+
+
+def test_a_whole_clip_matches_the_reference(three_clips, dit_golden) -> None:
+    """Clip 0: 4 blocks x 4 steps, each step's own window, the window filling up."""
+    golden, _ = dit_golden
+    for block in range(golden["latents"].shape[1]):
+        for step in range(golden["velocity"].shape[2]):
+            err = relative_error(three_clips["velocity"][0, block, step], golden["velocity"][0, block, step])
+            assert err < MAX_RELATIVE_ERROR, f"block {block} step {step}: velocity off by {err:.2e}"
+        err = relative_error(three_clips["latents"][0, block], golden["latents"][0, block])
+        assert err < MAX_RELATIVE_ERROR, f"block {block}: latents off by {err:.2e}"
+
+
+def test_three_clips_match_the_reference(three_clips, dit_golden) -> None:
+    """Clips 1 and 2: the swapped sink, the window rolling over, motion tokens far behind the block."""
+    golden, _ = dit_golden
+    clips, blocks, steps = golden["velocity"].shape[:3]
+    worst = max(
+        relative_error(three_clips["velocity"][c, b, s], golden["velocity"][c, b, s])
+        for c in range(clips) for b in range(blocks) for s in range(steps)
+    )
+    assert worst < MAX_RELATIVE_ERROR
+    for clip in range(clips):
+        err = relative_error(three_clips["latents"][clip], golden["latents"][clip])
+        assert err < MAX_RELATIVE_ERROR, f"clip {clip}: latents off by {err:.2e}"
