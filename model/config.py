@@ -197,6 +197,9 @@ class RuntimeConfig:
     vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
     vae_channels_last: bool = False  # VAE decoder weights/activations in channels_last_3d on CUDA
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (first clip slower)
+    # DiT KV cache storage: model (the model's dtype) | float8 (e4m3 + a power-of-two scale per token and
+    # head, about half the memory; model/net/kv_quant.py)
+    kv_cache_dtype: str = "model"
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ _ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/n
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 FP8_MODES = ("none", "weights", "gemm")  # model/net/fp8.py
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
+KV_CACHE_DTYPES = ("model", "float8")  # model/net/kv_quant.py
 SIZINGS = ("aspect", "crop")
 MOTION_MODES = ("static", "generated")
 MOTION_INITS = ("still_video", "copies")
@@ -341,6 +345,8 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.runtime.compile_mode in _COMPILE_MODES, "runtime.compile_mode",
              f"must be one of {_COMPILE_MODES} (CUDA-graph modes would replay stale cache addresses), "
              f"got {cfg.runtime.compile_mode!r}")
+    _require(cfg.runtime.kv_cache_dtype in KV_CACHE_DTYPES, "runtime.kv_cache_dtype",
+             f"must be one of {KV_CACHE_DTYPES}, got {cfg.runtime.kv_cache_dtype!r}")
     _require(cfg.runtime.fp8 in FP8_MODES, "runtime.fp8", f"must be one of {FP8_MODES}, got {cfg.runtime.fp8!r}")
     _require(cfg.runtime.fp8 == "none" or not cfg.runtime.fuse_qkv, "runtime.fuse_qkv",
              "fused QKV concatenates bf16 weights; it cannot be combined with --runtime.fp8 "

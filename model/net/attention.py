@@ -24,7 +24,8 @@ KV cache in place: `attention_into` writes this call's (already rotated) keys an
 of a cache slice [B, T, H, D] and attends over the whole slice: the keys and values attention reads are
 the cache itself, no per-call concatenation of the memory and the new tokens. Under torch.compile that
 is one op that declares the cache slices it mutates (`liveavatar::attention_into`), so the write and
-the attention stay in the block's graph and the slices are updated in place.
+the attention stay in the block's graph and the slices are updated in place. A float8 cache
+(`runtime.kv_cache_dtype float8`, `model/net/kv_quant.py`) is written packed and widened inside that op.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from model.net import kv_quant
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -149,7 +152,7 @@ def _attention_into_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, start: int
 ) -> torch.Tensor:
     _write(k, v, key_cache, value_cache, start)
-    return attention(q, key_cache, value_cache).contiguous()
+    return _attend_cache(q, k, v, key_cache, value_cache, start).contiguous()
 
 
 @_attention_into_op.register_fake
@@ -158,8 +161,19 @@ def _(q, k, v, key_cache, value_cache, start):
 
 
 def _write(k, v, key_cache, value_cache, start: int) -> None:
-    key_cache[:, start : start + k.shape[1]].copy_(k)
-    value_cache[:, start : start + v.shape[1]].copy_(v)
+    kv_quant.store(key_cache[:, start : start + k.shape[1]], k)
+    kv_quant.store(value_cache[:, start : start + v.shape[1]], v)
+
+
+def _attend_cache(q, k, v, key_cache, value_cache, start: int) -> torch.Tensor:
+    """Attention over the cache slices; a float8 cache (`model.net.kv_quant`) is widened to q's dtype for
+    this call, with the call's own tokens at their unrounded values (a block sees itself as in bf16)."""
+    if not kv_quant.is_packed(key_cache):
+        return attention(q, key_cache, value_cache)
+    keys, values = kv_quant.unpack(key_cache, q.dtype), kv_quant.unpack(value_cache, q.dtype)
+    keys[:, start : start + k.shape[1]] = k
+    values[:, start : start + v.shape[1]] = v
+    return attention(q, keys, values)
 
 
 def attention_into(
@@ -178,11 +192,15 @@ def attention_into(
     back-propagates into this call), attending over copies, since the next layer writes the same buffers.
     """
     grad = torch.is_grad_enabled()
+    k = k.to(kv_quant.value_dtype(key_cache, q.dtype))
+    v = v.to(kv_quant.value_dtype(value_cache, q.dtype))
     if torch.compiler.is_compiling() and not grad:
-        return _attention_into_op(q, k.to(key_cache.dtype), v.to(value_cache.dtype), key_cache, value_cache, start)
+        return _attention_into_op(q, k, v, key_cache, value_cache, start)
     if grad:
-        key_cache[:, start : start + k.shape[1]] = k.to(key_cache.dtype)
-        value_cache[:, start : start + v.shape[1]] = v.to(value_cache.dtype)
+        if kv_quant.is_packed(key_cache):
+            raise ValueError("--runtime.kv_cache_dtype float8 is for inference; train with the model's dtype")
+        key_cache[:, start : start + k.shape[1]] = k
+        value_cache[:, start : start + v.shape[1]] = v
         return attention(q, key_cache.clone(), value_cache.clone())
     _write(k, v, key_cache, value_cache, start)
-    return attention(q, key_cache, value_cache)
+    return _attend_cache(q, k, v, key_cache, value_cache, start)

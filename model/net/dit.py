@@ -72,6 +72,7 @@ from model.net.attention import (
     sequence_parallel,
     set_attention_backend,
 )
+from model.net import kv_quant
 from model.net.audio import AudioInjector, CausalAudioEncoder
 from model.net.fp8 import Fp8Linear, fp8_gemm_supported, quantize_linears, switch_mode
 from model.net.motion import MOTION_LATENT_FRAMES, FramePackMotioner
@@ -266,13 +267,14 @@ class AvatarBlock(WanTransformerBlock):
         q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
         v = v.unflatten(2, (attn.heads, -1))
-        q_rot = rotate(q, cos, sin, key_cache.dtype)
-        if eager_fast_path():  # eager inference: rotate the keys straight into their cache slot
+        dtype = kv_quant.value_dtype(key_cache, q.dtype)  # a float8 cache takes the model's dtype in
+        q_rot = rotate(q, cos, sin, dtype)
+        if eager_fast_path() and not kv_quant.is_packed(key_cache):  # eager: rotate keys straight into the cache
             rotate_into(key_cache[:, start : start + k.shape[1]], k, cos, sin)
             value_cache[:, start : start + v.shape[1]].copy_(v)
             out = attention(q_rot, key_cache, value_cache)
         else:
-            out = attention_into(q_rot, rotate(k, cos, sin, key_cache.dtype), v, key_cache, value_cache, start)
+            out = attention_into(q_rot, rotate(k, cos, sin, dtype), v, key_cache, value_cache, start)
         out = out.flatten(2).type_as(q)
         return attn.to_out[1](attn.to_out[0](out)), k
 
@@ -348,6 +350,7 @@ class AvatarDiT(nn.Module):
         "condition_embedder.time_embedder",
         "condition_embedder.time_proj",
     )
+    kv_cache_dtype = "model"  # K/V storage of caches allocated from now on: model | float8 (`apply_runtime`)
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -405,6 +408,7 @@ class AvatarDiT(nn.Module):
         """Apply `runtime.attention_backend`, `runtime.fp8`, `runtime.fuse_qkv` and `runtime.compile` (after weights
         are loaded; float8 layers may also be swapped in on the meta device before, see `quantize_fp8`)."""
         set_attention_backend(runtime.attention_backend)
+        self.kv_cache_dtype = runtime.kv_cache_dtype  # caches allocated from now on
         if runtime.fp8 != "none":
             self.quantize_fp8(runtime.fp8)
         if runtime.fuse_qkv:
@@ -525,7 +529,7 @@ class AvatarDiT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x, k = block(x, cache.text_k[layer], cache.text_v[layer], proj, tables.cos, tables.sin,
                          cache.kv_k[layer, :, n : 2 * n], cache.kv_v[layer, :, :n], 0, return_keys=True)
-            cache.kv_k[layer, :, :n] = k
+            kv_quant.store(cache.kv_k[layer, :, :n], k)
         cache.rotated_sink_for = (0, REF_FRAME_OFFSET, cache.sink_positions)
 
     @torch.no_grad()
@@ -648,11 +652,15 @@ class AvatarDiT(nn.Module):
     ) -> None:
         layers, heads = self.cfg.num_layers, self.cfg.num_heads
         values = sink_tokens + (1 + cache.num_slots) * block_tokens  # sink, working slot, window
-        k_shape = (layers, cache.batch_size, sink_tokens + values, heads, self.head_dim)  # + rotated sink
-        v_shape = (layers, cache.batch_size, values, heads, self.head_dim)
+        # runtime.kv_cache_dtype float8: keys and values packed as float8 bits + scale (model/net/kv_quant.py)
+        packed = self.kv_cache_dtype == "float8"
+        kv_dtype = kv_quant.PACKED_DTYPE if packed else cache.dtype
+        kv_dim = kv_quant.packed_head_dim(self.head_dim) if packed else self.head_dim
+        k_shape = (layers, cache.batch_size, sink_tokens + values, heads, kv_dim)  # + rotated sink
+        v_shape = (layers, cache.batch_size, values, heads, kv_dim)
         text_shape = (layers, cache.batch_size, self.cfg.text_len, heads, self.head_dim)
-        cache.kv_k = torch.zeros(k_shape, device=cache.device, dtype=cache.dtype)
-        cache.kv_v = torch.zeros(v_shape, device=cache.device, dtype=cache.dtype)
+        cache.kv_k = torch.zeros(k_shape, device=cache.device, dtype=kv_dtype)
+        cache.kv_v = torch.zeros(v_shape, device=cache.device, dtype=kv_dtype)
         cache.text_k = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.text_v = torch.zeros(text_shape, device=cache.device, dtype=cache.dtype)
         cache.sink_tokens, cache.block_tokens, cache.latent_hw = sink_tokens, block_tokens, latent_hw
@@ -730,7 +738,10 @@ class AvatarDiT(nn.Module):
                                  self.device)
         n = cache.sink_tokens
         for layer in range(cache.kv_k.shape[0]):  # per layer: a float32 temporary of one layer's sink
-            if eager_fast_path():
+            if kv_quant.is_packed(cache.kv_k):  # float8: widen, rotate, round once more
+                raw = kv_quant.unpack(cache.kv_k[layer, :, :n], cache.dtype)
+                kv_quant.pack_into(cache.kv_k[layer, :, n : 2 * n], rotate(raw, tables.cos, tables.sin))
+            elif eager_fast_path():
                 rotate_into(cache.kv_k[layer, :, n : 2 * n], cache.kv_k[layer, :, :n], tables.cos, tables.sin)
             else:
                 cache.kv_k[layer, :, n : 2 * n] = rotate(cache.kv_k[layer, :, :n], tables.cos, tables.sin)
