@@ -3,6 +3,7 @@
 
     python run_server.py [serve] [--config configs/tiny.yaml] [--host H] [--port P] [--KEY VALUE ...]
     python run_server.py offline --audio speech.wav [--image ref.png] --out out.mp4 [--num_clip N] [--KEY VALUE ...]
+    python run_server.py cluster --replicas N [--address auto|ray://HEAD:10001|none] [--gpus_per_replica G] [...]
 
 Every config key is a flag: `--sample_steps 2`, `--sampler.sample_steps 2`, `--video.size 256*256`.
 Under `torchrun --nproc-per-node N`, rank 0 serves and the other ranks run the DiT.
@@ -16,7 +17,7 @@ from typing import Any
 
 from model.config import AppConfig, ConfigError, leaf_keys, load_config, resolve_key
 
-COMMANDS = ("serve", "offline")
+COMMANDS = ("serve", "offline", "cluster")
 
 
 def split_overrides(extra: Sequence[str]) -> dict[str, Any]:
@@ -56,6 +57,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", required=True, help="output .mp4")
         parser.add_argument("--num_clip", type=int, default=None, help="stop after N clips (default: whole audio)")
         parser.add_argument("--prompt_text", default=None, help="text prompt (default: server.prompt)")
+    if command == "cluster":
+        from cluster.launch import add_cluster_flags
+
+        add_cluster_flags(parser)
     return parser
 
 
@@ -81,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from offline.render import run_offline
 
         return run_offline(cfg, args)
+    if command == "cluster":
+        from cluster.launch import run_cluster
+
+        return run_cluster(cfg, args)
     from model.parallel.group import read_launch_env
 
     if read_launch_env().world_size > 1:

@@ -109,6 +109,7 @@ class LoopbackClient:
     audio: list[ReceivedAudio] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     connected_s: float | None = None
+    answer_timeout_s: float = 30.0  # longer for an offer that may wait in the server's line
 
     def __post_init__(self) -> None:
         self.pc = RTCPeerConnection()
@@ -133,7 +134,7 @@ class LoopbackClient:
         self.ws = await websockets.connect(self.ws_url, max_size=2**22)
         self._tasks.append(asyncio.create_task(self._read_messages()))
         await self.send({"type": "offer", "sdp": self.pc.localDescription.sdp, "config": self.config})
-        await asyncio.wait_for(self.answered.wait(), timeout=30)
+        await asyncio.wait_for(self.answered.wait(), timeout=self.answer_timeout_s)
 
     async def send(self, message: dict) -> None:
         await self.ws.send(json.dumps(message))
@@ -213,3 +214,46 @@ async def run_client(server, speech_pcm: np.ndarray, until_s: float, during=None
     finally:
         await client.close()
     return client
+
+
+class WhepClient(LoopbackClient):
+    """A WHEP viewer (`POST {url}` with an SDP offer): receives the session's video and voice, sends nothing.
+
+    Clients share `RtpArrivalLog`'s patch in a chain: close them in the reverse order of `connect`.
+    """
+
+    def __init__(self, whep_url: str, headers: dict | None = None) -> None:
+        super().__init__(whep_url, np.zeros(0, np.int16))
+        self.whep_url = whep_url
+        self.headers = headers or {}
+        self.location: str | None = None
+
+    async def connect(self) -> None:
+        import aiohttp
+
+        self.arrivals.install()
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.pc.addTransceiver("video", direction="recvonly")
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+            reader = self._read_video if track.kind == "video" else self._read_audio
+            self._tasks.append(asyncio.create_task(reader(track, receiver)))
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with aiohttp.ClientSession() as http, http.post(
+                self.whep_url, data=self.pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp", **self.headers}) as response:
+            body = await response.text()
+            assert response.status == 201, (response.status, body)
+            self.location = response.headers["Location"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        self.connected_s = time.monotonic()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pc.close()
+        self.arrivals.uninstall()
