@@ -13,7 +13,10 @@ context: every rank prefills the new sink at that tick into a spare buffer (`Tpp
 when the block reaches its step, so each window's sink changes exactly between the previous block and
 this one, as on one process. The motion context leaves out the newest N-1 blocks, which are still in
 flight (`KVUpdate.motion_lag_blocks`); `StreamingAvatar` in per_step mode defines the clip boundary the
-same way, so N ranks give the frames of one process.
+same way, so N ranks give the frames of one process. The streaming scheme's parts travel the same way:
+each block's sink distances (one per step, drawn on rank 0) ride in its `Ticket`, a swapped sink latent
+(`stream.sink_swap`) and the motion latents ride with the clip's first block, and every window is opened
+with the session's initial motion latents and `stream.motion_rope`.
 
 Only `model/parallel/group.py`'s group API is used here (broadcast_job, broadcast_tensor, ring_exchange).
 """
@@ -29,7 +32,7 @@ import torch
 
 from model.io_types import AudioWindow
 from model.net.dit import AvatarDiT, StreamCache
-from model.stream.avatar import MotionHistory, StreamingAvatar, copy_sink
+from model.stream.avatar import MotionHistory, StreamingAvatar, copy_sink, sink_kwargs
 from model.stream.sampler import FlowMatchSchedule, euler_step
 
 OP_STEP, OP_OPEN, OP_CLOSE, OP_QUIT = "step", "open", "close", "quit"  # "quit" = group_sessions.JOB_QUIT
@@ -45,6 +48,7 @@ class Ticket:
     index: int  # the block's index in its session's stream
     frame_start: int  # its first latent frame
     new_sink: bool = False  # a clip's first block (not the stream's): the sink is re-prefilled with motion
+    sink_distances: tuple[int | None, ...] = ()  # the reference sink's distance at each step (None: +30 rule)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Tick:
     session_id: int = -1
     enter: Ticket | None = None
     tensors: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+    motion_rope: str = "follow"  # OP_OPEN: the windows' motion RoPE rule (stream.motion_rope)
 
 
 @dataclass
@@ -62,7 +67,7 @@ class _StageSession:
     """One rank's part of a session: its KV window and the blocks' inputs it still has to use."""
 
     ring: StreamCache
-    ref_latent: torch.Tensor
+    ref_latent: torch.Tensor  # the latent in the sink (the reference image's, or the swapped-in first frame)
     text_context: torch.Tensor
     audio: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> audio features
     sinks: dict[int, StreamCache] = field(default_factory=dict)  # block index -> its clip's new sink
@@ -90,7 +95,8 @@ class TppStage:
         """
         tensors = self._receive(tick, given or {})
         if tick.op == OP_OPEN:
-            self._open(tick.session_id, tensors["ref_latent"], tensors["text_context"])
+            self._open(tick.session_id, tensors["ref_latent"], tensors["text_context"], tensors["motion"],
+                       tick.motion_rope)
             return None
         if tick.op == OP_CLOSE:
             session = self.sessions.pop(tick.session_id, None)
@@ -109,9 +115,10 @@ class TppStage:
             out[name] = self.group.broadcast_tensor(given.get(name), shape, getattr(torch, dtype))
         return out
 
-    def _open(self, session_id: int, ref_latent: torch.Tensor, text_context: torch.Tensor) -> None:
-        ring = self.dit.new_cache(1, self.device, ref_latent.dtype)
-        self.dit.prefill(ring, ref_latent, text_context)  # motion: the reference, as StreamingAvatar.start
+    def _open(self, session_id: int, ref_latent: torch.Tensor, text_context: torch.Tensor, motion: torch.Tensor,
+              motion_rope: str) -> None:
+        ring = self.dit.new_cache(1, self.device, ref_latent.dtype, motion_rope=motion_rope)
+        self.dit.prefill(ring, ref_latent, text_context, motion)  # the session's initial motion latents
         self.sessions[session_id] = _StageSession(ring, ref_latent, text_context)
 
     def _step(self, tick: Tick, tensors: dict[str, torch.Tensor],
@@ -121,7 +128,10 @@ class TppStage:
             session = self.sessions[enter.session_id]
             session.audio[enter.index] = tensors["audio"]
             if enter.new_sink:
-                sink = StreamCache(1, self.device, session.ring.dtype, 0, slot_frame_start=[])
+                if "sink_latent" in tensors:  # stream.sink_swap: this clip on, the stream's first frame
+                    session.ref_latent = tensors["sink_latent"]
+                sink = StreamCache(1, self.device, session.ring.dtype, 0, motion_rope=session.ring.motion_rope,
+                                   slot_frame_start=[])
                 self.dit.prefill(sink, session.ref_latent, session.text_context, tensors["motion"])
                 session.sinks[enter.index] = sink
         self.in_flight = [enter] + self.in_flight[:-1]
@@ -149,7 +159,8 @@ class TppStage:
             copy_sink(session.sinks.pop(ticket.index), session.ring)
         audio = session.audio.pop(ticket.index)
         t = torch.full((x.shape[0],), float(self.schedule.timesteps[self.step]), device=x.device)
-        velocity = self.dit(x, t, audio, session.ring, ticket.frame_start, store_slot=True)
+        distance = ticket.sink_distances[self.step] if ticket.sink_distances else None
+        velocity = self.dit(x, t, audio, session.ring, ticket.frame_start, store_slot=True, **sink_kwargs(distance))
         self.blocks_done += 1
         return euler_step(x, velocity, self.schedule, self.step)
 
@@ -160,27 +171,33 @@ class TppDriver:
     def __init__(self, dit: AvatarDiT, cfg: Any, group: Any) -> None:
         self.group = group
         self.stage = TppStage(dit, cfg, group)
-        self.waiting: collections.deque[tuple[Ticket, torch.Tensor, torch.Tensor]] = collections.deque()
+        self.waiting: collections.deque[tuple[Ticket, torch.Tensor, torch.Tensor, torch.Tensor | None]] = \
+            collections.deque()
         self.done: dict[tuple[int, int], torch.Tensor] = {}
         self.histories: dict[int, MotionHistory] = {}
+        self.refills: dict[int, bool] = {}  # session -> motion refilled from generated frames (stream.motion)
 
     @property
     def steps(self) -> int:
         return self.stage.size
 
     def open(self, session_id: int, ref_latent: torch.Tensor, text_context: torch.Tensor,
-             history: MotionHistory) -> None:
-        """Every rank prefills its window with the session's sink; `history` (lag steps-1) is kept here."""
+             history: MotionHistory, motion_rope: str = "follow", refill_motion: bool = True) -> None:
+        """Every rank prefills its window with the session's sink (`history.latents` as its motion);
+        `history` (lag steps-1) is kept here and, with `refill_motion`, fed with every clean block."""
         if history.lag_blocks != self.steps - 1:
             raise ValueError(f"motion history lags {history.lag_blocks} blocks; tpp needs {self.steps - 1}")
         self.histories[session_id] = history
-        self._announce(Tick(OP_OPEN, session_id, tensors=(_describe("ref_latent", ref_latent),
-                                                          _describe("text_context", text_context))),
-                       {"ref_latent": ref_latent, "text_context": text_context})
+        self.refills[session_id] = refill_motion
+        given = {"ref_latent": ref_latent, "text_context": text_context, "motion": history.latents}
+        self._announce(Tick(OP_OPEN, session_id, tensors=tuple(_describe(k, v) for k, v in given.items()),
+                            motion_rope=motion_rope), given)
 
-    def submit(self, ticket: Ticket, noise: torch.Tensor, audio: torch.Tensor) -> Ticket:
-        """Queue a block; it enters the pipeline at the next free tick."""
-        self.waiting.append((ticket, noise, audio))
+    def submit(self, ticket: Ticket, noise: torch.Tensor, audio: torch.Tensor,
+               sink_latent: torch.Tensor | None = None) -> Ticket:
+        """Queue a block (with a `new_sink`, optionally the latent the sink swaps to); it enters the pipeline
+        at the next free tick."""
+        self.waiting.append((ticket, noise, audio, sink_latent))
         return ticket
 
     def wait(self, ticket: Ticket) -> torch.Tensor:
@@ -197,24 +214,29 @@ class TppDriver:
         given: dict[str, torch.Tensor] = {}
         enter, noise = None, None
         if self.waiting:
-            enter, noise, audio = self.waiting.popleft()
+            enter, noise, audio, sink_latent = self.waiting.popleft()
             given["audio"] = audio
             if enter.new_sink:
-                given["motion"] = self.histories[enter.session_id].before(enter.index)
+                history = self.histories[enter.session_id]
+                given["motion"] = history.before(enter.index) if self.refills[enter.session_id] else history.latents
+                if sink_latent is not None:
+                    given["sink_latent"] = sink_latent
         tick = Tick(OP_STEP, enter=enter, tensors=tuple(_describe(k, v) for k, v in given.items()))
         finished = self._announce(tick, given, noise)
         if finished is not None:
             ticket, latents = finished
             self.done[(ticket.session_id, ticket.index)] = latents
-            self.histories[ticket.session_id].add(ticket.index, latents)
+            if self.refills[ticket.session_id]:
+                self.histories[ticket.session_id].add(ticket.index, latents)
 
     def close(self, session_id: int) -> None:
         """Finish the session's blocks in flight, then free its windows on every rank."""
         while any(t is not None and t.session_id == session_id for t in self.stage.in_flight) or any(
-                t.session_id == session_id for t, _, _ in self.waiting):
+                t.session_id == session_id for t, *_ in self.waiting):
             self.tick()
         self.done = {k: v for k, v in self.done.items() if k[0] != session_id}
         self.histories.pop(session_id, None)
+        self.refills.pop(session_id, None)
         self._announce(Tick(OP_CLOSE, session_id), {})
 
     def quit(self) -> None:
@@ -276,7 +298,8 @@ class TppAvatar(StreamingAvatar):
     def start(self, reference_image: Any, prompt: str) -> None:
         super().start(reference_image, prompt)
         session = self._session
-        self._driver.open(self.session_id, session.ref_latent, session.text_context, session.motion)
+        self._driver.open(self.session_id, session.ref_latent, session.text_context, session.motion,
+                          motion_rope=self.stream.motion_rope, refill_motion=self.stream.motion == "generated")
         self._open = True
 
     def _open_rings(self, ref_latent, text_context, motion_latents, count) -> list[StreamCache]:
@@ -289,12 +312,17 @@ class TppAvatar(StreamingAvatar):
         tickets = []
         for i, block_audio in enumerate(self._block_audio(window)):
             index = session.next_frame // self.frames_per_block
-            ticket = Ticket(self.session_id, index, session.next_frame, new_sink=i == 0 and index > 0)
-            tickets.append(self._driver.submit(ticket, self._noise(session), block_audio))
+            refill, swap = self._sink_change(session) if i == 0 and index > 0 else (False, False)
+            ticket = Ticket(self.session_id, index, session.next_frame, new_sink=refill or swap,
+                            sink_distances=session.sink_distances.draw(steps))
+            sink_latent = session.sink_latent if swap else None
+            tickets.append(self._driver.submit(ticket, self._noise(session), block_audio, sink_latent))
             session.next_frame += self.frames_per_block
         for ticket in tickets:
             self.denoiser_calls += steps
-            yield self._driver.wait(ticket)
+            latents = self._driver.wait(ticket)
+            self._note_first_frame(session, ticket.frame_start, latents)
+            yield latents
 
     def close(self) -> None:
         if self._open:

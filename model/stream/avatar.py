@@ -213,16 +213,16 @@ def generate_block(dit: AvatarDiT, rings: list[StreamCache], noise: torch.Tensor
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         return dit(x, t, block_audio, rings[kv.ring(step)], frame_start, store_slot=kv.stores(step),
-                   **_sink_kwargs(distances[step]))
+                   **sink_kwargs(distances[step]))
 
     block = denoise_steps(denoiser, noise, schedule)
     if kv.clean_pass:
-        dit.commit(rings[0], block.latents, block_audio, frame_start, **_sink_kwargs(distances[-1]))
+        dit.commit(rings[0], block.latents, block_audio, frame_start, **sink_kwargs(distances[-1]))
     return block
 
 
-def _sink_kwargs(distance: int | None) -> dict:
-    """The DiT's fixed sink rule is its default: leave the argument out for it."""
+def sink_kwargs(distance: int | None) -> dict:
+    """The DiT call's sink argument: none for the DiT's default fixed rule (distance None)."""
     return {} if distance is None else {"sink_distance": distance}
 
 
@@ -451,10 +451,15 @@ class StreamingAvatar:
         self.denoiser_calls += block.denoiser_calls
         if self.stream.motion == "generated":  # static motion never reads the history: keep nothing
             session.motion.add(frame_start // self.frames_per_block, block.latents)
-        if frame_start == 0:
-            session.first_frame = block.latents[:, :, :1].clone()
+        self._note_first_frame(session, frame_start, block.latents)
         session.next_frame += self.frames_per_block
         return block.latents
+
+    @staticmethod
+    def _note_first_frame(session: _Session, frame_start: int, latents: torch.Tensor) -> None:
+        """Keep the stream's first clean latent frame: `stream.sink_swap` puts it in the sink after clip 0."""
+        if frame_start == 0:
+            session.first_frame = latents[:, :, :1].clone()
 
     def _schedule(self, steps: int) -> FlowMatchSchedule:
         return FlowMatchSchedule(steps, self._cfg.sampler.shift, self._cfg.sampler.num_train_timesteps)
@@ -481,19 +486,27 @@ class StreamingAvatar:
         motion tokens, and with `stream.sink_swap` the stream's first generated latent frame becomes the
         reference sink, once, after clip 0 (LiveAvatar's TPP path, causal_s2v_pipeline_tpp.py L998-1025,
         L1110-1117). Either re-prefills the sink, copied into every window of the session."""
-        swap = self.stream.sink_swap and session.sink_latent is None and session.first_frame is not None
-        refill = self.stream.motion == "generated"
-        if not (swap or refill):
+        refill, swap = self._sink_change(session)
+        if not (refill or swap):
             return
-        if swap:
-            session.sink_latent = session.first_frame
         motion = session.motion.before(session.next_frame // self.frames_per_block) if refill \
             else session.motion.latents
-        sink = session.ref_latent if session.sink_latent is None else session.sink_latent
         first, *others = session.rings
-        self._models.dit.prefill(first, sink, session.text_context, motion)
+        self._models.dit.prefill(first, self._sink_latent(session), session.text_context, motion)
         for ring in others:
             copy_sink(first, ring)
+
+    def _sink_change(self, session: _Session) -> tuple[bool, bool]:
+        """(refill the motion tokens, swap the sink latent) before the next clip; records a swap."""
+        swap = self.stream.sink_swap and session.sink_latent is None and session.first_frame is not None
+        if swap:
+            session.sink_latent = session.first_frame
+        return self.stream.motion == "generated", swap
+
+    @staticmethod
+    def _sink_latent(session: _Session) -> torch.Tensor:
+        """The latent in the sink now: the reference image's, or the stream's first frame after a swap."""
+        return session.ref_latent if session.sink_latent is None else session.sink_latent
 
     # ---- checks
 

@@ -1,5 +1,6 @@
 """Timestep-forcing pipeline parallelism (`parallel.mode tpp`): 2 gloo ranks give the frames of one process
-running kv_update per_step, and the step count is tied to the group size with clear errors."""
+running kv_update per_step, under either streaming scheme (the reference one's drawn sink distances, sink
+swap and static motion ride along), and the step count is tied to the group size with clear errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,11 +20,11 @@ CLIPS = 3
 
 
 
-def _tpp_worker() -> dict:
+def _tpp_worker(scheme: str) -> dict:
     from model.parallel.followers import follow, new_avatar, release_followers
     from model.stream.avatar import AvatarModels
 
-    cfg = load_config(None, {**SETTINGS, "parallel.mode": "tpp"})
+    cfg = load_config(None, {**SETTINGS, "stream.scheme": scheme, "parallel.mode": "tpp"})
     group = parallel.start_group_from_config(cfg)
     try:
         models = AvatarModels.load(cfg)
@@ -50,17 +51,18 @@ def _tpp_worker() -> dict:
         group.shutdown()
 
 
-def test_two_rank_tpp_gives_the_frames_of_per_step_on_one_process() -> None:
+@pytest.mark.parametrize("scheme", ["ours", "reference"])
+def test_two_rank_tpp_gives_the_frames_of_per_step_on_one_process(scheme: str) -> None:
     from model.stream.avatar import AvatarModels, StreamingAvatar
 
     torch.set_num_threads(1)
-    cfg = load_config(None, SETTINGS)
+    cfg = load_config(None, {**SETTINGS, "stream.scheme": scheme})
     avatar = StreamingAvatar(AvatarModels.load(cfg), cfg, seed=cfg.runtime.seed)
     image, windows = random_session_inputs(avatar.context_samples, avatar.clip_samples, CLIPS)
     avatar.start(image, "a person talking")
     expected = [avatar.next_clip(w).frames for w in windows]
 
-    leader, follower = run_in_group(_tpp_worker, 2)
+    leader, follower = run_in_group(_tpp_worker, 2, scheme)
 
     assert leader["type"] == "TppAvatar"
     assert follower["blocks"] == CLIPS * 2  # rank 1 ran step 1 of every block
