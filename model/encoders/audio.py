@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from model.config import AudioEncoderConfig
 from model.io_types import AudioWindow
 
 FEATURE_RATE_HZ = 50.0  # wav2vec2's conv stack strides 320 samples at 16 kHz: one hidden row per 20 ms
+REFERENCE_GRID_HZ = 30  # Wan2.2 AudioEncoder.video_rate: the rows are resampled to 30 Hz before bucketing
 
 
 def wav2vec2_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:
@@ -52,6 +54,24 @@ def sample_rows(hidden: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
     hi = (lo + 1).clamp(max=hidden.shape[0] - 1)
     frac = (pos - lo).view(-1, *([1] * (hidden.ndim - 1))).to(hidden.dtype)
     return hidden[lo] * (1 - frac) + hidden[hi] * frac
+
+
+def reference_frame_rows(hidden: torch.Tensor, fps: float, num_frames: int) -> torch.Tensor:
+    """The reference's per-frame rows of whole-file hidden states [T, ...] at 50 Hz, frames 0..num_frames-1.
+
+    Wan2.2 `audio_encoder.py` `linear_interpolation`: the rows are stretched onto int(T / 50 * 30) rows
+    (linear, align_corners=True); LiveAvatar's `get_audio_embed_bucket_fps` (m = 0) then gives frame k the
+    30 Hz row round(k / fps * 30) (`get_sample_indices`, np.round) and all-zero rows past the audio's end.
+    """
+    rows = int(hidden.shape[0] / FEATURE_RATE_HZ * REFERENCE_GRID_HZ)
+    flat = hidden.reshape(hidden.shape[0], -1).T[None].float()  # [1, features, T]
+    grid = F.interpolate(flat, size=rows, mode="linear", align_corners=True)[0].T.reshape(rows, *hidden.shape[1:])
+    times_s = np.linspace(0, num_frames / fps, num_frames, endpoint=False)
+    index = np.round(times_s * REFERENCE_GRID_HZ).astype(int)
+    out = grid.new_zeros(num_frames, *hidden.shape[1:])
+    inside = torch.from_numpy(index < rows)
+    out[inside] = grid[torch.from_numpy(index[index < rows])]
+    return out.to(hidden.dtype)
 
 
 class AudioEncoder:
@@ -92,11 +112,17 @@ class AudioEncoder:
         if len(samples) < self.min_samples:
             raise ValueError(f"audio window of {len(samples)} samples is shorter than wav2vec2's "
                              f"receptive field ({self.min_samples}); give the windower more context")
-        audio = torch.from_numpy(_zero_mean_unit_var(samples)).to(self.device, self.dtype)[None]
-        out = self.model(audio, output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states, dim=2)[0]  # [rows, layers + 1, hidden]
+        hidden = self.hidden_states(samples)
         positions = frame_feature_positions(window.new_from / self.sample_rate_hz, fps, num_frames)
         return sample_rows(hidden, positions)
+
+
+    @torch.inference_mode()
+    def hidden_states(self, samples: np.ndarray) -> torch.Tensor:
+        """Every wav2vec2 hidden state of `samples` normalised as one piece: [rows at 50 Hz, layers + 1, hidden]."""
+        audio = torch.from_numpy(_zero_mean_unit_var(np.asarray(samples, dtype=np.float32)))
+        out = self.model(audio.to(self.device, self.dtype)[None], output_hidden_states=True)
+        return torch.stack(out.hidden_states, dim=2)[0]
 
 
 def _zero_mean_unit_var(samples: np.ndarray) -> np.ndarray:

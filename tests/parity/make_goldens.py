@@ -62,6 +62,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -87,7 +88,7 @@ FPS = 25
 # wav2vec2-large-xlsr-53 layout (layer-norm conv stack, stable layer norm), tiny widths, 24 layers.
 WAV2VEC2 = {
     "hidden_size": 16, "num_hidden_layers": 24, "num_attention_heads": 2, "intermediate_size": 32,
-    "conv_dim": [16, 16, 16, 16, 16, 16, 16], "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
+    "conv_dim": [16, 16, 16, 16, 16, 16, 16],
 }
 AUDIO_SECONDS = 2.5
 VAE = {"dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
@@ -361,6 +362,73 @@ def _motion_tokens(h: int, w: int) -> int:
     return (h // 2) * (w // 2) + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
 
 
+# ----------------------------------------------------------------------------- the audio path
+
+
+def build_wav2vec2():
+    """A Wav2Vec2ForCTC of the xlsr-53 layout (layer-norm conv stack, stable layer norm) at a tiny width."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    config = Wav2Vec2Config(**WAV2VEC2, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                            vocab_size=8, mask_time_prob=0.0)
+    torch.manual_seed(SEED + 2)
+    model = Wav2Vec2ForCTC(config)
+    seeded_(model, SEED + 2)
+    return model.eval()
+
+
+def speech_like(seconds: float, rate: int = 16000) -> np.ndarray:
+    """Voiced-like audio: a gliding harmonic tone under a syllable envelope, plus noise (seeded)."""
+    rng = np.random.default_rng(SEED + 3)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 140 + 40 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t) ** 2
+    return (0.3 * voiced * envelope + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def make_audio_golden(live: types.SimpleNamespace, wan: types.SimpleNamespace, out: Path) -> None:
+    from transformers import Wav2Vec2FeatureExtractor
+
+    ctc = build_wav2vec2()
+    folder = out / "audio_checkpoint" / "wav2vec2-large-xlsr-53-english"
+    ctc.save_pretrained(str(folder))  # the published folder: a Wav2Vec2ForCTC save (config.json + weights)
+    samples = speech_like(AUDIO_SECONDS)
+    sys.modules["librosa"].load = lambda path, sr: (samples, sr)  # extract_audio_feat reads the file with librosa
+    encoder = wan.audio_encoder.AudioEncoder.__new__(wan.audio_encoder.AudioEncoder)
+    encoder.processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                 do_normalize=True, return_attention_mask=True)
+    encoder.model, encoder.video_rate = ctc, 30
+    with torch.no_grad():
+        normalised = encoder.processor(samples, sampling_rate=16000, return_tensors="pt").input_values
+        hidden_50hz = torch.cat(ctc(normalised, output_hidden_states=True).hidden_states)  # [25, T50, C]
+        features_30hz = encoder.extract_audio_feat("speech.wav", return_all_layers=True)  # Wan2.2
+        # LiveAvatar's bucketing (its copy of audio_encoder.py), as encode_audio calls it: fps 25, m 0
+        bucket, clips = live.audio_encoder.AudioEncoder.get_audio_embed_bucket_fps(
+            encoder, features_30hz, fps=FPS, batch_frames=INFER_FRAMES, m=0)
+        audio_emb = bucket.unsqueeze(0).permute(0, 2, 3, 1)  # [1, layers, C, frames] (encode_audio L455-459)
+        dit = build_reference_dit(live)  # the DiT golden's weights: its causal audio encoder
+        f = DIT["num_frames_per_block"]
+        glob, local = [], []
+        for clip in range(clips):
+            clip_audio = audio_emb[..., clip * INFER_FRAMES:(clip + 1) * INFER_FRAMES]
+            for block in range(INFER_FRAMES // (4 * f)):
+                block_audio = clip_audio[..., block * 4 * f:(block + 1) * 4 * f]
+                # _forward_inference L1093-1104: 73 copies of the first frame before, 19 latents dropped
+                prefixed = torch.cat([block_audio[..., 0:1].repeat(1, 1, 1, MOTION_FRAMES), block_audio], dim=-1)
+                g, loc = dit.casual_audio_encoder(prefixed)
+                glob.append(g[:, 19:])
+                local.append(loc[:, 19:])
+    tensors = {
+        "samples": torch.from_numpy(samples), "hidden_50hz": hidden_50hz, "features_30hz": features_30hz,
+        "bucket": bucket, "block_global": torch.cat(glob), "block_local": torch.cat(local),
+    }
+    meta = {"wav2vec2": json.dumps(WAV2VEC2), "fps": str(FPS), "infer_frames": str(INFER_FRAMES),
+            "clips": str(clips), "dit": json.dumps(DIT)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "audio.safetensors"), metadata=meta)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -374,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")  # the reference's deprecated torch.cuda.amp decorators, on every call
     args.out.mkdir(parents=True, exist_ok=True)
     live = load_liveavatar(args.liveavatar.resolve())
+    wan = load_wan(args.wan.resolve())
     make_dit_golden(live, args.out)
+    make_audio_golden(live, wan, args.out)
     print(f"wrote {sorted(p.name for p in args.out.iterdir())}")
     return 0
 

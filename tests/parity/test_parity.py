@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.config import DiTConfig
+from model.config import AudioEncoderConfig, DiTConfig
+from model.encoders.audio import AudioEncoder, reference_frame_rows
 from model.net.dit import AvatarDiT
 from model.stream.sampler import FlowMatchSchedule, KVUpdate, euler_step
 from model.weights.checkpoint import load_dit
+from model.weights.encoders import load_wav2vec2
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 MAX_RELATIVE_ERROR = 1e-4
@@ -151,3 +153,52 @@ def test_three_clips_match_the_reference(three_clips, dit_golden) -> None:
     for clip in range(clips):
         err = relative_error(three_clips["latents"][clip], golden["latents"][clip])
         assert err < MAX_RELATIVE_ERROR, f"clip {clip}: latents off by {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- the audio path
+
+
+@pytest.fixture(scope="module")
+def audio_golden() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return _read("audio.safetensors")
+
+
+@pytest.fixture(scope="module")
+def audio_encoder(audio_golden) -> AudioEncoder:
+    sizes = json.loads(audio_golden[1]["wav2vec2"])
+    cfg = AudioEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
+    encoder = AudioEncoder.build(cfg)
+    load_wav2vec2(encoder.model, GOLDENS / "audio_checkpoint", cfg)  # the published wav2vec2 folder
+    return encoder
+
+
+def test_wav2vec2_hidden_states_of_the_whole_file_match_the_reference(audio_encoder, audio_golden) -> None:
+    """Every layer's hidden states (50 Hz) of the whole file, normalised as the reference's processor does."""
+    golden, _ = audio_golden
+    ours = audio_encoder.hidden_states(golden["samples"].numpy()).transpose(0, 1)  # [layers + 1, rows, C]
+    assert relative_error(ours, golden["hidden_50hz"]) < MAX_RELATIVE_ERROR
+
+
+def test_frame_rows_match_the_reference_bucketing_at_25_fps(audio_encoder, audio_golden) -> None:
+    """50 -> 30 Hz (align_corners) then the nearest 30 Hz row per 25 fps frame, zeros past the audio."""
+    golden, meta = audio_golden
+    frames = golden["bucket"].shape[0]
+    hidden = audio_encoder.hidden_states(golden["samples"].numpy())
+    rows = reference_frame_rows(hidden, float(meta["fps"]), frames)
+    assert relative_error(rows, golden["bucket"]) < MAX_RELATIVE_ERROR
+    audio_frames = int(len(golden["samples"]) / 16000 * float(meta["fps"]))
+    assert torch.count_nonzero(rows[audio_frames + 2 :]) == 0  # past the end: all-zero features
+
+
+def test_causal_audio_encoder_per_block_matches_the_reference(dit, dit_golden, audio_golden) -> None:
+    """Layer mixing + causal convs per 12-frame block: our one-frame prefix vs the reference's 73."""
+    golden, meta = audio_golden
+    assert json.loads(meta["dit"]) == json.loads(dit_golden[1]["dit"])  # same DiT weights
+    f = dit.cfg.num_frames_per_block
+    blocks = golden["block_global"].shape[0]
+    with torch.inference_mode():
+        for block in range(blocks):
+            audio = golden["bucket"][block * 4 * f : (block + 1) * 4 * f][None]  # [1, 4F, layers, C]
+            glob, local = dit.casual_audio_encoder(audio)
+            assert relative_error(glob[0], golden["block_global"][block]) < MAX_RELATIVE_ERROR
+            assert relative_error(local[0], golden["block_local"][block]) < MAX_RELATIVE_ERROR
