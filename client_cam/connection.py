@@ -70,6 +70,7 @@ class Connection:
 
     async def _start(self) -> None:
         ice = await self._link.ice_servers(self._http)
+        self._output.new_connection()
         self._pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
         pc.addTrack(self._mic)
         pc.addTransceiver("video", direction="recvonly")
@@ -158,8 +159,9 @@ class Connection:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            pts_s = float(frame.pts * frame.time_base)
             for out in mono.resample(frame):
-                self._output.on_audio(out.to_ndarray().reshape(-1))
+                self._output.on_audio(out.to_ndarray().reshape(-1), pts_s)
 
     async def close(self) -> None:
         """Say stop (the server frees the slot at once), then close the websocket and the peer connection."""

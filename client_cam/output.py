@@ -1,8 +1,9 @@
 """Where the received avatar goes: the camera and the recorder (video), the virtual microphone and the
 recorder (voice), with the camera never left frozen or black.
 
-Received frames are written the moment they are decoded (the server already paces them at its fps and
-in step with the voice). When none comes for one and a half frame times (a stall, a reconnect) the last
+Received frames go to the camera and the voice to the microphone the moment they are decoded (the server
+already paces them at its fps and in step with each other). The recording places each at the time it was
+due, its timestamp plus the track's arrival anchor, so network and scheduling jitter do not move it. When none comes for one and a half frame times (a stall, a reconnect) the last
 frame is written again at the stream's fps; after `hold_s` it breathes (slowly brightens and dims, as the
 server's idle frames do), so the people in the call see a waiting avatar, not a hung camera.
 """
@@ -12,6 +13,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +47,31 @@ def breathing(rgb: np.ndarray, wall_s: float, period_s: float = 4.0, depth: floa
     """The waiting avatar: the frame slowly brightening and dimming (the server's idle animation)."""
     gain = 1.0 + depth * math.sin(2 * math.pi * wall_s / period_s)
     return np.clip(rgb.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+class ArrivalAnchor:
+    """Wall time of a track's stream time 0: the earliest `arrival - pts` over a sliding window.
+
+    A frame can arrive late (the network, a busy loop) but never early, so the minimum is the frame's
+    due time without the jitter; the window follows slow drift between the server's clock and ours.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self._window_s = window_s
+        self._candidates: deque[tuple[float, float]] = deque()  # (arrival, anchor), anchors rising
+
+    def reset(self) -> None:
+        self._candidates.clear()
+
+    def place(self, pts_s: float, arrival_s: float) -> float:
+        """The wall time this frame is due at."""
+        anchor = arrival_s - pts_s
+        while self._candidates and self._candidates[-1][1] >= anchor:
+            self._candidates.pop()
+        self._candidates.append((arrival_s, anchor))
+        while arrival_s - self._candidates[0][0] > self._window_s:
+            self._candidates.popleft()
+        return self._candidates[0][1] + pts_s
 
 
 @dataclass
@@ -85,22 +112,30 @@ class AvatarOutput:
         self._last_received_s = 0.0
         self.started_s: float | None = None  # wall time of the recording's and the camera's frame 0
         self.counters = OutputCounters()
+        self._video_anchor = ArrivalAnchor()
+        self._audio_anchor = ArrivalAnchor()
         self._filler: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ video
 
+    def new_connection(self) -> None:
+        """A new session's tracks start their timestamps afresh: place them anew."""
+        self._video_anchor.reset()
+        self._audio_anchor.reset()
+
     def on_video(self, rgb: np.ndarray, pts: int, time_base: float) -> None:
-        """A decoded frame from the server (any connection)."""
+        """A decoded frame from the server: to the camera now, into the recording at its due time."""
         now = time.monotonic()
         self.counters.frames_in += 1
         self._last_received_s = now
+        due_s = self._video_anchor.place(pts * time_base, now)
         if self.format is None:
             self._pts.append(pts)
             fps = fps_from_pts(self._pts, time_base) if len(self._pts) >= FORMAT_FRAMES else None
             if fps is None:
                 return
             self._open(StreamFormat(rgb.shape[1], rgb.shape[0], fps))
-        self._write(rgb, now)
+        self._write(rgb, now, due_s)
 
     def _open(self, fmt: StreamFormat) -> None:
         self.format = fmt
@@ -115,14 +150,14 @@ class AvatarOutput:
         self.started_s = time.monotonic()
         self._filler = asyncio.get_running_loop().create_task(self._fill_stalls(), name="camera-filler")
 
-    def _write(self, rgb: np.ndarray, now_s: float) -> None:
+    def _write(self, rgb: np.ndarray, now_s: float, due_s: float) -> None:
         if self.started_s is None:
             return
         try:
             if self.camera is not None:
                 self.camera.send(rgb)
             if self.recorder is not None:
-                self.recorder.write_video(rgb, now_s - self.started_s)
+                self.recorder.write_video(rgb, due_s - self.started_s)
         except SINK_ERRORS as exc:
             self._fail(exc)
             return
@@ -139,21 +174,23 @@ class AvatarOutput:
             if self._last_rgb is None or now - self._last_write_s < 1.5 * period_s:
                 continue
             last, stalled_s = self._last_rgb, now - self._last_received_s
-            self._write(breathing(last, now) if stalled_s > self._hold_s else last, now)
+            self._write(breathing(last, now) if stalled_s > self._hold_s else last, now, now)
             self._last_rgb = last  # breathe around the real last frame, not a brightened copy
             self.counters.filler_frames += 1
 
     # ------------------------------------------------------------------ voice
 
-    def on_audio(self, pcm: np.ndarray) -> None:
-        """Decoded returned voice (int16 mono 48 kHz), in arrival order."""
+    def on_audio(self, pcm: np.ndarray, pts_s: float) -> None:
+        """Decoded returned voice (int16 mono 48 kHz) starting at stream time `pts_s`: to the microphone
+        now, into the recording at its due time."""
         now = time.monotonic()
         self.counters.audio_samples_in += len(pcm)
+        due_s = self._audio_anchor.place(pts_s, now)
         if self.mic is not None:
             self.mic.write(pcm)
         if self.recorder is not None and self.started_s is not None:
             try:
-                self.recorder.write_audio(pcm, now - self.started_s)
+                self.recorder.write_audio(pcm, due_s - self.started_s)
             except SINK_ERRORS as exc:
                 self._fail(exc)
 

@@ -1,9 +1,9 @@
 """The avatar's video and voice into an MP4 (H.264 + AAC), on one timeline: what a camera and a microphone
 showed, second by second.
 
-Both tracks are placed by the wall time they were written at, counted from the recorder's start: a video
-frame at the frame slot of its time, the voice contiguous while it flows, with silence inserted where
-nothing came (a reconnect), so picture and sound stay in step in the file as they were live.
+Both tracks are placed by the time they were due, counted from the recorder's start: a video frame at the
+frame slot of its time, the voice contiguous while it flows, re-placed where it jumps (a reconnect), so
+picture and sound stay in step in the file as they were live.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from client_cam.errors import ClientError
 from client_cam.media_in import RATE_HZ
 
 VIDEO_CRF = "20"
-AUDIO_RESYNC_S = 0.1  # the voice is re-placed at its wall time when it falls this far behind it
+AUDIO_RESYNC_S = 0.03  # the voice is re-placed at its due time when it is this far off it
 
 
 class Mp4Recorder:
@@ -52,11 +52,15 @@ class Mp4Recorder:
         self.frames_written += 1
 
     def write_audio(self, pcm: np.ndarray, t_s: float) -> None:
-        """int16 mono 48 kHz heard from `t_s`: appended, after silence if the voice fell behind its time."""
+        """int16 mono 48 kHz heard from `t_s`: appended while the voice flows; re-placed at `t_s` (silence
+        before it, or its overlap cut) when it is more than AUDIO_RESYNC_S off, as after a reconnect."""
         behind = round(t_s * RATE_HZ) - self.audio_samples_written
         if behind > AUDIO_RESYNC_S * RATE_HZ:
             self._encode_audio(np.zeros(behind, dtype=np.int16))
-        self._encode_audio(pcm)
+        elif -behind > AUDIO_RESYNC_S * RATE_HZ:
+            pcm = pcm[-behind:]
+        if len(pcm):
+            self._encode_audio(pcm)
 
     def _encode_audio(self, pcm: np.ndarray) -> None:
         samples = (pcm.astype(np.float32) / 32768.0)[None]

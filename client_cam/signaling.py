@@ -102,7 +102,7 @@ def refusal_from_error(message: dict[str, Any]) -> ServerRefused:
     """A server `error` message as a refusal (busy, a bad setting, the session lost, ...)."""
     code = str(message.get("code", "error"))
     text = str(message.get("message", ""))
-    if code == "busy":
+    if code == "busy" and "busy" not in text:
         text = f"the server is busy: {text}"
     elif code in ("bad_config", "bad_reference_image", "bad_sample_steps", "bad_offer"):
         return ServerRefused(code, f"the server refused the settings: {text}", retry=False)
