@@ -193,7 +193,9 @@ class RuntimeConfig:
     fuse_qkv: bool = False  # self-attention q/k/v as one GEMM (weights concatenated after loading)
     text_encoder_device: str = "auto"  # auto (= runtime.device) or cpu: the prompt encoder off the GPU
     warmup_clips: int = 0  # clips of silence run once at start-up (kernel choice, compiled shapes) before serving
-    fp8: str = "none"  # DiT linear layers in float8: none | weights (memory) | gemm (memory + FP8 GEMMs), model/net/fp8.py
+    # DiT linear layers in float8 (model/net/fp8.py): none | weights (memory) | gemm (memory + FP8 GEMMs, per-row
+    # weight and per-token activation scales) | tensor (per-tensor scales: LiveAvatar's --fp8)
+    fp8: str = "none"
     vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
     vae_channels_last: bool = False  # VAE decoder weights/activations in channels_last_3d on CUDA
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (first clip slower)
@@ -271,7 +273,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _PARALLEL_MODES = ("ulysses", "tpp")
 _ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/net/attention.py ATTENTION_BACKENDS
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-FP8_MODES = ("none", "weights", "gemm")  # model/net/fp8.py
+FP8_MODES = ("none", "weights", "gemm", "tensor")  # model/net/fp8.py
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
 KV_CACHE_DTYPES = ("model", "float8")  # model/net/kv_quant.py
 SIZINGS = ("aspect", "crop")
