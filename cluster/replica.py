@@ -129,8 +129,10 @@ class AvatarReplica:
         if self.state is None:
             return {"ready": False, "status": "loading", "pid": os.getpid(), "host": socket.gethostname()}
         healthy, report = health_report(self.state)
+        fmt = self.engine.stream_format
         return {**report, "ready": healthy, "pid": os.getpid(), "host": socket.gethostname(),
-                "relayed_connections": len(self._relayed), "started_unix_s": self.started_s}
+                "relayed_connections": len(self._relayed), "started_unix_s": self.started_s,
+                "fps": fmt.fps, "frames_per_clip": fmt.frames_per_clip}
 
     def metrics_text(self) -> str:
         """This replica's Prometheus text (the single server's series); the front adds the replica label."""

@@ -154,5 +154,5 @@ def deploy(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0.0, cpus_pe
     """Deploy on the connected Ray cluster (ray.init done); returns the front's URL once every replica is up."""
     serve.start(proxy_location="Disabled")
     handle = serve.run(build_application(cfg, replicas, gpus_per_replica, cpus_per_replica), name=APP_NAME,
-                       route_prefix=None)
+                       route_prefix=None, logging_config={"enable_access_log": False})
     return handle.url.remote().result()
