@@ -113,9 +113,11 @@ class ModelEngine:
                 self._warm_up(self._cfg.runtime.warmup_clips)
         probe = StreamingAvatar(self._models, self._cfg, seed=self._cfg.runtime.seed)
         try:
+            video = self._cfg.video
             return StreamFormat(fps=float(probe.fps), frames_per_clip=probe.frames_per_clip,
                                 frame_size=tuple(probe.frame_size), sample_rate_hz=probe.sample_rate_hz,
-                                clip_samples=probe.clip_samples, context_samples=probe.context_samples)
+                                clip_samples=probe.clip_samples, context_samples=probe.context_samples,
+                                sizing_area_hw=(video.height, video.width) if video.sizing == "aspect" else None)
         finally:
             probe.close()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -36,6 +36,18 @@ class StreamFormat:
     sample_rate_hz: int
     clip_samples: int  # new audio per clip
     context_samples: int  # left context before it
+    # video.sizing aspect: (height, width) of video.size, the area under which each session's frame size
+    # follows its reference image's aspect ratio; None: every session runs at frame_size
+    sizing_area_hw: tuple[int, int] | None = None
+
+    def for_reference(self, image_hw: tuple[int, int]) -> StreamFormat:
+        """The format of a session started with a reference image of `image_hw` (its frame size, as the model
+        picks it: `model.stream.sizing`)."""
+        if self.sizing_area_hw is None:
+            return self
+        from model.stream.sizing import session_frame_size
+
+        return replace(self, frame_size=session_frame_size("aspect", self.sizing_area_hw, tuple(image_hw[:2])))
 
 
 @dataclass(frozen=True)

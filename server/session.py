@@ -45,7 +45,7 @@ class Session:
         self.session_id = uuid.uuid4().hex[:12]
         self._cfg = cfg
         self._engine = engine
-        fmt = engine.stream_format
+        fmt = engine.stream_format.for_reference(reference_rgb.shape[:2])  # this session's frame size
         self.format = fmt
         self.clock = PlayoutClock(margin_s=cfg.server.playout_margin_s)
         frame_h, frame_w = fmt.frame_size
