@@ -1,0 +1,37 @@
+"""`run_server.py cluster`: flags that cannot work are refused naming the flag; without Ray one line says how
+to install it; the pin it names is the one `make test` installs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_server
+from cluster.launch import RAY_PIN
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_without_ray_one_line_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    assert run_server.main(["cluster", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install '{RAY_PIN}'" in err[0], err
+
+
+def test_the_install_hint_names_the_pinned_version():
+    lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert RAY_PIN in [line.split("#")[0].strip() for line in lines]
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--replicas", "0"], "--replicas"),
+    (["--gpus_per_replica", "2"], "--gpus_per_replica"),
+    (["--config", "configs/liveavatar_14b.yaml"], "--gpus_per_replica 1"),
+    (["--address", "none", "--replicas", "2"], "--address none"),
+])
+def test_flags_that_cannot_work_are_refused_naming_the_flag(argv, named, capsys):
+    assert run_server.main(["cluster", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err, err
