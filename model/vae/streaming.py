@@ -146,8 +146,8 @@ class AvatarVAE:
 
     def new_decoder(self, prime_latent: torch.Tensor, context_frames: int | None = None,
                     restart_frames: int | None = None, crossfade: bool | None = None) -> StreamingDecoder:
-        """A decoder for one session, its causal cache primed with `prime_latent` [B,16,P,h,w] (the reference,
-        or the first latents of its still video), whose frames are discarded.
+        """A decoder for one session, its causal cache primed with `prime_latent` [B,16,P,h,w] (the reference
+        image's latent, or the first 7 latents of its still video as LiveAvatar primes), whose frames are discarded.
 
         `context_frames`/`restart_frames` override `apply_stream`'s (the drift diagnosis compares both ways)."""
         context = self.stream_context_frames if context_frames is None else context_frames
@@ -160,16 +160,17 @@ class StreamingDecoder:
     """One session's online decode: latent clips in, exactly 4 frames per latent frame out, cache carried.
 
     The causal VAE turns its first latent frame into 1 frame and every later one into 4 (1 + 4(n-1)).
-    We spend that first-frame rule on the reference latent when the session starts (its one frame is
-    discarded), so every clip's L latent frames decode to exactly 4L frames and clip 0 continues from
+    We spend that first-frame rule on the prime when the session starts (the reference image's latent, or
+    the first 7 latents of its 73-frame still video as LiveAvatar primes its stream decoder; their frames
+    are discarded), so every clip's L latent frames decode to exactly 4L frames and clip 0 continues from
     the reference image. The cache holds the last two time steps of each causal conv's input: its size
     is fixed by the frame size, whatever the number of clips.
 
     With `context_frames` P > 0 (module docstring) the cache in use is replaced every `restart_frames`
-    R latent frames by one that has seen only the reference and the last P latent frames. That
-    successor is started P frames ahead, from a copy of the cache as primed by the reference, and
+    R latent frames by one that has seen only the prime and the last P latent frames. That
+    successor is started P frames ahead, from a copy of the cache as primed, and
     decodes those P frames alongside the cache in use: at the restart it holds exactly what a fresh
-    cache primed with the reference and then fed the last P frames would, without a burst of extra work
+    cache primed the same way and then fed the last P frames would, without a burst of extra work
     at the restart and without a buffer of old latents. With `crossfade`, the output of those P
     overlapping frames fades from the old cache's frames to the successor's, so the restart is not a
     step. Restarts fall on latent-frame counts, not on calls, so any split of the stream into calls
