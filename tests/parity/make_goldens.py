@@ -31,9 +31,13 @@ Which reference path each golden follows
   encoder per 12-frame block with the reference's 73-frame prefix and 19 dropped latents (CM L1093-1104).
   The processor's audio half (Wav2Vec2FeatureExtractor, do_normalize) stands in for Wav2Vec2Processor,
   whose other half is the CTC tokenizer, unused on audio.
-- vae.safetensors: the TPP path's online decode (causal_s2v_pipeline_tpp.py L1118-1130): the stream
-  decoder primed with motion_latents[:, :, :7] (output dropped), then one stream_decode per block, keeping
-  its last 12 frames, and the first block drops 3 more; Wan2.2 `wan/modules/vae2_1.py` WanVAE_ at a tiny size.
+- vae.safetensors: the TPP path's VAE (causal_s2v_pipeline_tpp.py): the reference latent (1-frame encode,
+  L885-892), the motion latents (encode of the 73-frame still video, L896-898) and the online decode
+  (L1118-1130): the stream decoder primed with motion_latents[:, :, :7] (output dropped), then one
+  stream_decode per block, keeping its last 12 frames, and the first block drops 3 more. The VAE is
+  LiveAvatar's wan_2_2/modules/vae_streaming.py WanVAE (what the TPP pipeline imports, L46): Wan2.2's
+  `wan/modules/vae2_1.py` WanVAE_ plus stream_encode/stream_decode; the script checks that Wan2.2's own
+  WanVAE_ with the same weights decodes the same latents to the same frames.
 
 CPU stand-ins and the two precision quirks (patched at import, inside this script only)
 - flash_attn / cuDNN attention -> torch SDPA in float32 (`attention`, `flash_attention` of every reference
@@ -91,10 +95,10 @@ WAV2VEC2 = {
     "conv_dim": [16, 16, 16, 16, 16, 16, 16],
 }
 AUDIO_SECONDS = 2.5
-VAE = {"dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+VAE = {"dim": 4, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
        "temperal_downsample": [False, True, True]}
 VAE_LATENT_HW = (4, 6)
-VAE_BLOCKS = 4  # 3 latent frames each, one clip
+VAE_BLOCKS = 3  # 3 latent frames each: the first block (3 frames dropped) and two more
 
 
 # ----------------------------------------------------------------------------- importing the reference
@@ -429,6 +433,61 @@ def make_audio_golden(live: types.SimpleNamespace, wan: types.SimpleNamespace, o
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "audio.safetensors"), metadata=meta)
 
 
+# ----------------------------------------------------------------------------- the VAE
+
+
+def smooth_image(h: int, w: int) -> torch.Tensor:
+    """An image-like [1, 3, 1, H, W] in [-1, 1]: low-frequency colour fields plus a little noise (seeded)."""
+    g = torch.Generator().manual_seed(SEED + 5)
+    coarse = torch.rand(1, 3, 4, 6, generator=g) * 2 - 1
+    image = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    image = image + 0.05 * torch.randn(1, 3, h, w, generator=g)
+    return image.clamp(-1, 1).unsqueeze(2)
+
+
+def make_vae_golden(live: types.SimpleNamespace, wan: types.SimpleNamespace, out: Path) -> None:
+    """LiveAvatar's WanVAE (wan_2_2/modules/vae_streaming.py: Wan2.2's vae2_1.py WanVAE_ plus stream_decode),
+    tiny, default init under a seed; the TPP path's encodes and online decode."""
+    vs = importlib.import_module("liveavatar.models.wan.wan_2_2.modules.vae_streaming")
+    torch.manual_seed(SEED + 4)
+    tiny = vs.WanVAE_(attn_scales=[], dropout=0.0, **VAE).eval()
+    folder = out / "vae_checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny.state_dict(), folder / "Wan2.1_VAE.pth")  # the published file, Wan's own names
+    original = vs._video_vae
+    vs._video_vae = lambda pretrained_path, z_dim: tiny  # WanVAE's __init__ would build the 96-wide VAE
+    try:
+        vae = vs.WanVAE(z_dim=16, vae_pth=str(folder / "Wan2.1_VAE.pth"), dtype=torch.float32, device="cpu")
+    finally:
+        vs._video_vae = original
+    h, w = VAE_LATENT_HW
+    image = smooth_image(8 * h, 8 * w)
+    f = DIT["num_frames_per_block"]
+    g = torch.Generator().manual_seed(SEED + 6)
+    blocks = torch.randn(VAE_BLOCKS, 1, 16, f, h, w, generator=g)
+    frames_per_block = INFER_FRAMES // (INFER_FRAMES // (4 * f))  # infer_frames // num_blocks
+    with torch.no_grad():
+        ref_latent = torch.stack(vae.encode(image))  # 1 frame -> 1 latent (L885-892)
+        motion_latents = torch.stack(vae.encode(image.repeat(1, 1, MOTION_FRAMES, 1, 1)))  # (L896-898)
+        vae.stream_decode(motion_latents[:, :, :7])  # priming, output dropped (L1119-1121)
+        video = []
+        for block in range(VAE_BLOCKS):
+            frames = torch.stack(vae.stream_decode(blocks[block]))[:, :, -frames_per_block:]  # L1124-1125
+            video.append(frames[:, :, 3:] if block == 0 else frames)  # the first block drops 3 (L1127-1128)
+        # Wan2.2's WanVAE_ (same weights), one whole decode of the same latents: the same frames
+        wan_vae = wan.vae2_1.WanVAE_(attn_scales=[], dropout=0.0, **VAE).eval()
+        wan_vae.load_state_dict(tiny.state_dict())
+        whole = torch.cat([motion_latents[:, :, :7], *blocks], dim=2)
+        frames = wan_vae.decode(whole, vae.scale).clamp(-1, 1)[:, :, -VAE_BLOCKS * frames_per_block + 3:]
+        gap = float((frames - torch.cat(video, dim=2)).abs().max())
+        if gap > 1e-5:
+            raise RuntimeError(f"Wan2.2's vae2_1 decode differs from LiveAvatar's stream decode by {gap}")
+    tensors = {"image": image, "ref_latent": ref_latent, "motion_latents": motion_latents,
+               "block_latents": blocks, "video": torch.cat(video, dim=2)}
+    meta = {"vae": json.dumps(VAE), "frames_dropped_first_block": "3", "prime_latents": "7"}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "vae.safetensors"), metadata=meta)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -445,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     wan = load_wan(args.wan.resolve())
     make_dit_golden(live, args.out)
     make_audio_golden(live, wan, args.out)
+    make_vae_golden(live, wan, args.out)
     print(f"wrote {sorted(p.name for p in args.out.iterdir())}")
     return 0
 

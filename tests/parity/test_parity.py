@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.config import AudioEncoderConfig, DiTConfig
+from model.config import AudioEncoderConfig, DiTConfig, VAEConfig
 from model.encoders.audio import AudioEncoder, reference_frame_rows
 from model.net.dit import AvatarDiT
 from model.stream.sampler import FlowMatchSchedule, KVUpdate, euler_step
+from model.vae.streaming import AvatarVAE, build_vae
 from model.weights.checkpoint import load_dit
-from model.weights.encoders import load_wav2vec2
+from model.weights.encoders import load_wan_vae, load_wav2vec2
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 MAX_RELATIVE_ERROR = 1e-4
@@ -202,3 +203,43 @@ def test_causal_audio_encoder_per_block_matches_the_reference(dit, dit_golden, a
             glob, local = dit.casual_audio_encoder(audio)
             assert relative_error(glob[0], golden["block_global"][block]) < MAX_RELATIVE_ERROR
             assert relative_error(local[0], golden["block_local"][block]) < MAX_RELATIVE_ERROR
+
+
+# ----------------------------------------------------------------------------- the VAE
+
+
+@pytest.fixture(scope="module")
+def vae_golden() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return _read("vae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def vae(vae_golden) -> AvatarVAE:
+    sizes = json.loads(vae_golden[1]["vae"])
+    cfg = VAEConfig(base_dim=sizes["dim"], z_dim=sizes["z_dim"], dim_mult=tuple(sizes["dim_mult"]),
+                    num_res_blocks=sizes["num_res_blocks"], temporal_downsample=tuple(sizes["temperal_downsample"]))
+    model = build_vae(cfg)
+    load_wan_vae(model, GOLDENS / "vae_checkpoint", cfg)  # the published Wan2.1_VAE.pth
+    return AvatarVAE(model)
+
+
+def test_vae_encodes_the_reference_image_and_its_still_video_as_the_reference(vae, vae_golden) -> None:
+    """The 1-frame reference latent and the 19 motion latents of the 73-frame still video."""
+    golden, _ = vae_golden
+    image = golden["image"]
+    assert relative_error(vae.encode_reference(image[:, :, 0]), golden["ref_latent"]) < MAX_RELATIVE_ERROR
+    still = image.repeat(1, 1, golden["motion_latents"].shape[2] * 4 - 3, 1, 1)  # 73 frames
+    assert relative_error(vae.encode_video(still), golden["motion_latents"]) < MAX_RELATIVE_ERROR
+
+
+def test_stream_decode_primed_with_seven_motion_latents_matches_the_reference(vae, vae_golden) -> None:
+    """Decoder primed with motion_latents[:, :, :7] (frames dropped), then block by block; the reference keeps
+    each block's 12 frames and drops the first 3 of the stream's first block (the scheme's rule, applied here)."""
+    golden, meta = vae_golden
+    decoder = vae.new_decoder(golden["motion_latents"][:, :, : int(meta["prime_latents"])], context_frames=0)
+    drop = int(meta["frames_dropped_first_block"])
+    video = []
+    for block, latents in enumerate(golden["block_latents"]):
+        frames = decoder.decode(latents)
+        video.append(frames[:, :, drop:] if block == 0 else frames)
+    assert relative_error(torch.cat(video, dim=2), golden["video"]) < MAX_RELATIVE_ERROR
