@@ -1,23 +1,25 @@
 """Write the parity goldens: the reference code's own outputs at a tiny size, float32, seeded random weights.
 
+    git clone https://github.com/Alibaba-Quark/LiveAvatar ../refsrc/LiveAvatar   # goldens made at 9c2c38de
+    git clone https://github.com/Wan-Video/Wan2.2 ../refsrc/Wan2.2               # goldens made at 42bf4cfa
     .venv/bin/python tests/parity/make_goldens.py --liveavatar ../refsrc/LiveAvatar --wan ../refsrc/Wan2.2
 
-PATHs are checkouts (or `git archive` trees) of github.com/Alibaba-Quark/LiveAvatar and
-github.com/Wan-Video/Wan2.2. Nothing of them is copied into this project: their modules are imported from those
-paths, run on the CPU, and only their inputs, weights and outputs are written (small safetensors files under
-tests/parity/goldens/, plus the weights in the published file layouts that our loaders read).
-`tests/parity/test_parity.py` then checks our model against these files without any reference checkout.
-Needs the reference's own dependency `einops` (requirements-dev.txt); the run takes under a minute.
+Nothing of those repositories is copied into this project: their modules are imported from the given paths,
+run on the CPU, and only inputs, weights and outputs are written (small safetensors files under
+tests/parity/goldens/, with the weights in the published file layouts our loaders read).
+`tests/parity/test_parity.py` checks our model against these files without any reference checkout.
+Needs the reference's own dependency `einops` (requirements-dev.txt); the run takes under a minute. A rerun
+gives the same tensors (only the order of the safetensors header may differ).
 
 Which reference path each golden follows
 - dit.safetensors: the multi-GPU TPP path, liveavatar/models/wan/causal_s2v_pipeline_tpp.py `generate()`
-  (L931-1117), run on one process: one KV cache per denoising step (rank i owns step i, L1062), the sink
-  prefill (`sink_flag`, current_start 0, L991-1025) on every step's cache, then per clip r and block b the
-  four steps of FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(4) (L920-923, L1030-1041), each call at
-  current_start = (r * 4 + b) * 3 latent frames (L1066-1067), the static motion latents of every clip
+  (L931-1130), run on one process: one KV cache per denoising step (rank i owns step i, L1041, L1062), the
+  sink prefill (`sink_flag`, current_start 0, L998-1025) on every step's cache, then per clip r and block b
+  the four steps of FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(4) (L920-923, L1032-1041), each
+  call at current_start = (r * 4 + b) * 3 latent frames (L1077-1078), the static motion latents of every clip
   (`input_motion_latents = motion_latents.clone()`, L990), and after clip 0 the sink swap: the first latent
   frame of clip 0's first finished block becomes the reference latent and every cache is prefilled again at
-  r == 1 (L998-1001, L1110-1117). Noise per clip from a generator seeded seed + r (L943-960). Three clips of
+  r == 1 (L998-1001, L1110-1116). Noise per clip from a generator seeded seed + r (L943-960). Three clips of
   4 blocks, so the 4-block window rolls over (ring write at current_start % size, CM L283-292) and the
   motion tokens' RoPE frames stay those of the sink pass. The single-GPU path (causal_s2v_pipeline.py) is
   the same per-step scheme without the sink swap (unless --enable_online_decode).
@@ -41,8 +43,9 @@ Which reference path each golden follows
 
 CPU stand-ins and the two precision quirks (patched at import, inside this script only)
 - flash_attn / cuDNN attention -> torch SDPA in float32 (`attention`, `flash_attention` of every reference
-  module); `.to("cuda")` of the RoPE table -> CPU; torch.compile off (ENABLE_COMPILE=false); librosa, decord,
-  peft stubbed where only imported.
+  module); `.to("cuda")` of the RoPE table -> CPU; torch.compile off (ENABLE_COMPILE=false); librosa and
+  decord stubbed where only imported (librosa.load hands over the script's audio); `_forward_sink`'s empty
+  noisy-token tensor takes the model's width instead of a hard-coded 5120 (CM L864).
 - Neutralised, so the goldens are the reference's float32 math: (1) the cast to bfloat16 before the text
   cross-attention norm (causal_model_s2v.py L423 `self.norm3(x.to(torch.bfloat16))`, ~3e-4 by itself) and
   (2) the float16 RoPE tables (LiveAvatar wan_2_2/modules/s2v/s2v_utils.py L16 `.to(torch.float16)`, ~1e-5):
@@ -148,7 +151,8 @@ def load_liveavatar(root: Path) -> types.SimpleNamespace:
     sys.path.insert(0, str(root))
     base = root / "liveavatar"
     for name, path in [
-        ("liveavatar", base), ("liveavatar.models", base / "models"), ("liveavatar.models.wan", base / "models/wan"),
+        ("liveavatar", base), ("liveavatar.models", base / "models"),
+        ("liveavatar.models.wan", base / "models/wan"),
         ("liveavatar.models.wan.wan_2_2", base / "models/wan/wan_2_2"),
         ("liveavatar.models.wan.wan_2_2.modules", base / "models/wan/wan_2_2/modules"),
         ("liveavatar.models.wan.wan_2_2.modules.s2v", base / "models/wan/wan_2_2/modules/s2v"),
@@ -235,7 +239,8 @@ def build_reference_dit(ref: types.SimpleNamespace) -> torch.nn.Module:
             adain_mode="attn_norm", audio_inject_layers=DIT["audio_inject_layers"], zero_init=True,
             zero_timestep=True, enable_motioner=False, add_last_motion=True, enable_tsm=False,
             enable_framepack=True, framepack_drop_mode="padd", model_type="s2v", patch_size=(1, 2, 2),
-            text_len=DIT["text_len"], in_dim=16, dim=DIT["dim"], ffn_dim=DIT["ffn_dim"], freq_dim=DIT["freq_dim"],
+            text_len=DIT["text_len"], in_dim=16, dim=DIT["dim"], ffn_dim=DIT["ffn_dim"],
+            freq_dim=DIT["freq_dim"],
             text_dim=DIT["text_dim"], out_dim=16, num_heads=DIT["num_heads"], num_layers=DIT["num_layers"],
             window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
         )
@@ -248,7 +253,8 @@ def _sink_forward_fix(ref: types.SimpleNamespace) -> None:
     another width the concatenation with the reference tokens fails. Same tensor, the model's width."""
     cm = ref.cm.CausalWanModel_S2V
     if not getattr(cm, "_tiny_width", False):
-        cm._forward_sink = _recompile(cm._forward_sink, [("torch.zeros([1,5120,nf,", "torch.zeros([1,self.dim,nf,")])
+        width = [("torch.zeros([1,5120,nf,", "torch.zeros([1,self.dim,nf,")]
+        cm._forward_sink = _recompile(cm._forward_sink, width)
         cm._tiny_width = True
 
 
@@ -285,8 +291,9 @@ def make_dit_golden(ref: types.SimpleNamespace, out: Path) -> dict[str, torch.Te
     audio = torch.randn(1, DIT["num_audio_layers"], DIT["audio_dim"], CLIPS * INFER_FRAMES, generator=g)
     lat_frames = (INFER_FRAMES + 3 + MOTION_FRAMES) // 4 - (MOTION_FRAMES + 3) // 4  # 12 (L945-946)
     num_blocks = lat_frames // f
-    noise = torch.stack([
-        torch.randn(16, lat_frames, h, w, generator=torch.Generator().manual_seed(SEED + r)) for r in range(CLIPS)
+    noise = torch.stack([  # one randn of the clip per clip, generator seeded seed + r (L943-960)
+        torch.randn(16, lat_frames, h, w, generator=torch.Generator().manual_seed(SEED + r))
+        for r in range(CLIPS)
     ])
     frame_tokens = (h // 2) * (w // 2)
     block_tokens = f * frame_tokens
@@ -314,7 +321,7 @@ def make_dit_golden(ref: types.SimpleNamespace, out: Path) -> dict[str, torch.Te
                 clip = noise[r].clone()
                 audio_clip = audio[..., r * INFER_FRAMES:(r + 1) * INFER_FRAMES]
                 cond = torch.zeros(1, 16, lat_frames, h, w)
-                if r in (0, 1):  # sink prefill on every step's cache (L991-1025); r == 1 with the new reference
+                if r in (0, 1):  # sink prefill on every step's cache (L991-1025); at r == 1 the new reference
                     if r == 1:
                         current_ref = finished[0][:, :, 0:1].clone()
                         sink_refs.append(current_ref)
@@ -323,7 +330,8 @@ def make_dit_golden(ref: types.SimpleNamespace, out: Path) -> dict[str, torch.Te
                         caches = [new_reference_cache(model, block_tokens, sink_tokens) for _ in range(STEPS)]
                     for cache in caches:
                         model([clip[:, :f]], t=torch.zeros(1, f), context=[text], seq_len=None,
-                              ref_latents=current_ref, motion_latents=motion_latents, cond_states=cond[:, :, :f],
+                              ref_latents=current_ref, motion_latents=motion_latents,
+                              cond_states=cond[:, :, :f],
                               audio_input=audio_clip[..., :4 * f], motion_frames=[MOTION_FRAMES, 19],
                               drop_motion_frames=False, sink_flag=True, kv_cache=cache, crossattn_cache=cross,
                               current_start=0, current_end=block_tokens)
@@ -347,14 +355,16 @@ def make_dit_golden(ref: types.SimpleNamespace, out: Path) -> dict[str, torch.Te
 
     shape = (CLIPS, num_blocks, STEPS, 16, f, h, w)
     tensors = {
-        "ref_latent": ref_latent, "motion_latents": motion_latents, "text": text, "audio": audio, "noise": noise,
+        "ref_latent": ref_latent, "motion_latents": motion_latents, "text": text, "audio": audio,
+        "noise": noise,
         "timesteps": timesteps.float(), "sigmas": sigmas.float(),
         "sink_distance": torch.tensor(draws, dtype=torch.int64).reshape(CLIPS, num_blocks, STEPS),
         "velocity": torch.stack(velocities).reshape(shape),
-        "latents": torch.stack(finished).reshape(CLIPS, num_blocks, 16, f, h, w),  # each block's clean latents
+        "latents": torch.stack(finished).reshape(CLIPS, num_blocks, 16, f, h, w),  # each block's clean output
         "swapped_ref_latent": sink_refs[1],
     }
     meta = {"dit": json.dumps(DIT), "latent_hw": json.dumps(LATENT_HW), "clips": str(CLIPS),
+            "seed": str(SEED),
             "infer_frames": str(INFER_FRAMES), "steps": str(STEPS), "shift": str(SHIFT),
             "path": "causal_s2v_pipeline_tpp.py (per-step caches, sink swap after clip 0)"}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "dit.safetensors"), metadata=meta)
@@ -399,7 +409,7 @@ def make_audio_golden(live: types.SimpleNamespace, wan: types.SimpleNamespace, o
     folder = out / "audio_checkpoint" / "wav2vec2-large-xlsr-53-english"
     ctc.save_pretrained(str(folder))  # the published folder: a Wav2Vec2ForCTC save (config.json + weights)
     samples = speech_like(AUDIO_SECONDS)
-    sys.modules["librosa"].load = lambda path, sr: (samples, sr)  # extract_audio_feat reads the file with librosa
+    sys.modules["librosa"].load = lambda path, sr: (samples, sr)  # how extract_audio_feat reads the file
     encoder = wan.audio_encoder.AudioEncoder.__new__(wan.audio_encoder.AudioEncoder)
     encoder.processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
                                                  do_normalize=True, return_attention_mask=True)
@@ -420,7 +430,8 @@ def make_audio_golden(live: types.SimpleNamespace, wan: types.SimpleNamespace, o
             for block in range(INFER_FRAMES // (4 * f)):
                 block_audio = clip_audio[..., block * 4 * f:(block + 1) * 4 * f]
                 # _forward_inference L1093-1104: 73 copies of the first frame before, 19 latents dropped
-                prefixed = torch.cat([block_audio[..., 0:1].repeat(1, 1, 1, MOTION_FRAMES), block_audio], dim=-1)
+                prefix = block_audio[..., 0:1].repeat(1, 1, 1, MOTION_FRAMES)
+                prefixed = torch.cat([prefix, block_audio], dim=-1)
                 g, loc = dit.casual_audio_encoder(prefixed)
                 glob.append(g[:, 19:])
                 local.append(loc[:, 19:])

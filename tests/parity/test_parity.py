@@ -19,7 +19,9 @@ from safetensors import safe_open
 from model.config import AudioEncoderConfig, DiTConfig, VAEConfig
 from model.encoders.audio import AudioEncoder, reference_frame_rows
 from model.net.dit import AvatarDiT
-from model.stream.sampler import FlowMatchSchedule, KVUpdate, euler_step
+from model.stream.avatar import generate_block
+from model.stream.sampler import FlowMatchSchedule, KVUpdate
+from model.stream.scheme import SinkDistances, clip_noise
 from model.vae.streaming import AvatarVAE, build_vae
 from model.weights.checkpoint import load_dit
 from model.weights.encoders import load_wan_vae, load_wav2vec2
@@ -54,8 +56,9 @@ def dit(dit_golden) -> AvatarDiT:
 
 
 class ReferenceDrive:
-    """Our DiT called as the reference's TPP loop calls its own: one window per step, the sink prefilled on
-    each, frame_start (r * blocks + b) * F, the recorded sink distance of each call, our Euler steps."""
+    """Our DiT called as the reference's TPP loop calls its own: one window per step (`per_step`), the sink
+    prefilled on each, frame_start (r * blocks + b) * F, the recorded sink distance of each call; a block
+    is our streaming scheme's `generate_block` (the sampler's Euler loop)."""
 
     def __init__(self, dit: AvatarDiT, golden: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         self.dit, self.g = dit, golden
@@ -72,7 +75,7 @@ class ReferenceDrive:
             self.dit.prefill(ring, ref_latent, self.g["text"][None], self.g["motion_latents"])
 
     def audio(self, clip: int, block: int) -> torch.Tensor:
-        """[1, 4F, layers, dim] rows of the block's video frames (the reference slices [1, layers, dim, T])."""
+        """[1, 4F, layers, dim]: the block's video-frame rows (the reference slices [1, layers, dim, T])."""
         start = clip * self.frames + block * 4 * self.f
         return self.g["audio"][..., start : start + 4 * self.f].permute(0, 3, 1, 2)
 
@@ -84,13 +87,18 @@ class ReferenceDrive:
                         store_slot=self.kv.stores(step), sink_distance=distance)
 
     def block(self, clip: int, block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.g["noise"][clip][None, :, block * self.f : (block + 1) * self.f]
-        velocities = []
-        for step in range(self.steps):
-            v = self.call(x, clip, block, step)
-            velocities.append(v[0])
-            x = euler_step(x, v, self.schedule, step)
-        return x, velocities
+        """The block's clean latents and the velocity of each step (read off the DiT's output)."""
+        noise = self.g["noise"][clip][None, :, block * self.f : (block + 1) * self.f]
+        distances = tuple(int(d) for d in self.g["sink_distance"][clip, block])
+        velocities: list[torch.Tensor] = []
+        hook = self.dit.register_forward_hook(lambda module, args, out: velocities.append(out[0].clone()))
+        try:
+            done = generate_block(self.dit, self.rings, noise, self.audio(clip, block),
+                                  (clip * self.blocks + block) * self.f, self.schedule, self.kv, distances)
+        finally:
+            hook.remove()
+        assert done.denoiser_calls == self.steps == len(velocities)
+        return done.latents, velocities
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +127,19 @@ def test_schedule_is_the_reference_schedulers(dit_golden) -> None:
     schedule = FlowMatchSchedule(int(meta["steps"]), float(meta["shift"]))
     torch.testing.assert_close(schedule.timesteps, golden["timesteps"], rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(schedule.sigmas, golden["sigmas"], rtol=1e-6, atol=1e-7)
+
+
+def test_the_schemes_noise_and_sink_distances_are_the_references_draws(dit_golden) -> None:
+    """The `reference` scheme draws what the golden run drew: clip noise from a generator seeded seed + clip,
+    sink distances 4..30 from random.Random(seed), one per DiT call in call order."""
+    golden, meta = dit_golden
+    seed = int(meta["seed"])
+    clips, channels, frames, h, w = golden["noise"].shape
+    for clip in range(clips):
+        noise = clip_noise(seed, clip, (channels, frames, h, w), torch.device("cpu"), torch.float32)
+        assert torch.equal(noise[0], golden["noise"][clip])
+    draws = SinkDistances(4, 30, seed).draw(golden["sink_distance"].numel())
+    assert draws == tuple(golden["sink_distance"].flatten().tolist())
 
 
 def test_one_dit_call_matches_the_reference(dit, dit_golden) -> None:
@@ -217,7 +238,8 @@ def vae_golden() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def vae(vae_golden) -> AvatarVAE:
     sizes = json.loads(vae_golden[1]["vae"])
     cfg = VAEConfig(base_dim=sizes["dim"], z_dim=sizes["z_dim"], dim_mult=tuple(sizes["dim_mult"]),
-                    num_res_blocks=sizes["num_res_blocks"], temporal_downsample=tuple(sizes["temperal_downsample"]))
+                    num_res_blocks=sizes["num_res_blocks"],
+                    temporal_downsample=tuple(sizes["temperal_downsample"]))
     model = build_vae(cfg)
     load_wan_vae(model, GOLDENS / "vae_checkpoint", cfg)  # the published Wan2.1_VAE.pth
     return AvatarVAE(model)
@@ -233,8 +255,8 @@ def test_vae_encodes_the_reference_image_and_its_still_video_as_the_reference(va
 
 
 def test_stream_decode_primed_with_seven_motion_latents_matches_the_reference(vae, vae_golden) -> None:
-    """Decoder primed with motion_latents[:, :, :7] (frames dropped), then block by block; the reference keeps
-    each block's 12 frames and drops the first 3 of the stream's first block (the scheme's rule, applied here)."""
+    """Decoder primed with motion_latents[:, :, :7] (frames dropped), then block by block; the reference
+    keeps each block's 12 frames and drops the first 3 of the stream's first block (applied here)."""
     golden, meta = vae_golden
     decoder = vae.new_decoder(golden["motion_latents"][:, :, : int(meta["prime_latents"])], context_frames=0)
     drop = int(meta["frames_dropped_first_block"])
