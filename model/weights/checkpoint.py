@@ -14,6 +14,8 @@ Layouts
   own names (the backbone as diffusers, the S2V parts as Wan2.2) load too.
 - the rest of a published folder (Wan2.1_VAE.pth, the umT5 .pth + tokenizer, the wav2vec2 folder):
   `model/weights/encoders.py`; the whole folder at once: `model/weights/published.py`.
+- LoRA files (LiveAvatar's, applied as its loader does: full tensors replace, then pairs merge): `lora.py`;
+  the names of every layout: `names.py`.
 - bundle: one safetensors file of prefixed state dicts (`dit.`, `vae.`, `audio_encoder.`, `text_encoder.`),
   the AppConfig as JSON in the metadata (`save_bundle` / `load_bundle`).
 
@@ -26,10 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,106 +41,21 @@ from model.config import AppConfig, DiTConfig, load_config_from_dict
 from model.net.dit import AvatarDiT
 from model.net.fp8 import Fp8Linear
 from model.parallel.group import copy_full_into
-
-log = logging.getLogger(__name__)
+from model.weights.lora import LoraFile, read_lora
+from model.weights.names import (  # noqa: F401 (callers import the names from here too)
+    SHOW_KEYS,
+    CheckpointError,
+    detect_renamer,
+    diffusers_to_ours,
+    original_to_ours,
+    ours_to_diffusers,
+    ours_to_original,
+    rename_key,
+)
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 BUNDLE_FORMAT = "liveavatar-server-bundle/1"
-# LiveAvatar's LoRA hyper-parameters (liveavatar/configs/s2v_causal_sft.yaml: lora_rank 128, lora_alpha 64,
-# lora_target_modules "q,k,v,o,ffn.0,ffn.2"); the rank comes from the tensors, alpha from the file if set.
-LIVEAVATAR_LORA_ALPHA = 64.0
-SHOW_KEYS = 5
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing or does not fit the model; the message names the file and keys."""
-
-
-# ----------------------------------------------------------------------------- names
-
-_ORIGINAL_TO_OURS = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),  # Wan's cross-attn norm is norm3, diffusers' norm2
-    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-    (r"^blocks\.(\d+)\.self_attn\.", r"blocks.\1.attn1."),
-    (r"^blocks\.(\d+)\.cross_attn\.", r"blocks.\1.attn2."),
-]
-_OURS_TO_ORIGINAL = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^blocks\.(\d+)\.attn1\.", r"blocks.\1.self_attn."),
-    (r"^blocks\.(\d+)\.attn2\.", r"blocks.\1.cross_attn."),
-]
-_ATTN_PARENT = r"((?:self_attn|cross_attn|attn1|attn2|injector\.\d+))"
-
-
-def rename_key(key: str, table: Sequence[tuple[str, str]]) -> str:
-    """Apply a table of (regex, replacement) renames in order: every layout mapping is such a table."""
-    for pattern, repl in table:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def original_to_ours(key: str) -> str:
-    """Wan2.2-S2V checkpoint name -> AvatarDiT (diffusers-style) parameter name."""
-    key = rename_key(key, _ORIGINAL_TO_OURS)
-    key = re.sub(_ATTN_PARENT + r"\.([qkv])\.", r"\1.to_\2.", key)
-    return re.sub(_ATTN_PARENT + r"\.o\.", r"\1.to_out.0.", key)
-
-
-def ours_to_original(key: str) -> str:
-    """AvatarDiT parameter name -> the Wan2.2-S2V checkpoint name (inverse of `original_to_ours`)."""
-    key = re.sub(_ATTN_PARENT + r"\.to_([qkv])\.", r"\1.\2.", key)
-    key = re.sub(_ATTN_PARENT + r"\.to_out\.0\.", r"\1.o.", key)
-    return rename_key(key, _OURS_TO_ORIGINAL)
-
-
-# diffusers WanS2VTransformer3DModel names of the S2V parts -> ours (the backbone names are already shared).
-_DIFFUSERS_TO_OURS = [
-    (r"^condition_embedder\.ca(?:us|su)al_audio_encoder\.", "casual_audio_encoder."),  # both spellings seen
-    (r"^condition_embedder\.pose_embedder\.", "cond_encoder."),
-    (r"^trainable_condition_mask\.", "trainable_cond_mask."),
-]
-_OURS_TO_DIFFUSERS = [
-    (r"^casual_audio_encoder\.", "condition_embedder.causal_audio_encoder."),
-    (r"^cond_encoder\.", "condition_embedder.pose_embedder."),
-    (r"^trainable_cond_mask\.", "trainable_condition_mask."),
-]
-
-
-def diffusers_to_ours(key: str) -> str:
-    """diffusers `WanS2VTransformer3DModel` parameter name -> AvatarDiT name (ours pass through unchanged)."""
-    return rename_key(key, _DIFFUSERS_TO_OURS)
-
-
-def ours_to_diffusers(key: str) -> str:
-    """AvatarDiT parameter name -> diffusers `WanS2VTransformer3DModel` name (inverse of `diffusers_to_ours`)."""
-    return rename_key(key, _OURS_TO_DIFFUSERS)
-
-
-def _detect_renamer(keys: Iterable[str]) -> tuple[str, Callable[[str], str]]:
-    keys = list(keys)
-    if any(".attn1." in k or k.startswith("condition_embedder.") for k in keys):
-        return "diffusers", diffusers_to_ours
-    return "original", original_to_ours
 
 
 # ----------------------------------------------------------------------------- files
@@ -342,93 +257,6 @@ def _target_dtype(
     return torch.float32 if fp32(name) else dtype
 
 
-# ----------------------------------------------------------------------------- LoRA
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraPair:
-    """One low-rank update W += scale * up @ down for the parameter `target` (our naming)."""
-
-    target: str
-    down: torch.Tensor  # lora_A [r, in]
-    up: torch.Tensor  # lora_B [out, r]
-    scale: float
-
-
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-
-def read_lora(path: str | Path, model_keys: set[str], alpha: float | None = None) -> list[LoraPair]:
-    """LiveAvatar's peft LoRA (`...q.lora_A[.default].weight`, optional `base_model.model.` prefix).
-
-    Module names are Wan's original ones (targets q,k,v,o,ffn.0,ffn.2) or already ours. alpha comes from
-    `alpha`, else the file's metadata `lora_alpha`, else `adapter_config.json` beside it, else LiveAvatar's 64.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist (--model.lora)")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    if alpha is None:
-        alpha = _lora_alpha(path, metadata)
-    downs: dict[str, torch.Tensor] = {}
-    ups: dict[str, torch.Tensor] = {}
-    ignored = []
-    for key, tensor in raw.items():
-        bare = key.removeprefix("base_model.model.").removeprefix("diffusion_model.")
-        match = _LORA_KEY.match(bare)
-        if not match:
-            ignored.append(key)
-            continue
-        (downs if match["which"] == "A" else ups)[match["module"]] = tensor
-    if ignored:
-        log.warning(
-            "LoRA file %s: ignoring %d non-LoRA tensors, first: %s", path, len(ignored), ignored[:SHOW_KEYS]
-        )
-    unpaired = sorted(set(downs) ^ set(ups))
-    pairs, unknown = [], []
-    for module_name in sorted(set(downs) & set(ups)):
-        weight = module_name + ".weight"
-        target = weight if weight in model_keys else original_to_ours(weight)
-        if target not in model_keys:
-            unknown.append(module_name)
-            continue
-        down, up = downs[module_name], ups[module_name]
-        pairs.append(LoraPair(target, down, up, alpha / down.shape[0]))
-    if unpaired or unknown or not pairs:
-        lines = [f"LoRA file {path} does not fit the model:"]
-        if unpaired:
-            lines.append(f"  lora_A without lora_B (or the reverse) for: {unpaired[:SHOW_KEYS]}")
-        if unknown:
-            lines.append(f"  {len(unknown)} targets name no model layer, first: {unknown[:SHOW_KEYS]}")
-        if not pairs and not unknown:
-            lines.append("  no lora_A/lora_B tensors found")
-        raise CheckpointError("\n".join(lines))
-    return pairs
-
-
-def _lora_alpha(path: Path, metadata: dict[str, str]) -> float:
-    if "lora_alpha" in metadata:
-        return float(metadata["lora_alpha"])
-    config = path.parent / "adapter_config.json"
-    if config.is_file():
-        return float(json.loads(config.read_text()).get("lora_alpha", LIVEAVATAR_LORA_ALPHA))
-    return LIVEAVATAR_LORA_ALPHA
-
-
-def merge_lora(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
-    """W + alpha/rank * B @ A, computed in float32 on W's device, returned in W's dtype."""
-    if tuple(weight.shape) != (pair.up.shape[0], pair.down.shape[1]):
-        raise CheckpointError(
-            f"LoRA for {pair.target}: B@A is {pair.up.shape[0]}x{pair.down.shape[1]}, "
-            f"the weight is {list(weight.shape)}"
-        )
-    up = pair.up.to(weight.device, torch.float32)
-    down = pair.down.to(weight.device, torch.float32)
-    return (weight.float() + pair.scale * (up @ down)).to(weight.dtype)
-
-
 # ----------------------------------------------------------------------------- the DiT
 
 
@@ -458,7 +286,7 @@ def fill_dit(
     (default cpu/float32; modulation stays float32).
     """
     files = checkpoint_files(checkpoint)
-    layout, rename = _detect_renamer(files)
+    layout, rename = detect_renamer(files)
     current = model.state_dict()
     expected = checkpoint_shapes(model)
     ours_files = {rename(k): f for k, f in files.items()}
@@ -469,7 +297,7 @@ def fill_dit(
         )
     shapes = {rename(k): s for k, s in _shapes(files).items()}
     _check_fit(f"{checkpoint} ({layout} layout)", expected, shapes, source_name)
-    pairs = {p.target: p for p in read_lora(lora, set(expected))} if lora else {}
+    edits = read_lora(lora, expected) if lora else LoraFile.empty()
     by_file: dict[Path, list[str]] = {}
     for ours, file in ours_files.items():
         by_file.setdefault(file, []).append(ours)
@@ -478,9 +306,7 @@ def fill_dit(
             place, cast = _placement(name, current[name], device, dtype, AvatarDiT.keeps_fp32)
             with safe_open(str(file), framework="pt", device=str(place)) as f:
                 tensor = f.get_tensor(source_name[name])
-            tensor = tensor.to(cast if tensor.dtype.is_floating_point else tensor.dtype)
-            if name in pairs:
-                tensor = merge_lora(tensor, pairs[name])
+            tensor = edits.apply(name, tensor.to(cast if tensor.dtype.is_floating_point else tensor.dtype))
             _assign(model, name, tensor)
     return model.eval()
 
