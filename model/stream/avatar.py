@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import UMT5EncoderModel, Wav2Vec2Model
 
-from model.config import REPO_ROOT, AppConfig
+from model.config import AppConfig
 from model.encoders.audio import AudioEncoder, wav2vec2_config
 from model.encoders.text import TextEncoder, make_tokenizer, umt5_config
 from model.io_types import AudioWindow, VideoClip
@@ -36,6 +36,7 @@ from model.stream.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, KVUpdate, 
 from model.stream.scheme import SinkDistances, clip_noise, motion_start
 from model.stream.sizing import fit_reference_image, rgb_image, session_frame_size
 from model.vae.streaming import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
+from model.weights.hub import resolve_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,14 +91,9 @@ class AvatarModels:
 
 
 def _resolve_checkpoint(checkpoint: str | None) -> Path | None:
-    """The checkpoint path as given, or inside the repository (presets name files relative to it)."""
-    if checkpoint is None:
-        return None
-    for candidate in (Path(checkpoint), REPO_ROOT / checkpoint):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"--model.checkpoint {checkpoint!r} does not exist; give a .safetensors file, "
-                            "a checkpoint folder, or null for random weights")
+    """The checkpoint path as given, inside the repository (presets name files relative to it), or a hub id
+    in the local Hugging Face cache (`model/weights/hub.py`); WeightsNotFound says what to download."""
+    return None if checkpoint is None else resolve_checkpoint(checkpoint)
 
 
 def _builders(cfg: AppConfig) -> dict[str, Callable[[], torch.nn.Module]]:
