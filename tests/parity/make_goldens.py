@@ -50,6 +50,7 @@ CPU stand-ins and the two precision quirks (patched at import, inside this scrip
   cross-attention norm (causal_model_s2v.py L423 `self.norm3(x.to(torch.bfloat16))`, ~3e-4 by itself) and
   (2) the float16 RoPE tables (LiveAvatar wan_2_2/modules/s2v/s2v_utils.py L16 `.to(torch.float16)`, ~1e-5):
   both functions are re-compiled from the reference's own source with that one expression replaced.
+  `--keep-quirk bf16_norm` / `--keep-quirk fp16_rope` leave one in, to measure it (--out elsewhere).
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def _recompile(function, replacements: list[tuple[str, str]]):
     return namespace[function.__name__]
 
 
-def load_liveavatar(root: Path) -> types.SimpleNamespace:
-    """LiveAvatar's causal DiT modules, CPU-ready, float32 math (see the module docstring)."""
+def load_liveavatar(root: Path, keep_quirks: tuple[str, ...] = ()) -> types.SimpleNamespace:
+    """LiveAvatar's causal DiT modules, CPU-ready, float32 math (see the module docstring); `keep_quirks`
+    leaves "bf16_norm" and/or "fp16_rope" as the reference has them."""
     os.environ["ENABLE_COMPILE"] = "false"
     for name in ("librosa", "decord"):
         _stub(name)
@@ -164,12 +166,14 @@ def load_liveavatar(root: Path) -> types.SimpleNamespace:
     motioner = importlib.import_module("liveavatar.models.wan.causal_motioner")
     audio_encoder = importlib.import_module("liveavatar.models.wan.wan_2_2.modules.s2v.audio_encoder")
     # quirk 2: float16 RoPE tables -> float64 (the table the rest of the function and rope_apply use)
-    rope_precompute = _recompile(s2v_utils.rope_precompute, [(".to(torch.float16)", ".to(torch.float64)")])
-    for module in (s2v_utils, cm, motioner):
-        module.rope_precompute = rope_precompute
+    if "fp16_rope" not in keep_quirks:
+        rope_precompute = _recompile(s2v_utils.rope_precompute, [(".to(torch.float16)", ".to(torch.float64)")])
+        for module in (s2v_utils, cm, motioner):
+            module.rope_precompute = rope_precompute
     # quirk 1: the bfloat16 cast before the text cross-attention norm
-    block = cm.CausalWanS2VAttentionBlock
-    block.forward = _recompile(block.forward, [("self.norm3(x.to(torch.bfloat16))", "self.norm3(x)")])
+    if "bf16_norm" not in keep_quirks:
+        block = cm.CausalWanS2VAttentionBlock
+        block.forward = _recompile(block.forward, [("self.norm3(x.to(torch.bfloat16))", "self.norm3(x)")])
     _patch_attention()
     return types.SimpleNamespace(cm=cm, audio_encoder=audio_encoder)
 
@@ -507,11 +511,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liveavatar", type=Path, required=True, help="checkout of Alibaba-Quark/LiveAvatar")
     parser.add_argument("--wan", type=Path, required=True, help="checkout of Wan-Video/Wan2.2")
     parser.add_argument("--out", type=Path, default=GOLDEN_DIR)
+    parser.add_argument("--keep-quirk", action="append", choices=("bf16_norm", "fp16_rope"), default=[],
+                        help="leave a precision quirk of the reference in (to measure it; never for the committed "
+                             "goldens)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # the reference's deprecated torch.cuda.amp decorators, on every call
     args.out.mkdir(parents=True, exist_ok=True)
-    live = load_liveavatar(args.liveavatar.resolve())
+    live = load_liveavatar(args.liveavatar.resolve(), tuple(args.keep_quirk))
     wan = load_wan(args.wan.resolve())
     make_dit_golden(live, args.out)
     make_audio_golden(live, wan, args.out)
