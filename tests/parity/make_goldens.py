@@ -167,7 +167,8 @@ def load_liveavatar(root: Path, keep_quirks: tuple[str, ...] = ()) -> types.Simp
     audio_encoder = importlib.import_module("liveavatar.models.wan.wan_2_2.modules.s2v.audio_encoder")
     # quirk 2: float16 RoPE tables -> float64 (the table the rest of the function and rope_apply use)
     if "fp16_rope" not in keep_quirks:
-        rope_precompute = _recompile(s2v_utils.rope_precompute, [(".to(torch.float16)", ".to(torch.float64)")])
+        wide = [(".to(torch.float16)", ".to(torch.float64)")]
+        rope_precompute = _recompile(s2v_utils.rope_precompute, wide)
         for module in (s2v_utils, cm, motioner):
             module.rope_precompute = rope_precompute
     # quirk 1: the bfloat16 cast before the text cross-attention norm
@@ -512,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wan", type=Path, required=True, help="checkout of Wan-Video/Wan2.2")
     parser.add_argument("--out", type=Path, default=GOLDEN_DIR)
     parser.add_argument("--keep-quirk", action="append", choices=("bf16_norm", "fp16_rope"), default=[],
-                        help="leave a precision quirk of the reference in (to measure it; never for the committed "
-                             "goldens)")
+                        help="leave a precision quirk of the reference in (to measure it; not for the goldens)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # the reference's deprecated torch.cuda.amp decorators, on every call
