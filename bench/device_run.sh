@@ -10,7 +10,8 @@
 #         (bf16, fp8) in the stream bench and the 1000-clip flatness run; h = 2 GPUs: fp8 with SP=2, fp8 + sharded weights
 #         under the 22 GB cap, tpp in fp8; i = 2 GPUs: SP=2 fp8 profile;
 #         j = 2 GPUs: fp8 + sharded weights under the 22 GB cap; k = 2 GPUs: the engine path under the cap;
-#         l = phase j compiled; m = phase k compiled, as the README's 24 GB recipe runs.
+#         l = phase j compiled; m = phase k compiled, as the README's 24 GB recipe runs;
+#     n = one GPU: the reference scheme (per_step, fps 25) through the engine path (bench/engine_gpu.py).
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -217,6 +218,25 @@ if [ "$PHASE" = h ]; then
   fi
   step h_tpp_fp8 130 $TR $B --clips 4 --vae_mode stream $C $F --set parallel.mode tpp \
        --set sampler.kv_update per_step --set sampler.sample_steps 2 --label "14B tpp 2 steps fp8 gemm compiled"
+fi
+if [ "$PHASE" = n ]; then
+  # One GPU, the reference scheme (kv_update per_step) at fps 25 through the server's engine path, float8 GEMMs,
+  # compiled blocks, one load: per_step with the KV windows in bf16 (its FLOPs and a profile of one clip split
+  # into GEMMs, attention, elementwise, copies, audio, VAE, idle), then in float8, then float8 + the VAE's
+  # chunk-3 channels-last decode, then last_step and clean_pass beside them; the bytes of one KV window.
+  E="bench/engine_gpu.py --config $FULL --random_weights"
+  [ -n "${DRY:-}" ] && E="bench/engine_gpu.py --dry"
+  TXT=(--set runtime.text_encoder_device cpu --set model.text_encoder.tokenizer bytes
+       --set model.text_encoder.num_layers 2)
+  VAE3="runtime.vae_decode_chunk=3,runtime.vae_channels_last=true,runtime.cudnn_benchmark=true"
+  step n_engine_reference_scheme ${N_LIMIT:-520} $PY $E "${TXT[@]}" --set video.fps 25 --set runtime.fp8 gemm \
+       --set runtime.compile $COMPILE --warmup 1 --clips 3 --window_bytes --profile per_step --flops per_step \
+       --variant per_step sampler.kv_update=per_step \
+       --variant per_step_kv8 sampler.kv_update=per_step,runtime.kv_cache_dtype=float8 \
+       --variant per_step_kv8_vae3cl "sampler.kv_update=per_step,runtime.kv_cache_dtype=float8,$VAE3" \
+       --variant last_step "sampler.kv_update=last_step,$VAE3" --variant clean_pass "sampler.kv_update=clean_pass,$VAE3"
+  grep -h "^WINDOW\|^LOAD" /tmp/step_n_engine_reference_scheme.log
+  sed -n '/^| variant/,$p' /tmp/step_n_engine_reference_scheme.log
 fi
 echo "=== table"
 $PY bench/table.py "$RES"

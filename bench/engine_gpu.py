@@ -219,6 +219,35 @@ def dit_clip_flops(models, cfg: AppConfig) -> float:
     return flops
 
 
+def window_bytes(models, cfg: AppConfig, device: torch.device) -> dict:
+    """Bytes of one KV window (a `StreamCache` after its first prefill) per `runtime.kv_cache_dtype`, and
+    what the allocator holds for it: the per-step scheme keeps `sample_steps` of them per session."""
+    from model.vae.streaming import SPACE_STRIDE
+
+    dit, d = models.dit, cfg.model.dit
+    h, w = cfg.video.height // SPACE_STRIDE, cfg.video.width // SPACE_STRIDE
+    ref = torch.zeros(1, d.in_channels, 1, h, w, device=device, dtype=models.dtype)
+    text = torch.zeros(1, d.text_len, d.text_dim, device=device, dtype=models.dtype)
+    kept, out = dit.kv_cache_dtype, {}
+    try:
+        for kind in ("model", "float8"):
+            dit.kv_cache_dtype = kind
+            _sync(device)
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            cache = dit.new_cache(1, device, models.dtype)
+            with torch.inference_mode():
+                dit.prefill(cache, ref, text)
+            _sync(device)
+            held = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
+            out[kind] = {"cache_gb": cache.nbytes() / 2**30, "allocated_gb": held / 2**30,
+                         "kv_gb": (cache.kv_k.nbytes + cache.kv_v.nbytes) / 2**30,
+                         "text_gb": (cache.text_k.nbytes + cache.text_v.nbytes) / 2**30}
+            cache.clear()
+    finally:
+        dit.kv_cache_dtype = kept
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -239,6 +268,8 @@ async def run(args, base: dict, variants: list[tuple[str, dict]], emit) -> None:
     _sync(device)
     emit("LOAD", {"load_s": time.perf_counter() - t0, "peak_gb": round(_peak_gb(device), 2),
                   "fp8": cfg0.runtime.fp8, "compile": cfg0.runtime.compile, "size": cfg0.video.size})
+    if args.window_bytes:
+        emit("WINDOW", window_bytes(models, cfg0, device))
     flops = None
     for name, overrides in variants:
         cfg = load_config(args.config, {**base, **overrides})
@@ -307,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="variant whose one extra clip is profiled")
     p.add_argument("--flops", default=None, help="variant whose DiT FLOPs per clip are counted (MFU)")
     p.add_argument("--random_weights", action="store_true", help="ignore the config's checkpoint")
+    p.add_argument("--window_bytes", action="store_true", help="measure one KV window's bytes per cache dtype")
     p.add_argument("--dry", action="store_true", help="CPU, tiny config at 64x64: the same steps, quickly")
     args = p.parse_args(argv)
     base = dict(args.set)
