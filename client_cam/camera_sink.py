@@ -15,20 +15,24 @@ from client_cam.errors import ClientError
 MODPROBE = "sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label=LiveAvatar"
 
 
-def camera_missing_message(detail: str, device: str | None) -> str:
+WITHOUT_CAMERA = "or record with --out FILE.mp4 instead"  # what the client can do without one
+
+
+def camera_missing_message(detail: str, device: str | None, instead: str = WITHOUT_CAMERA) -> str:
     """One line: what pyvirtualcam said, and what to run or install so the camera exists."""
     if sys.platform.startswith("linux"):
         where = f" at {device}" if device else ""
         return (f"no virtual camera device{where} ({detail}); create one with: {MODPROBE} "
-                "(Debian/Ubuntu package v4l2loopback-dkms), or record with --out FILE.mp4 instead")
+                f"(Debian/Ubuntu package v4l2loopback-dkms), {instead}")
     return (f"no virtual camera ({detail}); install OBS Studio 28 or newer and press Start Virtual Camera once "
-            "(then Stop it), or record with --out FILE.mp4 instead")
+            f"(then Stop it), {instead}")
 
 
 class VirtualCamera:
     """One open virtual camera of a fixed size and fps; frames of another size are scaled to it."""
 
-    def __init__(self, width: int, height: int, fps: float, device: str | None = None) -> None:
+    def __init__(self, width: int, height: int, fps: float, device: str | None = None,
+                 instead: str = WITHOUT_CAMERA) -> None:
         try:
             import pyvirtualcam
         except ImportError as exc:
@@ -38,7 +42,7 @@ class VirtualCamera:
             self._camera = pyvirtualcam.Camera(width=width, height=height, fps=fps, device=device,
                                                fmt=pyvirtualcam.PixelFormat.RGB)
         except RuntimeError as exc:
-            raise ClientError(camera_missing_message(str(exc).rstrip("."), device)) from None
+            raise ClientError(camera_missing_message(str(exc).rstrip("."), device, instead)) from None
         self.width, self.height, self.fps = width, height, fps
         self.device = self._camera.device
         self.frames_sent = 0
@@ -53,6 +57,6 @@ class VirtualCamera:
         self._camera.close()
 
 
-def check_camera(device: str | None) -> None:
+def check_camera(device: str | None, instead: str = WITHOUT_CAMERA) -> None:
     """Fail at start-up, before connecting, when there is no camera to write to (a small test frame size)."""
-    VirtualCamera(64, 64, 16.0, device).close()
+    VirtualCamera(64, 64, 16.0, device, instead).close()

@@ -200,8 +200,9 @@ async def run(args: argparse.Namespace) -> int:
             await mic_sink.close()  # started part-way
         await output.close()
         if output.counters.frames_out:
-            status.notice(f"stopped: {output.counters.frames_out} frames out"
-                          + (f", recorded to {args.out}" if args.out else ""))
+            counters = output.counters
+            status.notice(f"stopped: {counters.frames_out} frames out, {counters.filler_frames} of them while no "
+                          "frame came" + (f"; recorded to {args.out}" if args.out else ""))
 
 
 async def _show_status(state: LiveState, output: AvatarOutput, status: StatusLine) -> None:

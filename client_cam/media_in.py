@@ -24,7 +24,7 @@ from client_cam.errors import EXIT_USAGE, ClientError
 RATE_HZ = 48000
 PTIME_S = 0.020
 FRAME_SAMPLES = int(RATE_HZ * PTIME_S)
-SKIP_AFTER_FRAMES = 10  # a file behind its real-time schedule by more than this skips ahead, like a live mic
+SKIP_AFTER_FRAMES = 50  # a file this far behind its real-time schedule (nobody sent it: a reconnect) skips ahead
 MAX_QUEUED_FRAMES = 50  # 1 s of microphone audio; older frames are dropped if the loop falls behind
 
 

@@ -3,7 +3,8 @@ recorder (voice), with the camera never left frozen or black.
 
 Received frames go to the camera and the voice to the microphone the moment they are decoded (the server
 already paces them at its fps and in step with each other). The recording places each at the time it was
-due, its timestamp plus the track's arrival anchor, so network and scheduling jitter do not move it. When none comes for one and a half frame times (a stall, a reconnect) the last
+due, its timestamp plus the track's arrival anchor, so network and scheduling jitter do not move it; a
+stall shows there as the last frame held, a long one (a reconnect) as the breathing frames the camera got. When none comes for one and a half frame times (a stall, a reconnect) the last
 frame is written again at the stream's fps; after `hold_s` it breathes (slowly brightens and dims, as the
 server's idle frames do), so the people in the call see a waiting avatar, not a hung camera.
 """
@@ -56,7 +57,7 @@ class ArrivalAnchor:
     due time without the jitter; the window follows slow drift between the server's clock and ours.
     """
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = 60.0) -> None:
         self._window_s = window_s
         self._candidates: deque[tuple[float, float]] = deque()  # (arrival, anchor), anchors rising
 
@@ -110,7 +111,8 @@ class AvatarOutput:
         self._last_rgb: np.ndarray | None = None
         self._last_write_s = 0.0
         self._last_received_s = 0.0
-        self.started_s: float | None = None  # wall time of the recording's and the camera's frame 0
+        self._show_lag_s = 0.0  # how long after its due time the last frame was shown
+        self.started_s: float | None = None  # due time (monotonic) of the recording's frame 0
         self.counters = OutputCounters()
         self._video_anchor = ArrivalAnchor()
         self._audio_anchor = ArrivalAnchor()
@@ -134,10 +136,11 @@ class AvatarOutput:
             fps = fps_from_pts(self._pts, time_base) if len(self._pts) >= FORMAT_FRAMES else None
             if fps is None:
                 return
-            self._open(StreamFormat(rgb.shape[1], rgb.shape[0], fps))
+            self._open(StreamFormat(rgb.shape[1], rgb.shape[0], fps), due_s)
         self._write(rgb, now, due_s)
+        self._show_lag_s = now - due_s
 
-    def _open(self, fmt: StreamFormat) -> None:
+    def _open(self, fmt: StreamFormat, first_due_s: float) -> None:
         self.format = fmt
         try:
             if self._use_camera:
@@ -147,16 +150,17 @@ class AvatarOutput:
         except SINK_ERRORS as exc:
             self._fail(exc)
             return
-        self.started_s = time.monotonic()
+        self.started_s = first_due_s
         self._filler = asyncio.get_running_loop().create_task(self._fill_stalls(), name="camera-filler")
 
-    def _write(self, rgb: np.ndarray, now_s: float, due_s: float) -> None:
+    def _write(self, rgb: np.ndarray, now_s: float, due_s: float | None) -> None:
+        """To the camera now; into the recording at `due_s` (None: not recorded, the recording holds its frame)."""
         if self.started_s is None:
             return
         try:
             if self.camera is not None:
                 self.camera.send(rgb)
-            if self.recorder is not None:
+            if self.recorder is not None and due_s is not None:
                 self.recorder.write_video(rgb, due_s - self.started_s)
         except SINK_ERRORS as exc:
             self._fail(exc)
@@ -174,7 +178,10 @@ class AvatarOutput:
             if self._last_rgb is None or now - self._last_write_s < 1.5 * period_s:
                 continue
             last, stalled_s = self._last_rgb, now - self._last_received_s
-            self._write(breathing(last, now) if stalled_s > self._hold_s else last, now, now)
+            if stalled_s <= self._hold_s:  # a short stall: late frames may still come for these slots
+                self._write(last, now, None)
+            else:  # nothing is coming (a reconnect): the recording shows what the camera shows
+                self._write(breathing(last, now), now, now - self._show_lag_s)
             self._last_rgb = last  # breathe around the real last frame, not a brightened copy
             self.counters.filler_frames += 1
 

@@ -37,14 +37,32 @@ class Mp4Recorder:
         self.width, self.height, self.fps = width, height, fps
         self.path = Path(path)
         self._last_pts = -1
+        self._last_rgb: np.ndarray | None = None
         self.frames_written = 0
+        self.frames_left_out = 0
         self.audio_samples_written = 0
 
-    def write_video(self, rgb: np.ndarray, t_s: float) -> None:
-        """A frame shown from `t_s` seconds after the recording's start (a later slot if that one is taken)."""
-        pts = max(self._last_pts + 1, round(t_s * self.fps))
+    def write_video(self, rgb: np.ndarray, t_s: float) -> bool:
+        """A frame shown from `t_s` seconds after the recording's start, in the frame slot of that time.
+
+        The file has a constant frame rate: slots no frame came for hold the frame before. A frame whose
+        slot is taken (a late frame after the stall filler wrote one there) is left out rather than pushed
+        to a later slot: pushing would move every frame after it off its voice.
+        """
+        pts = round(t_s * self.fps)
+        if pts <= self._last_pts:
+            self.frames_left_out += 1
+            return False
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.BILINEAR))
+        if self._last_rgb is not None:
+            for held in range(self._last_pts + 1, pts):  # no frame came for these slots: the last one stays
+                self._encode_video(self._last_rgb, held)
+        self._encode_video(rgb, pts)
+        self._last_rgb = rgb
+        return True
+
+    def _encode_video(self, rgb: np.ndarray, pts: int) -> None:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts = pts
         self._container.mux(self._video.encode(frame))

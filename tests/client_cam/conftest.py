@@ -59,6 +59,12 @@ class PulseDaemon:
     def full_env(self) -> dict[str, str]:
         return {**os.environ, **self.env}
 
+    def record(self, source: str, path: Path) -> subprocess.Popen:
+        """parec of `source` as raw s16le mono 48 kHz into `path` until terminated."""
+        with path.open("wb") as out:
+            return subprocess.Popen(["parec", f"--device={source}", "--rate=48000", "--channels=1", "--format=s16le"],
+                                    stdout=out, stderr=subprocess.DEVNULL, env=self.full_env)
+
     def pactl(self, *args: str) -> str:
         return subprocess.run(["pactl", *args], env=self.full_env, check=True, capture_output=True, text=True,
                               timeout=10).stdout
