@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wan", type=Path, required=True, help="checkout of Wan-Video/Wan2.2")
     parser.add_argument("--out", type=Path, default=GOLDEN_DIR)
     parser.add_argument("--keep-quirk", action="append", choices=("bf16_norm", "fp16_rope"), default=[],
-                        help="leave a precision quirk of the reference in (to measure it; not for the goldens)")
+                        help="leave a reference precision quirk in (to measure it; not for the goldens)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # the reference's deprecated torch.cuda.amp decorators, on every call
