@@ -65,6 +65,7 @@ from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedd
 from torch import nn
 
 from model.config import DiTConfig, RuntimeConfig
+from model.net import kv_quant
 from model.net.attention import (
     attention,
     attention_into,
@@ -72,7 +73,6 @@ from model.net.attention import (
     sequence_parallel,
     set_attention_backend,
 )
-from model.net import kv_quant
 from model.net.audio import AudioInjector, CausalAudioEncoder
 from model.net.fp8 import Fp8Linear, fp8_gemm_supported, quantize_linears, switch_mode
 from model.net.motion import MOTION_LATENT_FRAMES, FramePackMotioner
