@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if command != "cluster" and not weights_ready(cfg):
+        return 2
     if command == "offline":
         from offline.render import run_offline
 
@@ -97,6 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.app import serve
 
     return serve(cfg)
+
+
+def weights_ready(cfg: AppConfig) -> bool:
+    """The checkpoint and LoRA named by the config exist (paths or hub ids in the local cache) before anything
+    loads or listens; if not, one error that says what is missing and how to download it."""
+    from model.weights.hub import WeightsNotFound, check_weights
+
+    try:
+        check_weights(cfg.model.checkpoint, cfg.model.lora)
+    except WeightsNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def serve_in_group(cfg: AppConfig) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 from aiohttp import web
 
 from model.config import AppConfig
+from model.weights.hub import WeightsNotFound
 from server.access import access_middleware, resolve_token
 from server.health import healthz_handler, metrics_handler, page_config_handler
 from server.limits import limits_middleware
@@ -118,6 +119,9 @@ def serve(cfg: AppConfig) -> int:
         return 2
     try:
         asyncio.run(run_until_stopped(cfg, reference))
+    except WeightsNotFound as exc:  # a FileNotFoundError from loading the model, not from the socket
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ LIVEAVATAR_CACHE = REPO_ROOT / "ckpt" / "LiveAvatar"  # hf_hub_download(cache_di
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 DOWNLOAD_HELP = (
-    f"The 14B preset needs the published weights (about 80 GB; `pip install -U huggingface_hub` gives `hf`):\n"
+    f"The 14B preset needs the published weights (`pip install -U huggingface_hub` provides `hf`):\n"
     f"  hf download {PUBLISHED_BASE} --local-dir ckpt/Wan2.2-S2V-14B\n"
     f"  hf download {PUBLISHED_LORA} --local-dir ckpt/LiveAvatar     "
     f"# then --model.lora ckpt/LiveAvatar/{LORA_FILE}\n"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from model.weights.hub import resolve_lora
 from model.weights.names import SHOW_KEYS, CheckpointError, original_to_ours
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,13 @@ def is_lora_target(wan_module: str) -> bool:
 
 
 def read_lora(path: str | Path, model_shapes: dict[str, torch.Size], alpha: float | None = None) -> LoraFile:
-    """Read a LoRA file against the model's tensor names and shapes (ours); see the module docstring.
+    """Read a LoRA file (a path, a folder, or a hub id such as Quark-Vision/Live-Avatar in the local hub cache)
+    against the model's tensor names and shapes (ours); see the module docstring.
 
     alpha comes from `alpha`, else the file's metadata `lora_alpha`, else `adapter_config.json` beside it,
     else LiveAvatar's 64.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist (--model.lora)")
+    path = resolve_lora(str(path))  # a file, a folder holding one, or a hub id in the local cache
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
