@@ -11,7 +11,8 @@
 #         under the 22 GB cap, tpp in fp8; i = 2 GPUs: SP=2 fp8 profile;
 #         j = 2 GPUs: fp8 + sharded weights under the 22 GB cap; k = 2 GPUs: the engine path under the cap;
 #         l = phase j compiled; m = phase k compiled, as the README's 24 GB recipe runs;
-#     n = one GPU: the reference scheme (per_step, fps 25) through the engine path (bench/engine_gpu.py).
+#     n = one GPU: the reference scheme (per_step, fps 25) through the engine path (bench/engine_gpu.py);
+#     o = one GPU, ~30 s: the float8 KV cache's Triton kernels against eager (bytes equal, ms, GB/s).
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -218,6 +219,12 @@ if [ "$PHASE" = h ]; then
   fi
   step h_tpp_fp8 130 $TR $B --clips 4 --vae_mode stream $C $F --set parallel.mode tpp \
        --set sampler.kv_update per_step --set sampler.sample_steps 2 --label "14B tpp 2 steps fp8 gemm compiled"
+fi
+if [ "$PHASE" = n ] || [ "$PHASE" = o ]; then
+  # The float8 KV cache's one-pass Triton kernels against eager PyTorch at the 14B's shapes (o: this alone, ~30 s).
+  K=($PY bench/kv_cache_kernels.py); [ -n "${DRY:-}" ] && K=(env TRITON_INTERPRET=1 $PY bench/kv_cache_kernels.py --dry)
+  step o_kv_cache_kernels 120 "${K[@]}"
+  sed -n '/^packing equal/,$p' /tmp/step_o_kv_cache_kernels.log
 fi
 if [ "$PHASE" = n ]; then
   # One GPU, the reference scheme (kv_update per_step) at fps 25 through the server's engine path, float8 GEMMs,

@@ -14,10 +14,19 @@ the rounding to float8 loses anything: a relative half-step of 2^-4 at most, for
 range) and an eager and a compiled widening give the same bits. Attention widens the slice it reads to the
 model's dtype for that call and overwrites the call's own tokens with their unrounded values, so a block
 attends to itself exactly as with a bf16 cache; only the sink and the window of earlier blocks are rounded.
+
+On CUDA the packing and widening run as one-pass Triton kernels (`model/net/kv_quant_triton.py`: eager
+PyTorch takes ~10 passes for them). The first call of each on a device also runs the eager code and
+compares: equal bytes (packing) and values (widening), or that device keeps the eager path, logged once.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -52,15 +61,79 @@ def pack_into(dst: torch.Tensor, x: torch.Tensor) -> None:
     d = x.shape[-1]
     if dst.shape[-1] != d + SCALE_BYTES or dst.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"packed cache slice {list(dst.shape)} cannot hold values {list(x.shape)}")
+    kernels = _kernels_for("pack", x.device, dst, x)
+    if kernels is not None:
+        kernels.pack_into(dst, x)
+    else:
+        _pack_eager(dst, x)
+
+
+def unpack(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The packed slice src uint8 [..., D + 2] widened to `dtype` [..., D] (exact: the scales are powers of two)."""
+    kernels = _kernels_for("unpack", src.device, src, None, dtype)
+    return kernels.unpack(src, dtype) if kernels is not None else _unpack_eager(src, dtype)
+
+
+def _pack_eager(dst: torch.Tensor, x: torch.Tensor) -> None:
+    d = x.shape[-1]
     bits, scale = quantize(x)
     dst[..., :d].view(FP8_DTYPE).copy_(bits)
     dst[..., d:].view(SCALE_DTYPE).copy_(scale)
 
 
-def unpack(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The packed slice src uint8 [..., D + 2] widened to `dtype` [..., D] (exact: the scales are powers of two)."""
+def _unpack_eager(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     d = src.shape[-1] - SCALE_BYTES
     return src[..., :d].view(FP8_DTYPE).to(dtype) * src[..., d:].view(SCALE_DTYPE).to(dtype)
+
+
+# ----------------------------------------------------------------------------- one-pass kernels where they agree
+
+_agrees: dict[tuple[str, str], bool] = {}  # (pack | unpack, device) -> the kernels gave the eager result there
+
+
+def fused_kernels_enabled(device: torch.device) -> bool:
+    """CUDA with Triton, or the CPU under TRITON_INTERPRET=1 (the tests); LIVEAVATAR_KV_EAGER=1 turns them off."""
+    if os.environ.get("LIVEAVATAR_KV_EAGER") == "1":
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _kernels_for(op: str, device: torch.device, packed: torch.Tensor, values: torch.Tensor | None,
+                 dtype: torch.dtype | None = None):
+    """The Triton module if it takes these tensors and agreed with eager on this device's first call."""
+    if not fused_kernels_enabled(device):
+        return None
+    try:
+        from model.net import kv_quant_triton as kernels
+    except Exception as exc:  # noqa: BLE001 - no Triton: the eager path is the whole feature
+        if ("import", "") not in _agrees:
+            _agrees[("import", "")] = False
+            log.warning("float8 KV cache: no Triton kernels (%s); packing in eager PyTorch", exc)
+        return None
+    if not kernels.fits(packed, values):
+        return None
+    key = (op, str(device))
+    if key not in _agrees:
+        _agrees[key] = _check_against_eager(kernels, op, packed, values, dtype)
+        if not _agrees[key]:
+            log.warning("float8 KV cache: the Triton %s kernel differs from eager PyTorch on %s; using eager", op,
+                        device)
+    return kernels if _agrees[key] else None
+
+
+def _check_against_eager(kernels, op: str, packed: torch.Tensor, values: torch.Tensor | None,
+                         dtype: torch.dtype | None) -> bool:
+    try:
+        if op == "pack":
+            fused, eager = torch.zeros_like(packed), torch.zeros_like(packed)
+            kernels.pack_into(fused, values)
+            _pack_eager(eager, values)
+        else:
+            fused, eager = kernels.unpack(packed, dtype), _unpack_eager(packed, dtype)
+        return torch.equal(fused, eager)
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot build or run here leaves the eager path
+        log.warning("float8 KV cache: Triton %s kernel failed on %s (%s)", op, packed.device, exc)
+        return False
 
 
 def store(dst: torch.Tensor, x: torch.Tensor) -> None:

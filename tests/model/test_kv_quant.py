@@ -125,3 +125,50 @@ def test_trained_tiny_avatar_with_a_float8_cache_makes_nearly_the_same_frames_an
     # measured in BENCHMARKS.md over more clips; here 2 clips
     assert abs(fp8.astype(float) - base.astype(float)).mean() < 2.0
     assert abs(fp8_score.lip_sync.correlation_at_zero - base_score.lip_sync.correlation_at_zero) < 0.03
+
+
+# ----------------------------------------------------------------------------- the one-pass Triton kernels
+
+def check_kernels() -> None:
+    """Run under TRITON_INTERPRET=1 (a fresh process: Triton reads it when the kernels are defined)."""
+    import os
+
+    from model.net import kv_quant_triton as kernels
+
+    g = torch.Generator().manual_seed(0)
+    # every e4m3 value, the midpoints between neighbours (ties to even), random values down into subnormals
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()].sort().values
+    mids = (codes[1:] + codes[:-1]) / 2
+    spread = torch.cat([torch.randn(4096, generator=g) * s for s in (1e-4, 1e-2, 1.0, 150.0)]).clamp(-448, 448)
+    values = torch.cat([codes, mids, -mids, spread, torch.zeros(32 - (2 * len(mids) + len(codes)) % 32)])
+    for dtype in (torch.float32, torch.bfloat16):
+        for x in (values.view(-1, 1, 32), _random(3, 37, 5, 32) * torch.logspace(-5, 3, 5)[None, None, :, None]):
+            x = x.to(dtype).contiguous()
+            eager, fused = (torch.zeros(*x.shape[:-1], 34, dtype=torch.uint8) for _ in range(2))
+            kv_quant._pack_eager(eager, x)
+            kernels.pack_into(fused, x)
+            assert torch.equal(fused, eager), (dtype, (fused != eager).sum())
+            assert torch.equal(kernels.unpack(eager, dtype), kv_quant._unpack_eager(eager, dtype))
+    # through the DiT: a stream with the kernels is bit for bit the eager stream, and the kernels were used
+    os.environ["LIVEAVATAR_KV_EAGER"] = "1"
+    eager_stream, _ = _stream("float8", blocks=4)
+    del os.environ["LIVEAVATAR_KV_EAGER"]
+    fused_stream, _ = _stream("float8", blocks=4)
+    assert kv_quant._agrees == {("pack", "cpu"): True, ("unpack", "cpu"): True}, kv_quant._agrees
+    assert torch.equal(fused_stream, eager_stream)
+    print("kernels ok")
+
+
+def test_triton_kernels_give_the_eager_bytes_and_streams() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    code = "from tests.model.test_kv_quant import check_kernels; check_kernels()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
