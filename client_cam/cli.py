@@ -33,6 +33,8 @@ from client_cam.mic_sink import default_virtual_mic, open_virtual_mic
 from client_cam.output import AvatarOutput
 from client_cam.signaling import ServerLink, reference_data_url
 
+log = logging.getLogger(__name__)
+
 TOKEN_ENV_VAR = "LIVEAVATAR_TOKEN"
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 STABLE_S = 10.0  # a connection that lasted this long resets the back-off
@@ -136,6 +138,11 @@ async def keep_connected(link: ServerLink, mic_track, output: AvatarOutput, stat
                 if not exc.retry or state.sessions == 0:
                     raise
                 reason = str(exc)
+            except Exception as exc:  # whatever one attempt raises, a live camera tries again
+                if state.sessions == 0:
+                    raise ClientError(f"could not connect to {link.url}: {type(exc).__name__}: {exc}") from exc
+                log.warning("connection attempt failed", exc_info=True)
+                reason = f"{type(exc).__name__}: {exc}"
             if time.monotonic() - started_s > STABLE_S:
                 failures = 0
             wait_s = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 EXIT_FAILED = 1  # could not start (server unreachable, refused, busy) or a device is missing
 EXIT_USAGE = 2  # a bad flag or file
-EXIT_INTERRUPTED = 130  # Ctrl-C, the shell's code for SIGINT
 
 
 class ClientError(Exception):

@@ -18,6 +18,7 @@ from client_cam.errors import ClientError
 from client_cam.media_in import RATE_HZ
 
 VIDEO_CRF = "20"
+MAX_HELD_S = 10.0  # a longer gap (the machine slept) stays a gap in the file instead of copies of one frame
 AUDIO_RESYNC_S = 0.03  # the voice is re-placed at its due time when it is this far off it
 
 
@@ -55,7 +56,7 @@ class Mp4Recorder:
             return False
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.BILINEAR))
-        if self._last_rgb is not None:
+        if self._last_rgb is not None and pts - self._last_pts <= MAX_HELD_S * self.fps:
             for held in range(self._last_pts + 1, pts):  # no frame came for these slots: the last one stays
                 self._encode_video(self._last_rgb, held)
         self._encode_video(rgb, pts)

@@ -18,6 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from client_cam.camera_sink import MODPROBE
 from server.reference_image import drawn_reference, resize_rgb
@@ -206,15 +207,21 @@ async def test_refused_token_and_full_server_are_one_line_each(tmp_path, monkeyp
         assert "busy" in run.error_lines[0] and "all 1 session slots are in use" in run.error_lines[0]
 
 
-async def test_dropped_session_reconnects_and_the_camera_is_fed_meanwhile(tmp_path):
+async def test_dropped_session_reconnects_with_its_settings_and_the_camera_is_fed_meanwhile(tmp_path):
     """The server ends the session under the client (as when its worker dies): the client says so, keeps
-    writing frames while it waits out the back-off, and comes back with a new session."""
+    writing frames while it waits out the back-off, and comes back with a new session with the same
+    reference picture and sample_steps."""
     speech = tmp_path / "tone.wav"
     write_tone(speech)
     out = tmp_path / "reconnect.mp4"
+    face = np.zeros((96, 80, 3), dtype=np.uint8)
+    face[..., 0] = np.linspace(0, 255, 80, dtype=np.uint8)[None, :]  # a red ramp left to right
+    face[..., 2] = np.linspace(255, 0, 96, dtype=np.uint8)[:, None]  # a blue ramp top to bottom
+    Image.fromarray(face).save(tmp_path / "face.png")
     async with running_server(small_cfg()) as (server, _):
         state = server_state(server)
         seen: list = []  # sessions once connected, in order
+        steps: list[int] = []  # the reconnected session's sample_steps
         connected_at_s: list[float] = []
 
         def drop_once_then_wait_for_the_next() -> bool:
@@ -225,12 +232,20 @@ async def test_dropped_session_reconnects_and_the_camera_is_fed_meanwhile(tmp_pa
             up_s = [time.monotonic() - t for t in connected_at_s]
             if len(seen) == 1 and up_s[0] > 2.0 and not seen[0].closed.is_set():
                 seen[0].fail("worker_failed", "the model worker restarted")
-            return len(seen) == 2 and up_s[1] > 2.0
+            if len(seen) == 2 and up_s[1] > 2.0:
+                steps.append(seen[1].stats()["sample_steps"])
+                return True
+            return False
 
         run = await run_client_cam("--server", server.url, "--audio", str(speech), "--out", str(out),
-                                   stop_when=drop_once_then_wait_for_the_next)
+                                   "--reference", str(tmp_path / "face.png"), "--sample_steps", "2",
+                                   "--prompt", "a test face", stop_when=drop_once_then_wait_for_the_next)
     assert run.returncode == 0, run.stderr
     assert len(seen) == 2, run.stderr
+    for session in seen:  # the picture the client sent, as the server sized it, and its sample_steps
+        expected = resize_rgb(face, *session.reference_rgb.shape[:2]).astype(float)
+        assert np.abs(session.reference_rgb.astype(float) - expected).mean() < 6, "not the --reference picture"
+    assert steps == [2]
     assert "connection lost (the model worker restarted); reconnecting in 1 s" in run.stderr
     # through the outage (1 s of back-off plus the new offer) the camera kept getting frames, breathing ones
     # in the recording too, and the file has a frame in every slot
@@ -238,5 +253,3 @@ async def test_dropped_session_reconnects_and_the_camera_is_fed_meanwhile(tmp_pa
     assert filled and int(filled.group(1)) >= 8, run.stderr
     video = read_mp4(out).video
     assert np.allclose(np.diff([v.arrival_s for v in video]), 1 / 16)
-    levels = [float(v.rgb.mean()) for v in video]
-    assert max(np.abs(np.diff(levels))) > 0, "the recording shows one frozen picture"
