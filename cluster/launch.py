@@ -4,6 +4,7 @@
     run_server.py cluster --replicas 2                       # a local Ray cluster on this machine
     run_server.py cluster --replicas 8 --address auto        # join the cluster of `ray start` on this node
     run_server.py cluster --replicas 8 --address ray://head:10001 --gpus_per_replica 1
+    run_server.py cluster --replicas 4 --address auto --gpus_per_replica 2 --parallel.mode tpp ...  # 2-GPU groups
 """
 from __future__ import annotations
 
@@ -30,8 +31,18 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
                              "or 'none' (no Ray: the front and one replica in this process); default: start a "
                              "local Ray cluster")
     parser.add_argument("--gpus_per_replica", type=float, default=0.0,
-                        help="GPUs Ray reserves for each replica (0 with the CPU preset, 1 for the 14B preset)")
+                        help="GPUs Ray reserves for each replica: 0 with the CPU preset, 1 for the 14B preset, G for "
+                             "a group of G GPUs (Ulysses or tpp, as torchrun --nproc-per-node G), below 1 to share one")
+    parser.add_argument("--ranks_per_replica", type=int, default=None,
+                        help="processes in each replica's group (default: --gpus_per_replica, at least 1); on the CPU "
+                             "a gloo group rehearses a GPU group's code path")
     parser.add_argument("--cpus_per_replica", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+
+
+def ranks_per_replica(args: argparse.Namespace) -> int:
+    if args.ranks_per_replica is not None:
+        return args.ranks_per_replica
+    return max(1, int(args.gpus_per_replica))
 
 
 def check_cluster_flags(args: argparse.Namespace, cfg: AppConfig) -> str | None:
@@ -40,11 +51,15 @@ def check_cluster_flags(args: argparse.Namespace, cfg: AppConfig) -> str | None:
         return f"--replicas must be >= 1, got {args.replicas}"
     if args.gpus_per_replica < 0 or args.cpus_per_replica < 0:
         return "--gpus_per_replica and --cpus_per_replica must be >= 0"
-    if args.gpus_per_replica > 1:
-        return (f"--gpus_per_replica {args.gpus_per_replica:g}: a replica drives one GPU; for a GPU group per "
-                "replica start one `torchrun` server per group (README, GPUs) or use replicas of one GPU each")
-    if cfg.runtime.device.startswith("cuda") and args.gpus_per_replica < 1 and args.address != "none":
-        return "the config runs on CUDA (runtime.device): give each replica its GPU with --gpus_per_replica 1"
+    ranks = ranks_per_replica(args)
+    if ranks < 1:
+        return f"--ranks_per_replica must be >= 1, got {ranks}"
+    if cfg.runtime.device.startswith("cuda") and args.address != "none":
+        if args.gpus_per_replica <= 0:
+            return "the config runs on CUDA (runtime.device): give each replica its GPU with --gpus_per_replica 1"
+        if (args.gpus_per_replica >= 1 or ranks > 1) and args.gpus_per_replica != ranks:
+            return (f"--ranks_per_replica {ranks} with --gpus_per_replica {args.gpus_per_replica:g}: each rank of a "
+                    "replica's group drives one GPU, so they must be equal (a fraction of a GPU: one rank)")
     if args.address == "none" and args.replicas != 1:
         return "--address none runs one replica in this process; use Ray (--address auto/ray://...) for more"
     return None
@@ -57,7 +72,7 @@ def run_cluster(cfg: AppConfig, args: argparse.Namespace) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     if args.address == "none":
-        return _run_in_process(cfg)
+        return _run_in_process(cfg, ranks_per_replica(args))
     try:
         import ray
         from ray import serve
@@ -72,7 +87,7 @@ def run_cluster(cfg: AppConfig, args: argparse.Namespace) -> int:
         {"env_vars": {"PYTHONPATH": str(ROOT)}}
     ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False if not joined else None)
     try:
-        url = deploy(cfg, args.replicas, args.gpus_per_replica, args.cpus_per_replica)
+        url = deploy(cfg, args.replicas, args.gpus_per_replica, args.cpus_per_replica, ranks_per_replica(args))
         print(f"{args.replicas} avatar replica(s) up; open {url}  (kiosk: {url}?kiosk=1)", flush=True)
         _wait_for_signal()
     finally:
@@ -96,7 +111,7 @@ def _wait_for_signal() -> None:
         signal.pause()
 
 
-def _run_in_process(cfg: AppConfig) -> int:
+def _run_in_process(cfg: AppConfig, ranks: int) -> int:
     """The front and one `AvatarReplica` in this process: the cluster's code path without Ray."""
     import logging
 
@@ -112,7 +127,7 @@ def _run_in_process(cfg: AppConfig) -> int:
         from cluster.links import InProcessLink
         from cluster.replica import AvatarReplica
 
-        replica = AvatarReplica(cfg)
+        replica = AvatarReplica(cfg, ranks)
         print(f"loading the {cfg.model.preset} model ...", flush=True)
         await replica.start()
         front = FrontServer(cfg, [InProcessLink("avatar_0", replica)])

@@ -92,8 +92,10 @@ class _Relayed:
 class AvatarReplica:
     """The engine plus the sessions of the pages the front placed here."""
 
-    def __init__(self, cfg: AppConfig) -> None:
+    def __init__(self, cfg: AppConfig, ranks: int = 1) -> None:
         self.cfg = replica_config(cfg)
+        self.ranks = ranks  # processes of its GPU group (one per GPU); 1: this process alone
+        self.group: Any = None  # cluster.group.ReplicaGroup when ranks > 1
         self.engine: ModelEngine | None = None
         self.state: ServerState | None = None
         self._relayed: dict[str, _Relayed] = {}
@@ -101,15 +103,20 @@ class AvatarReplica:
         self.started_s = time.time()
 
     async def start(self) -> None:
-        """Load the model; the replica takes sessions once this returns."""
+        """Start its GPU group (if any) and load the model; the replica takes sessions once this returns."""
+        if self.ranks > 1:
+            from cluster.group import ReplicaGroup
+
+            self.group = ReplicaGroup(self.cfg, self.ranks)
+            await self.group.start()
         self.engine = ModelEngine(self.cfg)
         await self.engine.load()
         # build_app wires metrics and worker-loss notices exactly as the single server does; its routes are
         # never served here (the front is the HTTP face)
         self.state = build_app(self.cfg, self.engine, default_reference(self.cfg))[STATE_KEY]
         self._reaper = asyncio.get_running_loop().create_task(self._reap_abandoned(), name="relay-reaper")
-        log.info("avatar replica ready (pid %d, host %s, %d session slots)", os.getpid(), socket.gethostname(),
-                 self.engine.max_sessions)
+        log.info("avatar replica ready (pid %d, host %s, %d rank(s), %d session slots)", os.getpid(),
+                 socket.gethostname(), self.ranks, self.engine.max_sessions)
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -121,6 +128,8 @@ class AvatarReplica:
             await self.state.close_all()
         if self.engine is not None:
             await self.engine.close()
+        if self.group is not None:
+            await self.group.close()
 
     # ------------------------------------------------------------------ what the front asks
 
@@ -132,7 +141,7 @@ class AvatarReplica:
         fmt = self.engine.stream_format
         return {**report, "ready": healthy, "pid": os.getpid(), "host": socket.gethostname(),
                 "relayed_connections": len(self._relayed), "started_unix_s": self.started_s,
-                "fps": fmt.fps, "frames_per_clip": fmt.frames_per_clip}
+                "fps": fmt.fps, "frames_per_clip": fmt.frames_per_clip, "ranks": self.ranks}
 
     def metrics_text(self) -> str:
         """This replica's Prometheus text (the single server's series); the front adds the replica label."""

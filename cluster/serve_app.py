@@ -84,10 +84,10 @@ class AvatarDeployment(AvatarReplica):
     """An `AvatarReplica` as Serve runs it: the model loads in the constructor, so Serve counts the replica as
     running (and the front may place sessions on it) only once it can take them."""
 
-    async def __init__(self, cfg: AppConfig) -> None:  # type: ignore[misc]  # Serve awaits async constructors
+    async def __init__(self, cfg: AppConfig, ranks: int = 1) -> None:  # type: ignore[misc]  # Serve awaits it
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("aioice").setLevel(logging.WARNING)
-        super().__init__(cfg)
+        super().__init__(cfg, ranks)
         await self.start()
 
     async def __del__(self) -> None:  # Serve's graceful stop (a killed process just goes; its front notices)
@@ -130,8 +130,10 @@ class FrontDeployment:
 
 
 def build_application(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0.0,
-                      cpus_per_replica: float = 1.0, front_on_head: bool = True) -> serve.Application:
-    """The bound application: `replicas` avatar deployments and the front bound to their handles."""
+                      cpus_per_replica: float = 1.0, ranks_per_replica: int = 1,
+                      front_on_head: bool = True) -> serve.Application:
+    """The bound application: `replicas` avatar deployments (each a group of `ranks_per_replica` processes over
+    its `gpus_per_replica` GPUs) and the front bound to their handles."""
     avatars = {}
     for index in range(replicas):
         name = replica_name(index)
@@ -140,7 +142,7 @@ def build_application(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0
             health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
             graceful_shutdown_timeout_s=5.0,
             ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
-        ).bind(cfg)
+        ).bind(cfg, ranks_per_replica)
     front_actor: dict[str, Any] = {"num_cpus": 0}
     if front_on_head:  # the address people open is the head node's
         front_actor["resources"] = {"node:__internal_head__": 0.001}
@@ -150,9 +152,10 @@ def build_application(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0
     ).bind(cfg, avatars)
 
 
-def deploy(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> str:
+def deploy(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
+           ranks_per_replica: int = 1) -> str:
     """Deploy on the connected Ray cluster (ray.init done); returns the front's URL once every replica is up."""
     serve.start(proxy_location="Disabled")
-    handle = serve.run(build_application(cfg, replicas, gpus_per_replica, cpus_per_replica), name=APP_NAME,
-                       route_prefix=None, logging_config={"enable_access_log": False})
+    app = build_application(cfg, replicas, gpus_per_replica, cpus_per_replica, ranks_per_replica)
+    handle = serve.run(app, name=APP_NAME, route_prefix=None, logging_config={"enable_access_log": False})
     return handle.url.remote().result()

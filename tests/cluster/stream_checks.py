@@ -6,6 +6,8 @@ the server's own stats say how many clip frames it sent, and the client checks w
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -13,6 +15,28 @@ from tests.server.av_analysis import align_pieces, audio_timeline
 from tests.server.webrtc_client import LoopbackClient
 
 RATE_HZ = 48000
+
+
+def speech_done(speech_s: float) -> Callable[[LoopbackClient, float], bool]:
+    """A `done(client, elapsed_s)` for run_client that waits for progress, not for a time: every clip of the
+    speech played (or dropped, its time then passing with idle frames and the voice), then the playout delay
+    and a clip more, so the voice of the last clip is out. A replica slower than real time (one core for
+    the tiny model) makes the delay grow during the session; a fixed wait would cut its end off."""
+    reached: dict[str, float] = {}
+
+    def done(client: LoopbackClient, elapsed_s: float) -> bool:
+        stats = client.stats()
+        if not stats:
+            return False
+        last = stats[-1]
+        if "at" not in reached:
+            if last["clips_played"] + last["clips_dropped"] < math.ceil(speech_s * 1000 / last["clip_ms"]):
+                return False
+            reached["at"] = elapsed_s
+        wait_s = (last["latency_ms"] or 0) / 1000 + last["clip_ms"] / 1000 + 1.0
+        return elapsed_s - reached["at"] > wait_s
+
+    return done
 
 
 def check_frames_and_voice(client: LoopbackClient, speech_pcm: np.ndarray, fps: float, frames_per_clip: int) -> None:

@@ -10,7 +10,7 @@ from cluster.front import FrontServer
 from cluster.links import InProcessLink
 from cluster.replica import AvatarReplica
 from model.config import load_config
-from tests.cluster.stream_checks import check_frames_and_voice
+from tests.cluster.stream_checks import check_frames_and_voice, speech_done
 from tests.server.webrtc_client import LoopbackClient, run_client
 
 pytestmark = pytest.mark.timeout(180)
@@ -62,7 +62,8 @@ async def test_front_relays_a_session_and_refuses_the_next_when_full(front_url, 
             async with http.get(f"{url}/metrics") as response:
                 refused["metrics"] = await response.text()
 
-    client = await run_client(_Address(url), speech_pcm[: 3 * 48000], until_s=60, during=second_page)
+    client = await run_client(_Address(url), speech_pcm[: 3 * 48000], until_s=120, during=second_page,
+                              done=speech_done(3))
     assert not client.errors(), client.errors()
     answer = next(m for m in client.messages if m["type"] == "answer")
     assert answer["replica"] == "avatar_0" and "c=IN IP4" in answer["sdp"]

@@ -27,8 +27,12 @@ def test_the_install_hint_names_the_pinned_version():
 
 @pytest.mark.parametrize(("argv", "named"), [
     (["--replicas", "0"], "--replicas"),
-    (["--gpus_per_replica", "2"], "--gpus_per_replica"),
+    (["--ranks_per_replica", "0"], "--ranks_per_replica"),
     (["--config", "configs/liveavatar_14b.yaml"], "--gpus_per_replica 1"),
+    (["--config", "configs/liveavatar_14b.yaml", "--gpus_per_replica", "2", "--ranks_per_replica", "1"],
+     "--ranks_per_replica 1 with --gpus_per_replica 2"),
+    (["--config", "configs/liveavatar_14b.yaml", "--gpus_per_replica", "0.5", "--ranks_per_replica", "2"],
+     "must be equal"),
     (["--address", "none", "--replicas", "2"], "--address none"),
 ])
 def test_flags_that_cannot_work_are_refused_naming_the_flag(argv, named, capsys):

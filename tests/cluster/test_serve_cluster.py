@@ -25,10 +25,10 @@ from ray import serve
 
 from cluster.serve_app import deploy
 from model.config import load_config
-from tests.cluster.stream_checks import check_frames_and_voice
-from tests.server.webrtc_client import LoopbackClient, speech_played
+from tests.cluster.stream_checks import check_frames_and_voice, speech_done
+from tests.server.webrtc_client import LoopbackClient
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEECH_S = 3
@@ -48,7 +48,7 @@ class Cluster:
 def cluster():
     cfg = load_config(None, {"server.max_sessions": 1, "server.max_queued": 1, "server.stats_interval_s": 0.5,
                              "server.port": 0})
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
              _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
     try:
@@ -86,10 +86,11 @@ async def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-async def play(client: LoopbackClient, speech_s: float, until_s: float = 90.0) -> None:
+async def play(client: LoopbackClient, speech_s: float, until_s: float = 150.0) -> None:
     """Keep receiving until the speech has come back (or `until_s` passed since the answer)."""
+    done = speech_done(speech_s)
     while time.monotonic() - client.connected_s < until_s:
-        if speech_played(client, speech_s, time.monotonic() - client.connected_s):
+        if done(client, time.monotonic() - client.connected_s):
             return
         await asyncio.sleep(0.25)
 
