@@ -34,8 +34,9 @@ async def _run(*args: str) -> str:
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise ClientError(f"virtual microphone: {' '.join(args[:2])} failed ({err.decode().strip() or proc.returncode});"
-                          " is PulseAudio or PipeWire's pulse server running? Or pass --virtual-mic off")
+        detail = " ".join(err.decode().split()) or f"exit code {proc.returncode}"  # one line, however pactl wraps
+        raise ClientError(f"virtual microphone: {' '.join(args[:2])} failed ({detail}); is PulseAudio or "
+                          "PipeWire's pulse server running? Or pass --virtual-mic off")
     return out.decode()
 
 
