@@ -96,9 +96,13 @@ class ReplicaBoard:
                 was_ready = ready
             await asyncio.sleep(self._interval_s)
 
-    def mark_gone(self, name: str, reason: str) -> None:
+    def mark_gone(self, name: str, reason: str) -> bool:
+        """Not ready until a probe started after now answers; True if this is news (not already marked since
+        the last good probe: every page of a dead replica reports it)."""
         seen = self._seen[name]
+        news = seen.gone_s < seen.probed_s
         seen.gone_s, seen.status, seen.error = time.monotonic(), None, reason
+        return news
 
     def ready(self, name: str) -> bool:
         seen = self._seen[name]
@@ -151,9 +155,9 @@ class FrontServer:
                                     "use; try again when someone leaves")
 
     def replica_lost(self, name: str, reason: str) -> None:
-        log.warning("replica %s lost: %s", name, reason)
-        self.board.mark_gone(name, reason)
-        self.metrics.replica_failures.labels(replica=name).inc()
+        if self.board.mark_gone(name, reason):
+            log.warning("replica %s lost: %s", name, reason)
+            self.metrics.replica_failures.labels(replica=name).inc()
 
     # ------------------------------------------------------------------ life
 

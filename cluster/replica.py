@@ -225,7 +225,7 @@ class AvatarReplica:
                 raise RequestError("busy", "this replica's session slots are all in use")
             try:
                 with state.caps.hold("offer", client):
-                    _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
+                    session, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
             except CapExceeded as exc:
                 raise RequestError(exc.code, str(exc)) from None
         except RequestError as exc:
@@ -235,7 +235,7 @@ class AvatarReplica:
         except EngineBusy as exc:
             state.metrics.error("busy")
             return 503, error_message("busy", str(exc))
-        return 200, {"sdp": answer.sdp, "type": answer.type}
+        return 200, {"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id}
 
     # ------------------------------------------------------------------ internals
 
