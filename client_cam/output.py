@@ -117,6 +117,7 @@ class AvatarOutput:
         self._video_anchor = ArrivalAnchor()
         self._audio_anchor = ArrivalAnchor()
         self._filler: asyncio.Task | None = None
+        self.failed: BaseException | None = None  # the first sink error; nothing is written after it
 
     # ------------------------------------------------------------------ video
 
@@ -155,7 +156,7 @@ class AvatarOutput:
 
     def _write(self, rgb: np.ndarray, now_s: float, due_s: float | None) -> None:
         """To the camera now; into the recording at `due_s` (None: not recorded, the recording holds its frame)."""
-        if self.started_s is None:
+        if self.started_s is None or self.failed is not None:
             return
         try:
             if self.camera is not None:
@@ -195,7 +196,7 @@ class AvatarOutput:
         due_s = self._audio_anchor.place(pts_s, now)
         if self.mic is not None:
             self.mic.write(pcm)
-        if self.recorder is not None and self.started_s is not None:
+        if self.recorder is not None and self.started_s is not None and self.failed is None:
             try:
                 self.recorder.write_audio(pcm, due_s - self.started_s)
             except SINK_ERRORS as exc:
@@ -204,8 +205,11 @@ class AvatarOutput:
     # ------------------------------------------------------------------ end
 
     def _fail(self, exc: BaseException) -> None:
-        if self._on_fatal is not None:
-            self._on_fatal(exc)
+        """A sink failed: stop writing (once), and say so."""
+        if self.failed is None:
+            self.failed = exc
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
 
     async def close(self) -> None:
         """Stop feeding, then release the camera, the recording and the microphone."""
