@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -65,6 +66,14 @@ def check_cluster_flags(args: argparse.Namespace, cfg: AppConfig) -> str | None:
     return None
 
 
+def cluster_config(cfg: AppConfig) -> AppConfig:
+    """The config the deployments get: what this shell's environment adds is resolved here, since the front and
+    replicas run in Ray's processes, which do not see it (a `$LIVEAVATAR_TOKEN` left behind would open the front)."""
+    from server.access import resolve_token
+
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, token=resolve_token(cfg)))
+
+
 def run_cluster(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Entry point of `run_server.py cluster`; returns the process exit code."""
     refusal = check_cluster_flags(args, cfg)
@@ -87,7 +96,7 @@ def run_cluster(cfg: AppConfig, args: argparse.Namespace) -> int:
         {"env_vars": {"PYTHONPATH": str(ROOT)}}
     ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False if not joined else None)
     try:
-        url = deploy(cfg, args.replicas, args.gpus_per_replica, args.cpus_per_replica, ranks_per_replica(args))
+        url = deploy(cluster_config(cfg), args.replicas, args.gpus_per_replica, args.cpus_per_replica, ranks_per_replica(args))
         print(f"{args.replicas} avatar replica(s) up; open {url}  (kiosk: {url}?kiosk=1)", flush=True)
         _wait_for_signal()
     finally:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import run_server
-from cluster.launch import RAY_PIN
+from cluster.launch import RAY_PIN, cluster_config
+from model.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +40,12 @@ def test_flags_that_cannot_work_are_refused_naming_the_flag(argv, named, capsys)
     assert run_server.main(["cluster", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err, err
+
+
+def test_a_token_from_the_environment_reaches_the_deployments(monkeypatch: pytest.MonkeyPatch):
+    # the front runs in a Ray process that does not see this shell's environment
+    monkeypatch.setenv("LIVEAVATAR_TOKEN", "s3cret")
+    assert cluster_config(load_config(None, {})).server.token == "s3cret"
+    assert cluster_config(load_config(None, {"server.token": "flag"})).server.token == "flag"
+    monkeypatch.delenv("LIVEAVATAR_TOKEN")
+    assert cluster_config(load_config(None, {})).server.token is None
