@@ -14,12 +14,13 @@ const ui = {
   steps: $("steps"), stepsValue: $("steps-value"), reference: $("reference"), preview: $("reference-preview"),
   unmute: $("unmute"),
   fps: $("r-fps"), decoded: $("r-decoded"), latency: $("r-latency"), gen: $("r-gen"), queue: $("r-queue"),
-  clipSteps: $("r-steps"),
+  clipSteps: $("r-steps"), sessionId: $("r-session"),
 };
 
 const state = {
   pc: null, ws: null, mic: null, statsTimer: null, referenceDataUrl: null,
   running: false, wantRunning: false, lastDecoded: null, framesDecoded: 0, serverStats: null,
+  sessionId: null, hasMic: false,
 };
 window.avatarPage = state;  // read by the browser test and handy in the console
 
@@ -73,11 +74,15 @@ async function start() {
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
     });
   } catch (err) {
-    ui.start.disabled = false;
-    state.wantRunning = false;
-    showError(`Microphone not available: ${err.message}. Allow it in the address bar and press Start again.`);
-    setStatus("idle");
-    return;
+    if (!KIOSK) {
+      ui.start.disabled = false;
+      state.wantRunning = false;
+      showError(`Microphone not available: ${err.message}. Allow it in the address bar and press Start again.`);
+      setStatus("idle");
+      return;
+    }
+    // a kiosk without a microphone still shows the avatar; a bot makes it speak (POST /sessions/ID/speak)
+    state.mic = null;
   }
   setStatus("connecting…");
   let servers;
@@ -90,7 +95,12 @@ async function start() {
   }
   const pc = new RTCPeerConnection({ iceServers: servers });
   state.pc = pc;
-  for (const track of state.mic.getAudioTracks()) pc.addTrack(track, state.mic);
+  state.hasMic = Boolean(state.mic);
+  if (state.mic) {
+    for (const track of state.mic.getAudioTracks()) pc.addTrack(track, state.mic);
+  } else {
+    pc.addTransceiver("audio", { direction: "recvonly" });  // hear what the bot makes the avatar say
+  }
   pc.addTransceiver("video", { direction: "recvonly" });
   const remote = new MediaStream();
   pc.ontrack = (event) => {
@@ -136,7 +146,9 @@ async function playVideo() {
 function onServerMessage(message) {
   if (message.type === "answer") {
     state.pc.setRemoteDescription({ type: "answer", sdp: message.sdp });
-    setStatus("connected, waiting for the first clip…");
+    state.sessionId = message.session_id;
+    ui.sessionId.textContent = message.session_id;
+    setStatus(state.hasMic ? "connected, waiting for the first clip…" : "connected without a microphone: idle until spoken to");
   } else if (message.type === "queued") {
     setStatus(`waiting: ${message.message}`);
   } else if (message.type === "stats") {

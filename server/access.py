@@ -16,6 +16,7 @@ from model.config import AppConfig
 
 TOKEN_ENV_VAR = "LIVEAVATAR_TOKEN"
 PROTECTED_PATHS = ("/ws", "/offer", "/config.json", "/metrics")
+PROTECTED_PREFIXES = ("/sessions", "/whip")  # the sessions API, WHEP viewers, WHIP ingest
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -72,7 +73,7 @@ def access_middleware(cfg: AppConfig, on_refused: Callable[[str], None] | None =
     @web.middleware
     async def check_access(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path in PROTECTED_PATHS:
+        if path in PROTECTED_PATHS or path.startswith(PROTECTED_PREFIXES):
             if token is not None and not token_matches(token, presented_token(request)):
                 if on_refused is not None:
                     on_refused("unauthorized")

@@ -18,6 +18,7 @@ from server.health import healthz_handler, metrics_handler, page_config_handler
 from server.limits import limits_middleware
 from server.reference_image import ReferenceImageError, reference_or_drawn
 from server.seam import ClipGenerator
+from server.sessions import add_session_routes
 from server.signaling import STATE_KEY, ServerState, offer_handler, websocket_handler
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,16 @@ def build_app(cfg: AppConfig, engine: ClipGenerator, default_reference: np.ndarr
     app.router.add_get("/config.json", page_config_handler)
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/metrics", metrics_handler)
+    add_session_routes(app)  # /sessions (API, speak, interrupt, recording, WHEP) and /whip
 
     async def close_sessions(app: web.Application) -> None:
         await app[STATE_KEY].close_all()
 
     app.on_shutdown.append(close_sessions)
+    if cfg.server.virtualcam:
+        from server.virtualcam import add_virtualcam
+
+        add_virtualcam(app)  # the first session on this machine's virtual camera and microphone
     return app
 
 

@@ -1,7 +1,10 @@
-"""One browser's live session: its peer connection, audio in, clips through the engine, tracks out.
+"""One live session: audio in (a microphone, WHIP, or speech the sessions API queues), clips through the
+engine, the avatar's video and voice out through `session.output` to every subscriber.
 
-A session is closed exactly once, by whoever notices first (Stop, the websocket closing, ICE failing):
-its tasks end, its queued model work is cancelled and its peer connection is released.
+Kinds: `browser` (the page's `/ws`), `offer` (`POST /offer`), `api` (`POST /sessions`: no peer connection,
+driven by `speak`) and `whip` (`POST /whip`: audio in, nothing sent back). A session is closed exactly once,
+by whoever notices first (Stop, the websocket closing, ICE failing, DELETE, the idle timeout): its tasks end,
+its queued model work is cancelled, its outputs and its peer connection are released.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -20,9 +23,12 @@ from model.config import AppConfig
 from model.io_types import AudioWindow, VideoClip
 from server.audio_window import AudioWindowCutter, frame_stream_time_s
 from server.ice import server_ice_configuration
+from server.output import SessionOutput
 from server.playout import PlayoutClock
 from server.reference_image import resize_rgb
+from server.sdp_check import offer_sends_audio
 from server.seam import ClipDropped, ClipGenerator, SessionClosed, SessionLost
+from server.speech_input import SpeechInput
 from server.tracks import AvatarVideoTrack, SyncedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -37,12 +43,18 @@ def ice_configuration(cfg: AppConfig) -> RTCConfiguration:
     return server_ice_configuration(cfg)
 
 
+SESSION_KINDS = ("browser", "offer", "api", "whip")
+
+
 class Session:
-    """Wires one peer connection: mic -> windows -> engine -> avatar video + synced voice."""
+    """Wires one session: audio (mic, WHIP or queued speech) -> windows -> engine -> avatar video + synced voice."""
 
     def __init__(self, cfg: AppConfig, engine: ClipGenerator, reference_rgb: np.ndarray,
-                 on_error: Callable[[str, str], Any] | None = None) -> None:
+                 on_error: Callable[[str, str], Any] | None = None, kind: str = "browser") -> None:
+        if kind not in SESSION_KINDS:
+            raise ValueError(f"kind must be one of {SESSION_KINDS}, got {kind!r}")
         self.session_id = uuid.uuid4().hex[:12]
+        self.kind = kind
         self._cfg = cfg
         self._engine = engine
         fmt = engine.stream_format.for_reference(reference_rgb.shape[:2])  # this session's frame size
@@ -52,8 +64,16 @@ class Session:
         self.reference_rgb = resize_rgb(reference_rgb, frame_h, frame_w)
         self.video_track = AvatarVideoTrack(self.clock, self.reference_rgb, fmt.fps)
         self.audio_track = SyncedAudioTrack(self.clock)
-        self._cutter = AudioWindowCutter(fmt.sample_rate_hz, fmt.clip_samples, fmt.context_samples)
-        self._pc = RTCPeerConnection(ice_configuration(cfg))
+        self._cutter = AudioWindowCutter(fmt.sample_rate_hz, fmt.clip_samples, fmt.context_samples,
+                                         fmt.lookahead_samples)
+        self.output = SessionOutput(self.video_track, self.audio_track)  # every consumer subscribes here
+        self.speech = SpeechInput(cfg.server.max_speech_s)
+        self.has_mic = False
+        self.viewers: dict[str, Any] = {}  # WHEP viewers by id (server/whep.py)
+        self.recorder: Any = None  # server/recorder.SessionRecorder when recording
+        self.rtmp: Any = None  # server/rtmp.RtmpPush when pushing
+        self._cut: tuple[float, float] | None = None  # stream times [from, until) an interrupt silenced
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task] = set()
         self._on_error = on_error
         self._closing: asyncio.Task | None = None
@@ -61,21 +81,54 @@ class Session:
         self.clips_played = 0
         self.clips_failed = 0
         self.started_s = time.monotonic()
+        self.last_used_s = self.started_s  # the sessions API's idle timeout counts from here
+        self._pc: RTCPeerConnection | None = None
+        if kind != "api":
+            self._pc = RTCPeerConnection(ice_configuration(cfg))
+            self._watch_pc(self._pc)
 
-        @self._pc.on("connectionstatechange")
+    def _watch_pc(self, pc: RTCPeerConnection) -> None:
+        @pc.on("connectionstatechange")
         async def on_connection_state() -> None:
-            log.info("session %s: connection %s", self.session_id, self._pc.connectionState)
-            if self._pc.connectionState in ("failed", "closed"):
+            log.info("session %s: connection %s", self.session_id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
                 self.close_soon()
 
-        @self._pc.on("track")
+        @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "audio":
+                self.has_mic = True
                 self._spawn(self._pump_audio(track), "audio-in")
 
     @property
     def connection_state(self) -> str:
-        return self._pc.connectionState
+        return self._pc.connectionState if self._pc is not None else "none"
+
+    def start_feeder(self) -> None:
+        """No microphone: the queued speech (silence between utterances) is this session's audio in."""
+        self._spawn(self.speech.feed(self.push_audio), "speech-feed")
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """`await closer()` runs when the session closes (viewers, recorder, RTMP push)."""
+        self._closers.append(closer)
+
+    def interrupt(self) -> float:
+        """Drop the queued speech and cut what of it is already in the live path; returns seconds dropped.
+
+        The cut starts at the stream time playing now: frames made for it are not shown (idle frames are)
+        and its voice is silenced, up to the audio already fed; the silence fed after it plays on. So the
+        avatar is back to idle within a frame, not after the clips already in work.
+        """
+        self.last_used_s = time.monotonic()
+        dropped_s = self.speech.queue.clear()
+        playing = self.clock.stream_time_at(time.monotonic())
+        cut_from = playing if playing is not None else (self.clock.ready_until_s or 0.0)
+        cut_until = self.speech.fed_until_s
+        if cut_until > cut_from:
+            self._cut = (cut_from, cut_until)
+            self.video_track.drop_from(cut_from)
+            self.audio_track.silence_from(cut_from)
+        return dropped_s
 
     async def start(self, reference_image: np.ndarray, prompt: str, sample_steps: int | None = None) -> None:
         """Take a slot in the engine (EngineBusy if none is free) and prepare the avatar."""
@@ -87,18 +140,33 @@ class Session:
         """Answer the browser's offer: its mic comes in, the avatar and the delayed voice go out."""
         if sdp_type != "offer":
             raise OfferError(f"expected an SDP of type 'offer', got {sdp_type!r}")
+        await self._set_remote_offer(sdp)
+        kinds = [t.kind for t in self._pc.getTransceivers()]
+        if "audio" not in kinds:
+            raise OfferError("the offer has no audio track; add the microphone, or a recvonly audio "
+                             "transceiver for a kiosk without one")
+        if "video" not in kinds:
+            raise OfferError("the offer cannot receive video; add a recvonly video transceiver")
+        self._pc.addTrack(self.output.subscribe("audio"))
+        self._pc.addTrack(self.output.subscribe("video"))
+        if not offer_sends_audio(sdp):  # a kiosk without a microphone: the sessions API drives it
+            self.start_feeder()
+        return await self._answer()
+
+    async def accept_ingest(self, sdp: str) -> RTCSessionDescription:
+        """Answer a WHIP client's offer: its audio drives the avatar; its video is declined, nothing is sent."""
+        await self._set_remote_offer(sdp)
+        for transceiver in self._pc.getTransceivers():
+            transceiver.direction = "recvonly" if transceiver.kind == "audio" else "inactive"
+        return await self._answer()
+
+    async def _set_remote_offer(self, sdp: str) -> None:
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError, AssertionError, KeyError, ... on bad SDP
             raise OfferError(f"the offer's SDP could not be parsed ({type(exc).__name__}: {exc})") from None
-        kinds = [t.kind for t in self._pc.getTransceivers()]
-        if "audio" not in kinds:
-            raise OfferError("the offer has no audio track; the avatar needs the microphone "
-                             "(add an audio track or transceiver)")
-        if "video" not in kinds:
-            raise OfferError("the offer cannot receive video; add a recvonly video transceiver")
-        self._pc.addTrack(self.audio_track)
-        self._pc.addTrack(self.video_track)
+
+    async def _answer(self) -> RTCSessionDescription:
         try:
             await self._pc.setLocalDescription(await self._pc.createAnswer())
         except Exception as exc:  # noqa: BLE001 - parsed but unanswerable (e.g. a BUNDLE naming a missing mid)
@@ -152,7 +220,7 @@ class Session:
                 frame = await track.recv()
             except MediaStreamError:
                 return  # the browser stopped sending
-            self.push_audio(frame)
+            self.push_audio(self.speech.mix(frame))
 
     def push_audio(self, frame: Any) -> int:
         """One decoded mic frame into the live path (windows -> engine -> tracks); returns windows started."""
@@ -188,9 +256,15 @@ class Session:
         The first part sets the clip's latency (what the viewer waits for); a clip counts as played once,
         on its final part.
         """
+        if self._cut is not None and self._cut[0] <= part.t0 < self._cut[1]:
+            # made for interrupted speech: its time plays idle frames and silence instead
+            self.clock.note_no_video(part.t0, part.t0 + part.duration_s, time.monotonic())
+            return
         self.clock.note_clip_ready(part.t0, part.t0 + part.duration_s, time.monotonic(),
                                    first_part=part.offset == 0)
         self.video_track.add_clip(part)
+        if self._cut is not None and part.t0 < self._cut[0] < part.t0 + part.duration_s:
+            self.video_track.drop_from(self._cut[0])
         if part.final:
             self.clips_played += 1
 
@@ -236,17 +310,29 @@ class Session:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for closer in self._closers:
+                try:
+                    await closer()
+                except Exception:
+                    log.warning("session %s: an output did not close cleanly", self.session_id, exc_info=True)
+            await self.output.close()
             await self._engine.stop(self.session_id)
             self.video_track.stop()
             self.audio_track.stop()
-            try:
-                await self._pc.close()
-            except Exception:  # a half-negotiated pc (a refused offer) can fail to close part-way
-                log.warning("session %s: peer connection did not close cleanly", self.session_id, exc_info=True)
-                await _stop_transports(self._pc)
+            if self._pc is not None:
+                await close_peer_connection(self._pc, f"session {self.session_id}")
         finally:
             self.closed.set()
             log.info("session %s closed after %.1f s", self.session_id, time.monotonic() - self.started_s)
+
+
+async def close_peer_connection(pc: RTCPeerConnection, who: str) -> None:
+    """Close a peer connection; one that was half negotiated (a refused offer) has its transports stopped."""
+    try:
+        await pc.close()
+    except Exception:
+        log.warning("%s: peer connection did not close cleanly", who, exc_info=True)
+        await _stop_transports(pc)
 
 
 async def _stop_transports(pc: RTCPeerConnection) -> None:

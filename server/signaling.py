@@ -50,6 +50,7 @@ class ServerState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     admission: AdmissionQueue | None = None
     caps: ClientCaps | None = None
+    default_rtmp_taken: bool = False  # `--rtmp URL` goes to the first session only
 
     def __post_init__(self) -> None:
         if self.admission is None:
@@ -116,9 +117,11 @@ def parse_sample_steps(value: Any) -> int:
 
 
 async def open_session(state: ServerState, sdp: str, sdp_type: str, reference: np.ndarray, prompt: str,
-                       sample_steps: int | None, on_error: Any = None) -> tuple[Session, Any]:
+                       sample_steps: int | None, on_error: Any = None, kind: str = "browser") -> tuple[Session, Any]:
     """Admit a session and answer its offer; on any failure everything it took is released."""
-    session = Session(state.cfg, state.engine, reference, on_error=on_error)
+    from server.sessions import attach_outputs
+
+    session = Session(state.cfg, state.engine, reference, on_error=on_error, kind=kind)
     try:
         await session.start(reference, prompt, sample_steps)
         answer = await session.accept(sdp, sdp_type)
@@ -134,6 +137,7 @@ async def open_session(state: ServerState, sdp: str, sdp_type: str, reference: n
     state.sessions.add(session)
     state.metrics.sessions_started.inc()
     asyncio.get_running_loop().create_task(_forget_when_closed(state, session))
+    attach_outputs(state, session)
     return session, answer
 
 
@@ -331,11 +335,11 @@ async def offer_handler(request: web.Request) -> web.Response:
         sdp, reference, prompt, steps = parse_offer(payload, state)
         try:
             with state.caps.hold("offer", client_address(request.remote)):
-                _, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps)
+                session, answer = await open_session(state, sdp, sdp_type, reference, prompt, steps, kind="offer")
         except CapExceeded as exc:
             raise RequestError(exc.code, str(exc)) from None
     except RequestError as exc:
         state.metrics.error(exc.code)
         status = {"busy": 503, "too_large": 413, CapExceeded.code: 429}.get(exc.code, 400)
         return web.json_response(error_message(exc.code, str(exc)), status=status)
-    return web.json_response({"sdp": answer.sdp, "type": answer.type})
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id})

@@ -6,6 +6,7 @@ pacing lives here and nowhere else. Nothing in `recv` waits on the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fractions
 import math
 import time
@@ -32,6 +33,11 @@ class _Pacer:
         self.period_s = period_s
         self.index = -1
         self._start_s = 0.0
+
+    @property
+    def start_s(self) -> float | None:
+        """Wall time (monotonic seconds) of tick 0, whose frame has pts 0; None before the first tick."""
+        return self._start_s if self.index >= 0 else None
 
     async def next_tick(self) -> float:
         """Sleep until the next frame is due; return its scheduled wall time (monotonic seconds)."""
@@ -95,6 +101,22 @@ class AvatarVideoTrack(MediaStreamTrack):
     def queued_clips(self) -> int:
         """Clips, or parts of clips, waiting to play."""
         return len(self._clips)
+
+    @property
+    def pts_origin_s(self) -> float | None:
+        """Wall time (monotonic seconds) at which the frame with pts 0 was due (None before the first)."""
+        return self._pacer.start_s
+
+    def drop_from(self, stream_t: float) -> None:
+        """Forget every queued frame made for stream time `stream_t` or later (speech interrupted there)."""
+        kept: deque[VideoClip] = deque()
+        for clip in self._clips:
+            if clip.t0 >= stream_t:
+                continue
+            keep = int(np.ceil((stream_t - clip.t0) * clip.fps - 1e-6))
+            kept.append(clip if keep >= len(clip.frames) else dataclasses.replace(clip, frames=clip.frames[:keep]))
+        self._clips = kept
+        self._last_rgb = None  # past the cut the avatar idles; it does not hold the interrupted frame
 
     def _clip_frame_at(self, stream_t: float) -> np.ndarray | None:
         while self._clips and self._clips[0].t0 + self._clips[0].duration_s <= stream_t:
@@ -164,6 +186,17 @@ class SyncedAudioTrack(MediaStreamTrack):
         self._tolerance = int(tolerance_s * self._rate_hz)
         self._mixdown = av.AudioResampler(format="s16", layout="mono", rate=self._rate_hz)
         self.frames_sent = 0
+
+    @property
+    def pts_origin_s(self) -> float | None:
+        """Wall time (monotonic seconds) at which the frame with pts 0 was due (None before the first)."""
+        return self._pacer.start_s
+
+    def silence_from(self, stream_t: float) -> None:
+        """Silence what is stored from stream time `stream_t` on (speech interrupted there)."""
+        start = max(round(stream_t * self._rate_hz), self._written_until - len(self._ring), 0)
+        if start < self._written_until:
+            self._ring[np.arange(start, self._written_until) % len(self._ring)] = 0
 
     def push(self, frame: av.AudioFrame) -> None:
         """Store an incoming frame (any rate/layout) at its stream time."""
