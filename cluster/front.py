@@ -337,7 +337,8 @@ class PageRelay:
         self.link: ReplicaLink | None = None
         self.connection_id: str | None = None
         self.session_live = False
-        self.offering = False
+        self.offering = False  # an offer is being placed or waits in line
+        self.placing_on: str | None = None  # the replica answering this page's offer right now
         self._pump: asyncio.Task | None = None
 
     @property
@@ -345,7 +346,11 @@ class PageRelay:
         return self.offering or self.session_live
 
     def holds_slot_on(self, name: str) -> bool:
-        return self.link is not None and self.link.name == name and self.holds_slot
+        """Counts toward `name`'s load: its session lives there, or an offer is being answered there (not while
+        the offer waits in line, whatever replica the page's connection last used)."""
+        if self.placing_on == name:
+            return True
+        return self.session_live and self.link is not None and self.link.name == name
 
     async def refuse(self, code: str, message: str) -> None:
         """An error decided at the front (counted there; the replicas count their own)."""
@@ -394,6 +399,7 @@ class PageRelay:
             tried.add(name)
             if self.link is not None and self.link.name != name:
                 await self._detach()
+            self.placing_on = name
             try:
                 if self.link is None:
                     await self._attach(name)
@@ -403,6 +409,8 @@ class PageRelay:
                 front.replica_lost(name, str(exc))
                 await self._detach()
                 continue  # it never answered: the page's offer is still good for another replica
+            finally:
+                self.placing_on = None
             if not result["accepted"]:
                 if not result["open"]:
                     await self._detach()
