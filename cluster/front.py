@@ -28,7 +28,7 @@ from cluster.metrics_merge import FrontMetrics, render_cluster_metrics
 from cluster.placement import ReplicaLoad, capacity, pick_any_ready, placement_order
 from cluster.replica import message_type
 from model.config import AppConfig
-from server.access import access_middleware
+from server.access import access_middleware, presented_token, resolve_token, token_matches
 from server.admission import AdmissionQueue
 from server.app import CLIENT_DIR, index_handler
 from server.client_caps import CapExceeded, ClientCaps, client_address, close_when_idle
@@ -299,8 +299,12 @@ class FrontServer:
         return cap.ready > 0, report
 
     async def healthz_handler(self, request: web.Request) -> web.Response:
-        """200 while at least one replica can take sessions, 503 otherwise; details per replica."""
+        """200 while at least one replica can take sessions, 503 otherwise. It stays open for load balancers, as on
+        the single server; each replica's details (its host and pid among them) only with the token, if one is set."""
         healthy, report = self.health()
+        token = resolve_token(self.cfg)
+        if token is not None and not token_matches(token, presented_token(request)):
+            report.pop("replica_status")
         return web.json_response(report, status=200 if healthy else 503)
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
