@@ -14,7 +14,7 @@ from server.av_writer import AvContainerWriter, OutputRecorderTask
 
 log = logging.getLogger(__name__)
 
-FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
 
 
 class SessionRecorder:
