@@ -16,13 +16,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 # Speech synthesis and a headless browser for the tests, PulseAudio (client_cam's virtual microphone) and
-# PortAudio (client_cam's --mic) (Debian packages).
+# PortAudio (client_cam's --mic), ffmpeg (the RTMP ingest of the push test) (Debian packages).
 $(SYSTAMP):
 	@mkdir -p $(VENV)
 	@if command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null \
-	  && command -v pulseaudio >/dev/null && ldconfig -p | grep -q libportaudio.so.2; then :; else \
+	  && command -v pulseaudio >/dev/null && ldconfig -p | grep -q libportaudio.so.2 \
+	  && command -v ffmpeg >/dev/null; then :; else \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng sox chromium pulseaudio libportaudio2 >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng sox chromium pulseaudio libportaudio2 ffmpeg >/dev/null; \
 	fi
 	touch $@
 
