@@ -74,7 +74,7 @@ from model.net.attention import (
     set_attention_backend,
 )
 from model.net.audio import AudioInjector, CausalAudioEncoder
-from model.net.fp8 import Fp8Linear, fp8_gemm_supported, quantize_linears, switch_mode
+from model.net.fp8 import Fp8Linear, fp8_gemm_supported, quantize_linears, resolve_mode, switch_mode
 from model.net.motion import MOTION_LATENT_FRAMES, FramePackMotioner
 from model.net.rope import (
     RotationTables,
@@ -422,8 +422,10 @@ class AvatarDiT(nn.Module):
 
         Embeddings, time/text projections, the audio encoder's final linear and the output head stay as they
         are: they are small and set the scale of everything after them; the same layers LiveAvatar's `--fp8`
-        leaves out (`model.net.fp8.REFERENCE_FP8_EXCLUDED`).
+        leaves out (`model.net.fp8.REFERENCE_FP8_EXCLUDED`). `auto` is gemm on a GPU with float8 tensor cores,
+        none elsewhere (`model.net.fp8.resolve_mode`).
         """
+        mode = resolve_mode(mode, self.device)
         if mode in ("gemm", "tensor") and self.device.type != "meta" and not fp8_gemm_supported(self.device):
             raise ValueError(f"--runtime.fp8 {mode}: {torch.cuda.get_device_name(self.device)} has no float8 tensor "
                              "cores (compute capability 8.9+ needed); use --runtime.fp8 weights")

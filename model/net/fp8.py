@@ -13,6 +13,8 @@
            `torch._scaled_mm(..., use_fast_accum=True)` with a bf16 result cast back to the input's dtype.
            Coarser than `gemm` (one outlier sets the step of the whole tensor); it is what the reference
            scripts run. The same layers as the other modes: `REFERENCE_FP8_EXCLUDED`.
+  auto     `gemm` on a CUDA GPU with float8 tensor cores (compute capability >= 8.9: Ada, Hopper), `none`
+           anywhere else (`resolve_mode`): the 14B preset's default, its fastest one-GPU setting where it runs.
 
 The float8 bits live in a bfloat16 parameter, two per element ([out, in/2], viewed as float8 [out, in] when
 used): per-layer sharding (FSDP2 makes every shard a parameter that may require gradients, so it must be a
@@ -70,6 +72,16 @@ def quantize_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     multiplier = (FP8_MAX / x.abs().amax().clamp_min(_MIN_SCALE)).clamp_max(FP8_MAX)
     bits = (x * multiplier).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return bits, multiplier.reciprocal()
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """The mode `runtime.fp8` means on `device`: `auto` becomes gemm on CUDA GPUs of compute capability 8.9+
+    and none elsewhere (a model still on `meta` is judged by this process's current CUDA device, if any)."""
+    if mode != "auto":
+        return mode
+    if device.type == "meta" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return "gemm" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) else "none"
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:

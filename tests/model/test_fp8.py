@@ -88,7 +88,8 @@ def test_tiny_dit_in_fp8_keeps_its_output_and_quarters_weight_bytes() -> None:
 
 
 def test_bad_fp8_settings_are_refused_naming_the_flag() -> None:
-    with pytest.raises(ConfigError, match=r"--runtime.fp8: must be one of \('none', 'weights', 'gemm', 'tensor'\)"):
+    with pytest.raises(ConfigError,
+                       match=r"--runtime.fp8: must be one of \('none', 'weights', 'gemm', 'tensor', 'auto'\)"):
         load_config(None, {"runtime.fp8": "int8"})
     with pytest.raises(ConfigError, match="--runtime.fuse_qkv: fused QKV .* --runtime.fp8 gemm"):
         load_config(None, {"runtime.fp8": "gemm", "runtime.fuse_qkv": True})
