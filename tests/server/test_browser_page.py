@@ -66,3 +66,55 @@ async def test_page_starts_and_plays_the_avatar_video(tiny_engine, tiny_cfg, spe
     assert not video["paused"] and video["readyState"] >= 2 and video["time"] > 0, video
     assert (video["height"], video["width"]) == tiny_engine.stream_format.frame_size
     assert stats["clip_frames_sent"] > 0 and stats["latency_ms"] > 0, stats
+
+
+async def test_kiosk_without_a_microphone_shows_the_avatar_and_speaks_what_a_bot_sends(tiny_engine, tiny_cfg,
+                                                                                      speech_wav, tmp_path):
+    """No microphone at all (no fake device): the kiosk page still connects, shows its session id and the idle
+    avatar, and plays the speech a bot posts to /sessions/{id}/speak."""
+    import aiohttp
+
+    from tests.server.reliability_support import server_state
+
+    server, runner = await start_server(tiny_cfg, tiny_engine)
+    args = [a for a in chromium_args(speech_wav) if "fake-device" not in a and "fake-audio" not in a]
+    try:
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=args)
+            try:
+                page = context.pages[0] if context.pages else await context.new_page()
+                await page.goto(server.url + "/?kiosk=1")
+                await wait_for(page, "window.avatarPage.framesDecoded > 0", timeout_s=60)
+                session_id = await page.evaluate("window.avatarPage.sessionId")
+                assert session_id and await page.evaluate("document.getElementById('r-session').textContent") \
+                    == session_id
+                assert await page.evaluate("window.avatarPage.hasMic") is False
+                session = next(s for s in server_state(server).sessions if s.session_id == session_id)
+                assert session.kind == "browser" and not session.has_mic
+                async with aiohttp.ClientSession() as http, http.post(
+                        f"{server.url}/sessions/{session_id}/speak", data=speech_wav.read_bytes()[: 44 + 3 * 96000],
+                        headers={"Content-Type": "audio/wav"}) as response:
+                    assert response.status == 202, await response.text()
+                clips_before = session.clips_played
+                deadline = time.monotonic() + 90
+                while not (session.speech.queue.utterances_spoken and session.clips_played > clips_before + 2):
+                    assert time.monotonic() < deadline, "the bot's speech was not spoken"
+                    await asyncio.sleep(0.25)
+                await wait_for(page, "(window.avatarPage.serverStats?.clip_frames_sent ?? 0) > 0", timeout_s=30)
+                decoded_before = await page.evaluate("window.avatarPage.framesDecoded")
+                await asyncio.sleep(1.5)
+                decoded_after = await page.evaluate("window.avatarPage.framesDecoded")
+                audio_bytes = await page.evaluate("""async () => { let n = 0;
+                    (await window.avatarPage.pc.getStats()).forEach((r) => {
+                        if (r.type === 'inbound-rtp' && r.kind === 'audio') n = r.bytesReceived; });
+                    return n; }""")
+                error = await page.evaluate("document.getElementById('error').textContent")
+            finally:
+                await context.close()
+    finally:
+        await runner.cleanup()
+    assert error == "", error
+    assert decoded_after > decoded_before, (decoded_before, decoded_after)
+    assert session.speech.queue.utterances_spoken == 1 and session.clips_played > clips_before
+    assert audio_bytes > 0, "the kiosk received no audio"
