@@ -81,7 +81,16 @@ class AudioEncoderConfig:
     num_attention_heads: int = 16
     intermediate_size: int = 4096
     conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
-    context_s: float = 1.0
+    context_s: float = 1.0  # live path: audio before each clip that wav2vec2 hears (the clip's left context)
+    # Live path: audio AFTER each clip that wav2vec2 hears (bidirectional attention, as the reference's whole-file
+    # pass); the clip is still cut where it is. Paid in latency: the server waits for these seconds of speech
+    # before it starts the clip, so audio->video latency grows by exactly lookahead_s. 0 = none.
+    lookahead_s: float = 0.0
+    # Offline (`run_server.py offline`): "whole_file" runs wav2vec2 once over the file, normalised once, as the
+    # reference; "window" cuts it like the live path (context_s, lookahead_s). A file longer than
+    # whole_file_max_s is encoded in pieces of that length, each hearing 10 s more on both sides (bounded memory).
+    offline_features: str = "whole_file"
+    whole_file_max_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,7 @@ _PARALLEL_MODES = ("ulysses", "tpp")
 _ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/net/attention.py ATTENTION_BACKENDS
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 FP8_MODES = ("none", "weights", "gemm", "tensor", "auto")  # model/net/fp8.py (auto: gemm where supported)
+OFFLINE_FEATURES = ("whole_file", "window")  # model.encoders.audio
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
 KV_CACHE_DTYPES = ("model", "float8")  # model/net/kv_quant.py
 SIZINGS = ("aspect", "crop")
@@ -400,6 +410,14 @@ def _check(cfg: AppConfig) -> None:
     _require(cfg.server.stats_interval_s > 0, "server.stats_interval_s",
              f"must be > 0, got {cfg.server.stats_interval_s}")
     _require(cfg.audio_sample_rate_hz > 0, "model.audio_encoder.sample_rate_hz", "must be > 0")
+    audio_enc = cfg.model.audio_encoder
+    _require(audio_enc.context_s >= 0, "model.audio_encoder.context_s", f"must be >= 0 seconds, got {audio_enc.context_s}")
+    _require(0 <= audio_enc.lookahead_s <= 5, "model.audio_encoder.lookahead_s",
+             f"must be in 0..5 seconds (each second of look-ahead is a second of latency), got {audio_enc.lookahead_s}")
+    _require(audio_enc.offline_features in OFFLINE_FEATURES, "model.audio_encoder.offline_features",
+             f"must be one of {OFFLINE_FEATURES}, got {audio_enc.offline_features!r}")
+    _require(audio_enc.whole_file_max_s >= 30, "model.audio_encoder.whole_file_max_s",
+             f"must be >= 30 seconds (shorter pieces lose the whole-file context), got {audio_enc.whole_file_max_s}")
     clip_samples = cfg.video.infer_frames / cfg.video.fps * cfg.audio_sample_rate_hz
     _require(clip_samples.is_integer(), "video.fps",
              f"{cfg.video.infer_frames} frames at {cfg.video.fps} fps is {clip_samples} audio samples at "

@@ -11,16 +11,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AudioWindow:
-    """Mono float32 audio at the model's rate: left context followed by the clip's new audio."""
+    """Mono float32 audio at the model's rate: left context, the clip's new audio, then optional look-ahead
+    (audio after the clip that the speech encoder may hear; the clip itself ends before it)."""
 
-    samples: np.ndarray  # float32 [N], context + new audio
+    samples: np.ndarray  # float32 [N], context + new audio + look-ahead
     new_from: int  # index where the audio not yet seen by the model begins
     t0: float  # stream time of samples[new_from], seconds
     clip_index: int
+    lookahead: int = 0  # samples at the end that follow the clip (model.audio_encoder.lookahead_s)
 
     @property
     def new_samples(self) -> np.ndarray:
-        return self.samples[self.new_from:]
+        """The clip's own audio: after the context, before the look-ahead."""
+        return self.samples[self.new_from:len(self.samples) - self.lookahead]
 
 
 @dataclass(frozen=True)

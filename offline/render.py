@@ -5,6 +5,9 @@
 Each clip is decoded the moment it is denoised and goes straight into the file (H.264 + AAC of the
 same speech), so memory stays flat for any length and Ctrl-C leaves a playable file.
 
+Speech features: wav2vec2 runs over the whole file at once, as the reference does offline (bidirectional
+context, normalised once; `model.audio_encoder.offline_features window` cuts it like the live path instead).
+
 Length: the video has ceil(audio duration x fps) frames. The last clip is generated whole (its audio
 padded with silence) and trimmed to that count, so picture and sound end within one frame of each other.
 With --num_clip N both stop at N clips (or the end of the speech, whichever comes first).
@@ -12,6 +15,7 @@ With --num_clip N both stop at N clips (or the end of the speech, whichever come
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import signal
 import sys
@@ -145,14 +149,17 @@ def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
     if args.num_clip is not None and args.num_clip < 1:
         print(f"error: --num_clip must be >= 1, got {args.num_clip}", file=sys.stderr)
         return 2
-    avatar = StreamingAvatar(AvatarModels.load(cfg), cfg)
+    models, features = speech_features(cfg, AvatarModels.load(cfg), speech.model_pcm)
+    print(f"audio features: {features}", file=sys.stderr)
+    avatar = StreamingAvatar(models, cfg)
     avatar.start(image, args.prompt_text or cfg.server.prompt)
     total_frames = math.ceil(len(speech.model_pcm) / cfg.audio_sample_rate_hz * avatar.fps)
     num_clips = math.ceil(total_frames / avatar.frames_per_clip)
     if args.num_clip is not None:
         num_clips = min(num_clips, args.num_clip)
         total_frames = min(total_frames, num_clips * avatar.frames_per_clip)
-    windower = ClipWindower(avatar.clip_samples, avatar.context_samples, avatar.sample_rate_hz)
+    windower = ClipWindower(avatar.clip_samples, avatar.context_samples, avatar.sample_rate_hz,
+                            lookahead_samples=_window_lookahead_samples(cfg))
     writer = Mp4Writer(args.out, avatar.fps, avatar.frame_size, speech.mux_rate_hz)
     interrupted = False
     try:
@@ -176,6 +183,29 @@ def run_offline(cfg: AppConfig, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(f"wrote {args.out}: {writer.frames_written} frames at {avatar.fps:g} fps ({seconds:.2f} s)", file=sys.stderr)
     return 0
+
+
+def speech_features(cfg: AppConfig, models, pcm: np.ndarray):
+    """(models, description): with `model.audio_encoder.offline_features whole_file` the models' speech encoder
+    is swapped for wav2vec2 over the whole file (`WholeFileFeatures`: one pass, normalised once, as the
+    reference); with `window` the models stay as they are and clips are encoded like the live path's windows."""
+    from model.encoders.audio import WholeFileFeatures
+
+    audio = cfg.model.audio_encoder
+    if audio.offline_features == "window":
+        return models, f"clip windows ({audio.context_s:g} s before each clip, {audio.lookahead_s:g} s after)"
+    clip_samples = round(cfg.video.infer_frames / cfg.video.fps * cfg.audio_sample_rate_hz)
+    whole = WholeFileFeatures(models.audio_encoder, pcm, clip_samples, audio.whole_file_max_s)
+    seconds = len(pcm) / cfg.audio_sample_rate_hz
+    how = "one wav2vec2 pass" if whole.pieces == 1 else (
+        f"{whole.pieces} pieces of up to {whole.piece_samples / cfg.audio_sample_rate_hz:g} s, each hearing "
+        f"{whole.PIECE_CONTEXT_S:g} s more on both sides (--model.audio_encoder.whole_file_max_s)")
+    return dataclasses.replace(models, audio_encoder=whole), f"whole file ({seconds:.1f} s, {how}, normalised once)"
+
+
+def _window_lookahead_samples(cfg: AppConfig) -> int:
+    audio = cfg.model.audio_encoder
+    return round(audio.lookahead_s * cfg.audio_sample_rate_hz) if audio.offline_features == "window" else 0
 
 
 @contextmanager

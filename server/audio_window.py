@@ -1,7 +1,7 @@
 """The browser's audio in, the model's clip windows out, on the stream clock of the RTP timestamps.
 
 WebRTC hands us Opus decoded to 48 kHz stereo in frames of any size; the model wants mono float32
-at its own rate, cut into left-context + clip windows (`model.stream.windowing.ClipWindower`).
+at its own rate, cut into left-context + clip (+ look-ahead) windows (`model.stream.windowing.ClipWindower`).
 """
 from __future__ import annotations
 
@@ -25,10 +25,13 @@ class AudioWindowCutter:
     windower, so every window's `t0` is the stream time of the speech it holds.
     """
 
-    def __init__(self, sample_rate_hz: int, clip_samples: int, context_samples: int) -> None:
+    def __init__(self, sample_rate_hz: int, clip_samples: int, context_samples: int,
+                 lookahead_samples: int = 0) -> None:
         self.sample_rate_hz = sample_rate_hz
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate_hz)
-        self._windower = ClipWindower(clip_samples, context_samples, sample_rate_hz)
+        # look-ahead: a window leaves once the audio after its clip is in (model.audio_encoder.lookahead_s)
+        self._windower = ClipWindower(clip_samples, context_samples, sample_rate_hz,
+                                      lookahead_samples=lookahead_samples)
         self.samples_in = 0  # model-rate samples handed to the windower
 
     @property

@@ -117,6 +117,7 @@ class ModelEngine:
             return StreamFormat(fps=float(probe.fps), frames_per_clip=probe.frames_per_clip,
                                 frame_size=tuple(probe.frame_size), sample_rate_hz=probe.sample_rate_hz,
                                 clip_samples=probe.clip_samples, context_samples=probe.context_samples,
+                                lookahead_samples=round(self._cfg.model.audio_encoder.lookahead_s * probe.sample_rate_hz),
                                 sizing_area_hw=(video.height, video.width) if video.sizing == "aspect" else None)
         finally:
             probe.close()

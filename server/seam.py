@@ -36,6 +36,7 @@ class StreamFormat:
     sample_rate_hz: int
     clip_samples: int  # new audio per clip
     context_samples: int  # left context before it
+    lookahead_samples: int = 0  # audio after it the encoder hears: the clip starts that much later
     # video.sizing aspect: (height, width) of video.size, the area under which each session's frame size
     # follows its reference image's aspect ratio; None: every session runs at frame_size
     sizing_area_hw: tuple[int, int] | None = None

@@ -2,9 +2,11 @@
 
 As in Wan2.2-S2V (`wan/modules/s2v/audio_encoder.py`): run wav2vec2 over the audio, keep the hidden
 states of every layer (the embedding output plus each transformer layer; the DiT mixes them with
-learned weights), and sample them at the video frame times. Here the audio comes as one clip window
-at a time: the left context gives the transformer something to attend to, and only the rows of the
-clip's new frames are returned.
+learned weights), and sample them at the video frame times. The reference encodes a whole file in one
+pass; live audio comes one clip window at a time (`AudioEncoder.encode_window`): the left context
+(`context_s`) and an optional look-ahead (`lookahead_s`, paid in latency) give the transformer something
+to attend to, and only the rows of the clip's new frames are returned. Offline files go through
+`WholeFileFeatures`, as the reference.
 """
 from __future__ import annotations
 
@@ -116,18 +118,76 @@ class AudioEncoder:
         positions = frame_feature_positions(window.new_from / self.sample_rate_hz, fps, num_frames)
         return sample_rows(hidden, positions)
 
-
     @torch.inference_mode()
-    def hidden_states(self, samples: np.ndarray) -> torch.Tensor:
-        """Every wav2vec2 hidden state of `samples` normalised as one piece: [rows at 50 Hz, layers + 1, hidden]."""
-        audio = torch.from_numpy(_zero_mean_unit_var(np.asarray(samples, dtype=np.float32)))
+    def hidden_states(self, samples: np.ndarray, normalisation: tuple[float, float] | None = None) -> torch.Tensor:
+        """Every wav2vec2 hidden state of `samples` normalised as one piece: [rows at 50 Hz, layers + 1, hidden].
+
+        `normalisation` (mean, std) from a longer stretch of audio replaces the piece's own (a whole file's)."""
+        samples = np.asarray(samples, dtype=np.float32)
+        mean, std = normalisation if normalisation is not None else normalisation_of(samples)
+        audio = torch.from_numpy((samples - np.float32(mean)) / np.float32(std))
         out = self.model(audio.to(self.device, self.dtype)[None], output_hidden_states=True)
         return torch.stack(out.hidden_states, dim=2)[0]
 
 
-def _zero_mean_unit_var(samples: np.ndarray) -> np.ndarray:
-    # What Wav2Vec2FeatureExtractor(do_normalize=True) does for the xlsr-53 checkpoints.
-    return (samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)
+class WholeFileFeatures:
+    """wav2vec2 over a whole speech file, as the reference runs it offline: one pass with bidirectional
+    attention over the entire file, normalised once with the whole file's mean and variance
+    (Wan2.2 `audio_encoder.py` `extract_audio_feat`); clips then take their frames' rows.
+
+    Same `encode_window` as `AudioEncoder`, so a `StreamingAvatar` given this in place of its encoder
+    (`AvatarModels.audio_encoder`) renders a file with whole-file features; a window is located by its `t0`
+    (stream time from the file's start) and its samples are not read again. Memory: a file longer than
+    `max_piece_s` is encoded in pieces of whole clips, up to `max_piece_s` long, each hearing
+    PIECE_CONTEXT_S more audio on both sides (rows of that margin are dropped); one piece's rows are held
+    at a time and the pieces are made as the clips ask for them, in order.
+    """
+
+    PIECE_CONTEXT_S = 10.0
+
+    def __init__(self, encoder: AudioEncoder, samples: np.ndarray, clip_samples: int,
+                 max_piece_s: float = 300.0) -> None:
+        self.encoder = encoder
+        self.samples = np.asarray(samples, dtype=np.float32)
+        self.sample_rate_hz = encoder.sample_rate_hz
+        self.normalisation = normalisation_of(self.samples)
+        self.clip_samples = clip_samples
+        self.piece_samples = clip_samples * max(1, int(max_piece_s * self.sample_rate_hz) // clip_samples)
+        self.pieces = 1 if len(self.samples) <= max_piece_s * self.sample_rate_hz else \
+            -(-len(self.samples) // self.piece_samples)
+        self._piece: tuple[int, int, torch.Tensor] | None = None  # (index, first sample heard, rows)
+
+    def piece_of(self, sample: int) -> int:
+        """Which piece holds the clip starting at `sample`."""
+        return 0 if self.pieces == 1 else min(sample // self.piece_samples, self.pieces - 1)
+
+    def _rows(self, piece: int) -> tuple[int, torch.Tensor]:
+        """(first sample heard, hidden rows) of `piece`: the whole file, or the piece and its margins."""
+        if self._piece is None or self._piece[0] != piece:
+            if self.pieces == 1:
+                start, stop = 0, len(self.samples)
+            else:
+                margin = round(self.PIECE_CONTEXT_S * self.sample_rate_hz)
+                start = max(0, piece * self.piece_samples - margin)
+                stop = min(len(self.samples), (piece + 1) * self.piece_samples + margin)
+            audio = self.samples[start:stop]
+            if len(audio) < self.encoder.min_samples:
+                audio = np.pad(audio, (0, self.encoder.min_samples - len(audio)))
+            self._piece = (piece, start, self.encoder.hidden_states(audio, self.normalisation))
+        return self._piece[1], self._piece[2]
+
+    @torch.inference_mode()
+    def encode_window(self, window: AudioWindow, fps: float, num_frames: int) -> torch.Tensor:
+        """Rows of the clip whose first frame plays at `window.t0` s into the file: [num_frames, layers + 1, hidden]."""
+        first = round(window.t0 * self.sample_rate_hz)
+        start, hidden = self._rows(self.piece_of(first))
+        positions = frame_feature_positions(window.t0 - start / self.sample_rate_hz, fps, num_frames)
+        return sample_rows(hidden, positions)
+
+
+def normalisation_of(samples: np.ndarray) -> tuple[float, float]:
+    """(mean, std) as Wav2Vec2FeatureExtractor(do_normalize=True) uses them for the xlsr-53 checkpoints."""
+    return float(samples.mean()), float(np.sqrt(samples.var() + 1e-7))
 
 
 def _receptive_field(config: Wav2Vec2Config) -> int:

@@ -525,7 +525,7 @@ class StreamingAvatar:
         return self._cfg.sampler.sample_steps if self.kv_update == "per_step" else None
 
     def _check_window(self, window: AudioWindow) -> None:
-        new = len(window.samples) - window.new_from
+        new = len(window.new_samples)  # after the context, before any look-ahead
         if new != self.clip_samples or window.new_from < 0:
             raise ValueError(f"audio window has {new} new samples after new_from={window.new_from}; this model "
                              f"needs exactly {self.clip_samples} ({self.frames_per_clip} frames at {self.fps} fps, "

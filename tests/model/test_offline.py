@@ -127,3 +127,22 @@ def test_ctrl_c_leaves_a_playable_file_with_the_clips_made_so_far(tmp_path, imag
     assert 2 * 12 <= info["frames"] < 40 * 12 and info["frames"] % 12 == 0
     assert info["video_s"] == pytest.approx(info["frames"] / FPS)
     assert info["audio_s"] == pytest.approx(info["video_s"], abs=0.05)
+
+
+def test_speech_features_come_from_one_pass_over_the_whole_file_unless_windows_are_asked_for(tmp_path, image, capsys):
+    speech = write_wav(tmp_path / "tone.wav", voiced_tone(2.0, 16000), 16000)
+    videos = {}
+    for features in ("whole_file", "window"):
+        out = tmp_path / f"{features}.mp4"
+        args = ["offline", "--audio", str(speech), "--image", str(image), "--out", str(out), *FAST,
+                "--model.audio_encoder.offline_features", features]
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        with av.open(str(out)) as container:
+            videos[features] = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        if features == "whole_file":
+            assert "audio features: whole file (2.0 s, one wav2vec2 pass, normalised once)" in err
+        else:
+            assert "audio features: clip windows (1 s before each clip, 0 s after)" in err
+    assert videos["whole_file"].shape == videos["window"].shape == (32, 64, 64, 3)
+    assert not np.array_equal(videos["whole_file"], videos["window"])  # other features, other frames

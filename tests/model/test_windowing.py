@@ -102,3 +102,44 @@ def test_buffer_stays_bounded_over_a_long_stream():
 def test_stereo_input_is_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="mono"):
         ClipWindower(CLIP, CONTEXT, SR).push(np.zeros((10, 2), np.float32))
+
+
+# ----------------------------------------------------------------------------- look-ahead
+
+LOOKAHEAD = 2560  # 160 ms at 16 kHz
+
+
+def test_lookahead_windows_carry_the_audio_after_the_clip_and_leave_that_much_later():
+    pcm = ramp(3 * CLIP + LOOKAHEAD)
+    plain = ClipWindower(CLIP, CONTEXT, SR)
+    ahead = ClipWindower(CLIP, CONTEXT, SR, lookahead_samples=LOOKAHEAD)
+    assert len(plain.push(pcm[:CLIP])) == 1
+    assert ahead.push(pcm[:CLIP]) == []  # the clip is in, its look-ahead is not yet
+    assert ahead.push(pcm[CLIP:CLIP + LOOKAHEAD - 1]) == []
+    (first,) = ahead.push(pcm[CLIP + LOOKAHEAD - 1:CLIP + LOOKAHEAD])
+    windows = [first, *ahead.push(pcm[CLIP + LOOKAHEAD:])]
+    assert [w.clip_index for w in windows] == [0, 1, 2]
+    for k, w in enumerate(windows):
+        assert w.samples.shape == (CONTEXT + CLIP + LOOKAHEAD,) and w.lookahead == LOOKAHEAD
+        np.testing.assert_array_equal(w.new_samples, pcm[k * CLIP:(k + 1) * CLIP])  # the clip is cut where it was
+        np.testing.assert_array_equal(w.samples[-LOOKAHEAD:], pcm[(k + 1) * CLIP:(k + 1) * CLIP + LOOKAHEAD])
+        assert w.t0 == pytest.approx(k * CLIP / SR)
+    plain_windows = ClipWindower(CLIP, CONTEXT, SR).push(pcm)
+    for a, b in zip(windows, plain_windows):  # the same clips and context as without look-ahead
+        np.testing.assert_array_equal(a.samples[:CONTEXT + CLIP], b.samples)
+
+
+def test_flush_pads_the_last_clip_and_its_lookahead_with_silence():
+    w = ClipWindower(CLIP, CONTEXT, SR, lookahead_samples=LOOKAHEAD)
+    pcm = ramp(CLIP + 100)  # one whole clip (its look-ahead short) and 100 samples of a second
+    assert w.push(pcm) == []
+    windows = w.flush()
+    assert [x.clip_index for x in windows] == [0, 1]
+    np.testing.assert_array_equal(windows[0].new_samples, pcm[:CLIP])
+    np.testing.assert_array_equal(windows[0].samples[-LOOKAHEAD:][:100], pcm[CLIP:])
+    assert not windows[0].samples[-LOOKAHEAD + 100:].any()
+    np.testing.assert_array_equal(windows[1].new_samples[:100], pcm[CLIP:])
+    assert not windows[1].new_samples[100:].any() and not windows[1].samples[-LOOKAHEAD:].any()
+    assert w.flush() == []
+    with pytest.raises(ValueError, match="lookahead_samples must be >= 0"):
+        ClipWindower(CLIP, CONTEXT, SR, lookahead_samples=-1)

@@ -55,3 +55,19 @@ def test_returned_voice_waits_for_the_first_clip_then_plays_from_stream_start():
     clock.note_clip_ready(0.75, 1.5, ready_wall_s=101.0 + 1.0)  # latency 1.25 s -> delay 1.35 s
     assert clock.delay_s == pytest.approx(1.35)
     assert not track._next_samples(102.02).any()
+
+
+def test_with_lookahead_a_clip_leaves_once_the_audio_after_it_is_in():
+    """model.audio_encoder.lookahead_s: the same clips, each window also holding the next 160 ms, so each
+    leaves 160 ms of stream later (the latency it costs)."""
+    plain = AudioWindowCutter(sample_rate_hz=16000, clip_samples=12000, context_samples=16000)
+    ahead = AudioWindowCutter(sample_rate_hz=16000, clip_samples=12000, context_samples=16000,
+                              lookahead_samples=2560)
+    frames = opus_like_frames(1.0, 480)  # 10 ms frames
+    ahead_again = AudioWindowCutter(16000, 12000, 16000, 2560)
+    first_plain = next(i for i, f in enumerate(frames) if plain.push(f))
+    first_ahead = next(i for i, f in enumerate(frames) if ahead.push(f))
+    assert first_ahead - first_plain == 16  # 16 more 10 ms frames: 160 ms of stream later
+    assert 74 <= first_plain <= 76  # 0.75 s in (the resampler holds back a few samples)
+    windows = [w for f in frames for w in ahead_again.push(f)]
+    assert windows[0].lookahead == 2560 and len(windows[0].new_samples) == 12000
