@@ -21,6 +21,10 @@ from client_cam.signaling import ServerLink, ServerRefused, offer_message, refus
 
 log = logging.getLogger(__name__)
 
+# aiortc's receivers hold what arrives before handing it on: an audio frame until 4 more packets came (its
+# jitter buffer's prefetch), a video frame until the first packet of the next frame. The recording takes these
+# off, so the voice is not placed later than its frames.
+AUDIO_PREFETCH_PACKETS = 4
 ANSWER_TIMEOUT_S = 60.0  # the server loads the session's avatar before it answers (not counted while queued)
 CONNECT_TIMEOUT_S = 20.0  # ICE and DTLS after the answer
 
@@ -144,13 +148,19 @@ class Connection:
         self._end("the server closed the connection")
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
+        last_pts: int | None = None
+        period_s = 0.0  # the smallest frame step seen: one frame period
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 self._end("the video stopped")
                 return
-            self._output.on_video(frame.to_ndarray(format="rgb24"), frame.pts, float(frame.time_base))
+            if last_pts is not None and frame.pts > last_pts:
+                step_s = float((frame.pts - last_pts) * frame.time_base)
+                period_s = step_s if period_s == 0 else min(period_s, step_s)
+            last_pts = frame.pts
+            self._output.on_video(frame.to_ndarray(format="rgb24"), frame.pts, float(frame.time_base), period_s)
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         mono = av.AudioResampler(format="s16", layout="mono", rate=48000)
@@ -160,8 +170,9 @@ class Connection:
             except MediaStreamError:
                 return
             pts_s = float(frame.pts * frame.time_base)
+            held_s = AUDIO_PREFETCH_PACKETS * frame.samples / frame.sample_rate
             for out in mono.resample(frame):
-                self._output.on_audio(out.to_ndarray().reshape(-1), pts_s)
+                self._output.on_audio(out.to_ndarray().reshape(-1), pts_s, held_s)
 
     async def close(self) -> None:
         """Say stop (the server frees the slot at once), then close the websocket and the peer connection."""

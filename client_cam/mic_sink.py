@@ -19,7 +19,7 @@ import numpy as np
 from client_cam.errors import ClientError
 from client_cam.media_in import RATE_HZ, find_output_device, import_sounddevice
 
-PACAT_LATENCY_MS = 40
+PACAT_LATENCY_MS = 60  # what the sound server buffers ahead: a busy client stalls shorter than this
 DEFAULT_DEVICE = {"win32": "CABLE Input", "darwin": "BlackHole"}
 
 

@@ -126,12 +126,15 @@ class AvatarOutput:
         self._video_anchor.reset()
         self._audio_anchor.reset()
 
-    def on_video(self, rgb: np.ndarray, pts: int, time_base: float) -> None:
-        """A decoded frame from the server: to the camera now, into the recording at its due time."""
+    def on_video(self, rgb: np.ndarray, pts: int, time_base: float, held_s: float = 0.0) -> None:
+        """A decoded frame from the server: to the camera now, into the recording at its due time.
+
+        `held_s`: how long the receiver kept the frame after it arrived (its jitter buffer), taken off.
+        """
         now = time.monotonic()
         self.counters.frames_in += 1
         self._last_received_s = now
-        due_s = self._video_anchor.place(pts * time_base, now)
+        due_s = self._video_anchor.place(pts * time_base, now - held_s)
         if self.format is None:
             self._pts.append(pts)
             fps = fps_from_pts(self._pts, time_base) if len(self._pts) >= FORMAT_FRAMES else None
@@ -188,12 +191,12 @@ class AvatarOutput:
 
     # ------------------------------------------------------------------ voice
 
-    def on_audio(self, pcm: np.ndarray, pts_s: float) -> None:
+    def on_audio(self, pcm: np.ndarray, pts_s: float, held_s: float = 0.0) -> None:
         """Decoded returned voice (int16 mono 48 kHz) starting at stream time `pts_s`: to the microphone
-        now, into the recording at its due time."""
+        now, into the recording at its due time (`held_s` as for video)."""
         now = time.monotonic()
         self.counters.audio_samples_in += len(pcm)
-        due_s = self._audio_anchor.place(pts_s, now)
+        due_s = self._audio_anchor.place(pts_s, now - held_s)
         if self.mic is not None:
             self.mic.write(pcm)
         if self.recorder is not None and self.started_s is not None and self.failed is None:

@@ -7,6 +7,7 @@ picture and sound stay in step in the file as they were live.
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -44,13 +45,13 @@ class Mp4Recorder:
         self.audio_samples_written = 0
 
     def write_video(self, rgb: np.ndarray, t_s: float) -> bool:
-        """A frame shown from `t_s` seconds after the recording's start, in the frame slot of that time.
+        """A frame shown from `t_s` seconds after the recording's start, from the first frame slot at or after it.
 
         The file has a constant frame rate: slots no frame came for hold the frame before. A frame whose
         slot is taken (a late frame after the stall filler wrote one there) is left out rather than pushed
         to a later slot: pushing would move every frame after it off its voice.
         """
-        pts = round(t_s * self.fps)
+        pts = math.ceil(t_s * self.fps - 1e-6)  # never before it was due, as a camera would show it
         if pts <= self._last_pts:
             self.frames_left_out += 1
             return False
