@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.io_types import VideoClip
 from tests.server.webrtc_client import ReceivedAudio, ReceivedVideo
 
 RATE_HZ = 48000
@@ -132,3 +133,47 @@ def first_clip_frame(video: list[ReceivedVideo], reference_rgb: np.ndarray,
                      made_rgb: np.ndarray) -> ReceivedVideo | None:
     """The first received frame that the model made (see `is_clip_frame`)."""
     return next((v for v in video if is_clip_frame(v.rgb, reference_rgb, made_rgb)), None)
+
+
+def made_frames_between(parts: list[VideoClip], start_s: float, end_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Frames the model made (parts as queued for playout) for stream time [start_s, end_s), and their times."""
+    frames, times = [], []
+    for part in parts:
+        for k, rgb in enumerate(part.frames):
+            t = part.t0 + k / part.fps
+            if start_s <= t < end_s:
+                frames.append(rgb)
+                times.append(t)
+    return np.array(frames), np.array(times)
+
+
+def seen_made_frames(video: list[ReceivedVideo], made: np.ndarray, reference: np.ndarray) -> list[int]:
+    """Indices (into `made`) of the made frames a viewer received, in the order received."""
+    seen = []
+    for v in video:
+        index, distance = nearest_made_frame(v.rgb, made)
+        if distance < 0.5 * idle_distance(v.rgb, reference):
+            seen.append(index)
+    return seen
+
+
+def av_offsets(video: list[ReceivedVideo], made: np.ndarray, times: np.ndarray, speech: np.ndarray, speech_start_s: float,
+               pcm: np.ndarray, arrival: np.ndarray, reference: np.ndarray, chunk_s: float = 0.125) -> list[float]:
+    """Arrival of each made frame (its first showing) minus the arrival of the voice at its stream time."""
+    first_shown: dict[int, float] = {}
+    for v in video:
+        index, distance = nearest_made_frame(v.rgb, made)
+        if distance < 0.5 * idle_distance(v.rgb, reference):
+            first_shown.setdefault(index, v.arrival_s)
+    loud = np.sqrt(np.mean(speech.astype(np.float64) ** 2))
+    size = round(chunk_s * RATE_HZ)
+    offsets = []
+    for index, video_arrival_s in first_shown.items():
+        start = round((times[index] - speech_start_s) * RATE_HZ)
+        chunk = speech[start:start + size].astype(np.float64)
+        if start < 0 or len(chunk) < size or np.sqrt(np.mean(chunk ** 2)) < 0.3 * loud:
+            continue  # before the speech, past its end, or a pause: nothing to find in the voice
+        found = align(chunk, pcm)
+        if found.peak > 0.9:
+            offsets.append(video_arrival_s - arrival[found.lag_samples])
+    return offsets

@@ -15,7 +15,14 @@ from model.io_types import VideoClip
 from server.reference_image import drawn_reference, resize_rgb
 from server.tracks import AvatarVideoTrack
 from server.tts import synthesize
-from tests.server.av_analysis import align, align_pieces, audio_timeline, idle_distance, nearest_made_frame
+from tests.server.av_analysis import (
+    align,
+    align_pieces,
+    audio_timeline,
+    av_offsets,
+    made_frames_between,
+    seen_made_frames,
+)
 from tests.server.conftest import write_wav
 from tests.server.reliability_support import offer_sdp, running_server, server_state, small_cfg
 from tests.server.webrtc_client import WhepClient
@@ -65,28 +72,6 @@ def speech_played(session, utterances: int, duration_s: float) -> bool:
     playing = session.clock.stream_time_at(time.monotonic())
     return (session.speech.queue.utterances_spoken >= utterances and playing is not None
             and playing > starts[-1] + duration_s + 0.5)
-
-
-def made_frames_between(parts: list[VideoClip], start_s: float, end_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """Frames the model made for stream time [start_s, end_s), and each one's stream time."""
-    frames, times = [], []
-    for part in parts:
-        for k, rgb in enumerate(part.frames):
-            t = part.t0 + k / part.fps
-            if start_s <= t < end_s:
-                frames.append(rgb)
-                times.append(t)
-    return np.array(frames), np.array(times)
-
-
-def seen_made_frames(video, made: np.ndarray, reference: np.ndarray) -> list[int]:
-    """Indices (into `made`) of the made frames a viewer received, in the order received."""
-    seen = []
-    for v in video:
-        index, distance = nearest_made_frame(v.rgb, made)
-        if distance < 0.5 * idle_distance(v.rgb, reference):
-            seen.append(index)
-    return seen
 
 
 async def test_spoken_wav_reaches_two_whep_viewers_in_sync(speech_pcm, queued_parts, tmp_path):
@@ -154,28 +139,6 @@ async def test_spoken_wav_reaches_two_whep_viewers_in_sync(speech_pcm, queued_pa
     print(f"A/V offset over WHEP: median {offset_s * 1000:+.0f} ms over {len(offsets_s)} frames (+ = video late), "
           f"one frame = {1000 / fps:.0f} ms")
     assert abs(offset_s) <= 1 / fps, f"A/V offset {offset_s * 1000:.0f} ms is more than one frame"
-
-
-def av_offsets(video, made: np.ndarray, times: np.ndarray, speech: np.ndarray, speech_start_s: float,
-               pcm: np.ndarray, arrival: np.ndarray, reference: np.ndarray, chunk_s: float = 0.125) -> list[float]:
-    """Arrival of each made frame (its first showing) minus the arrival of the voice at its stream time."""
-    first_shown: dict[int, float] = {}
-    for v in video:
-        index, distance = nearest_made_frame(v.rgb, made)
-        if distance < 0.5 * idle_distance(v.rgb, reference):
-            first_shown.setdefault(index, v.arrival_s)
-    loud = np.sqrt(np.mean(speech.astype(np.float64) ** 2))
-    size = round(chunk_s * RATE_HZ)
-    offsets = []
-    for index, video_arrival_s in first_shown.items():
-        start = round((times[index] - speech_start_s) * RATE_HZ)
-        chunk = speech[start:start + size].astype(np.float64)
-        if start < 0 or len(chunk) < size or np.sqrt(np.mean(chunk ** 2)) < 0.3 * loud:
-            continue  # before the speech, past its end, or a pause: nothing to find in the voice
-        found = align(chunk, pcm)
-        if found.peak > 0.9:
-            offsets.append(video_arrival_s - arrival[found.lag_samples])
-    return offsets
 
 
 async def test_text_is_spoken_and_an_interrupt_returns_the_avatar_to_idle(queued_parts):
