@@ -93,8 +93,11 @@ def reference_or_drawn(reference_path: str | Path | None) -> np.ndarray:
     return image_from_file(reference_path) if reference_path else drawn_reference()
 
 
-def drawn_reference(height: int = 512, width: int = 512) -> np.ndarray:
-    """A simple drawn face, so the server shows someone even when no reference image was given."""
+def drawn_reference(height: int = 512, width: int = 512, mouth_opening: float = 0.0) -> np.ndarray:
+    """A simple drawn face, so the server shows someone even when no reference image was given.
+
+    `mouth_opening` (0 closed .. 1 wide) draws it talking: the training data teaches the tiny avatar this face.
+    """
     image = Image.new("RGB", (width, height), (70, 96, 128))
     draw = ImageDraw.Draw(image)
     cx, cy = width / 2, height * 0.48
@@ -111,7 +114,20 @@ def drawn_reference(height: int = 512, width: int = 512) -> np.ndarray:
     draw.polygon([(cx, cy), (cx - fw * 0.1, cy + fh * 0.28), (cx + fw * 0.1, cy + fh * 0.28)],
                  fill=(205, 160, 130))
     draw.chord([cx - fw * 0.35, cy + fh * 0.38, cx + fw * 0.35, cy + fh * 0.62], 0, 180, fill=(150, 60, 60))
+    opening = min(max(float(mouth_opening), 0.0), 1.0)
+    if opening > 0.02:  # lips part around a dark interior, the jaw drops with it
+        half_h = fh * 0.13 * opening
+        draw.ellipse([cx - fw * 0.3, cy + fh * 0.5 - half_h - fh * 0.03, cx + fw * 0.3, cy + fh * 0.5 + half_h + fh * 0.05],
+                     fill=(150, 60, 60))
+        draw.ellipse([cx - fw * 0.24, cy + fh * 0.5 - half_h, cx + fw * 0.24, cy + fh * 0.5 + half_h + fh * 0.02],
+                     fill=(40, 12, 16))
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+def drawn_mouth_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1), end exclusive, that holds the drawn face's mouth at any opening."""
+    cx, cy, fw, fh = width / 2, height * 0.48, width * 0.30, height * 0.38
+    return (int(cx - fw * 0.45), int(cy + fh * 0.3), int(np.ceil(cx + fw * 0.45)), int(np.ceil(cy + fh * 0.72)))
 
 
 def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -8,6 +8,9 @@
 #                                           #   fine-tune side by side, both from $IN/phase1/parts
 #                                           #   -> $OUT/phase2/parts/{dit,encoders}, $OUT/phase3b/parts/vae
 #   bash training/device_train.sh bundle    # here: $IN/phase2 + $IN/phase3b parts -> model/assets/tiny_avatar.safetensors
+#   bash training/device_train.sh q         # GPU call: the whole recipe in one call (VAE, then DiT + decoder side by
+#                                           #   side) -> $OUT/phase2/parts/{dit,encoders}, $OUT/phase3b/parts/vae
+#   bash training/device_train.sh c         # GPU call: both continued from q's parts (copied into $IN) -> the same
 #   bash training/device_train.sh all       # a GPU machine without a per-call limit: 1, 2s and bundle in a row
 #   bash training/device_train.sh 3         # GPU call: decoder fine-tune on long streams from $IN/phase3/parts
 #                                           #   -> $OUT/phase3b/{parts/*.safetensors,log.txt,eval_drift.json,eval.json}
@@ -17,24 +20,68 @@
 # phase 2, phase1/parts/ (copy phase 1's returned phase1/ folder there). Wheels in .whl/ (diffusers and
 # its importlib_metadata) are installed first when present: the GPU machine has no diffusers.
 set -euo pipefail
-PHASE=${1:?usage: device_train.sh prepare|1|2|2s|bundle|all|3}
+PHASE=${1:?usage: device_train.sh prepare|q|c|1|2|2s|bundle|all|3}
 IN=${IN:-artifacts/device_in}
 OUT=${OUT:-artifacts/device_out}
 DRY=${DRY:-0}
 WALL_S=${WALL_S:-535}   # the whole command, pip install included; the device call allows 560
-UTTERANCES=128          # training utterances of the GPU recipe (prepare makes them)
+UTTERANCES=${UTTERANCES:-120}  # training utterances of the GPU recipe (prepare makes them; ~19 MB travel)
 
 if [ "$PHASE" = prepare ]; then
   PY=${PY:-.venv/bin/python}
   mkdir -p "$IN"
-  # The training utterances (espeak-ng, several voices; made once, then reused from the file), at the
-  # tiny preset's audio rate, as many as the GPU phases train on
+  # Synthesizers and effects of the training speech (Debian packages): espeak-ng, flite (a second synthesizer),
+  # sox (voice changes, rooms). Debian bookworm's main archive has no mbrola voices.
+  if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null || ! command -v sox >/dev/null; then
+    SUDO=$( [ "$(id -u)" = 0 ] || echo sudo )
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng flite sox >/dev/null
+  fi
+  # The training utterances (training/voices.py: both synthesizers, voice changes, rooms, the Opus round trip;
+  # made once, then reused from the file), at the tiny preset's audio rate, as many as the GPU phases train on
   PYTHONPATH=. "$PY" -c "import sys; from pathlib import Path; from model.config import load_config; \
 from training.train_tiny import speech_bank; \
 speech_bank(Path(sys.argv[1]), int(sys.argv[2]), load_config(None).audio_sample_rate_hz)" "$IN/speech_bank.npz" "$UTTERANCES"
   PYTHONPATH=. "$PY" -m training.lip_sync_check --save-bank "$IN/heldout_bank.npz" --count 4
+  # Photographs for backdrops and still streams: scikit-image's sample photos, read from its wheel (pip download)
+  test -f "$IN/photos.npz" || PYTHONPATH=. "$PY" -m training.photos --out "$IN/photos.npz"
   ls -la "$IN"
   exit 0
+fi
+
+if [ "$PHASE" = q ] || [ "$PHASE" = c ]; then
+  # q: the whole recipe in one call of WALL_S: the VAE for VAE_S seconds, then the DiT on its own rollouts and
+  #    the decoder's streaming fine-tune side by side for the rest.
+  # c: a second call that continues both from q's returned parts (in $IN/phase2, $IN/phase3b), at lower rates.
+  # Either returns only what the bundle takes ($OUT/phase2/parts/{dit,encoders}, $OUT/phase3b/parts/vae) and
+  # one log: the device call brings back at most 8 files.
+  INNER=${WORK:-/tmp/device_train}/$PHASE; rm -rf "$INNER"; mkdir -p "$INNER"
+  if [ "$PHASE" = q ]; then
+    # fine-tunes of the shipped networks: lower peaks than from random weights, rollouts almost from the start
+    export EXTRA_VAE=${EXTRA_VAE:-"--vae-lr 6e-4"} EXTRA_DIT=${EXTRA_DIT:-"--dit-lr 4e-4 --teacher-until 0.1"}
+    WALL_S=${VAE_S:-200} OUT="$INNER/out1" WORK="$INNER/work1" bash "$0" 1 >"$INNER/phase1.log" 2>&1 \
+      || { tail -n 30 "$INNER/phase1.log"; exit 1; }
+    rm -rf "$IN/phase1"; cp -r "$INNER/out1/phase1" "$IN/phase1"
+  else
+    for f in phase2/parts/dit phase2/parts/encoders phase3b/parts/vae; do
+      test -f "$IN/$f.safetensors" || { echo "no $IN/$f.safetensors: copy the q call's phase2/ and phase3b/ into $IN" >&2; exit 2; }
+    done
+    rm -rf "$IN/phase1"; mkdir -p "$IN/phase1/parts"
+    cp "$IN/phase2/parts/dit.safetensors" "$IN/phase2/parts/encoders.safetensors" "$IN/phase3b/parts/vae.safetensors" \
+      "$IN/phase1/parts/"
+    export EXTRA_DIT=${EXTRA_DIT:-"--dit-lr 3e-4 --teacher-until 0"} EXTRA_STREAM=${EXTRA_STREAM:-"--stream-lr 1.5e-4"}
+  fi
+  WALL_S=$((WALL_S - SECONDS)) OUT="$INNER/out2" WORK="$INNER/work2" bash "$0" 2s >"$INNER/phase2.log" 2>&1
+  RC=$?
+  mkdir -p "$OUT/phase2/parts" "$OUT/phase3b/parts"
+  cat "$INNER/phase1.log" "$INNER/out2/phase2/log.txt" "$INNER/out2/phase3b/log.txt" "$INNER/phase2.log" \
+    >"$OUT/log.txt" 2>/dev/null
+  cp "$INNER/out2/phase2/parts/"*.safetensors "$OUT/phase2/parts/" && cp "$INNER/out2/phase3b/parts/vae.safetensors" \
+    "$OUT/phase3b/parts/" || RC=1
+  grep -h '"phase"' "$INNER/phase1.log" | tail -n 2
+  grep -h '"phase"' "$INNER/out2/phase2/log.txt" | tail -n 3
+  grep -h '"phase"' "$INNER/out2/phase3b/log.txt" | tail -n 2
+  echo "phase $PHASE done in $SECONDS s, rc $RC"; ls -laR "$OUT"
+  exit $RC
 fi
 
 if [ "$PHASE" = all ]; then
@@ -69,19 +116,24 @@ if [ "$DRY" = 1 ]; then
   WORK=${WORK:-/tmp/device_train_dry}
   # Same code, a few steps: CPU, 2 threads, tiny batches, short evaluation.
   COMMON=(--device cpu --workers 1 --num-utterances 4 --num-streams 6 --num-identities 4
-          --vae-steps 2 --vae-batch 2 --vae-frames 4 --dit-steps 2 --dit-batch 2 --checkpoint-every 1
-          --log-every 1 --eval-samples 1 --eval-clips 2 --latent-fit-videos 4
-          --stream-steps 2 --stream-batch 2 --stream-clips 2 --stream-burn 1 --drift-clips 2)
+          --vae-steps 1 --vae-batch 1 --vae-frames 4 --dit-steps 1 --dit-batch 1 --checkpoint-every 1
+          --log-every 1 --eval-samples 1 --eval-clips 2 --latent-fit-videos 2 --rollout-max-clips 2
+          --stream-steps 1 --stream-batch 1 --stream-clips 2 --stream-burn 1 --drift-clips 2
+          --drawn-share 0.3 --photo-share 0.3)
 else
   PY=${PY:-python3}
   WORK=${WORK:-/tmp/device_train}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  COMMON=(--device cuda --workers 15 --num-utterances $UTTERANCES --num-streams 512 --num-identities 96
-          --vae-steps 100000 --vae-batch 48 --vae-frames 12 --dit-steps 100000 --dit-batch 96
-          --checkpoint-every 250 --log-every 50 --eval-samples 2 --eval-clips 8
-          --stream-steps 100000 --stream-batch 16 --stream-clips 6 --stream-burn 3 --drift-clips 8)
+  COMMON=(--device cuda --workers 15 --num-utterances $UTTERANCES --num-streams 640 --num-identities 400
+          --vae-steps 100000 --vae-batch 48 --vae-frames 12 --dit-steps 100000 --dit-batch ${DIT_BATCH:-48}
+          --checkpoint-every 100 --log-every 25 --eval-samples 2 --eval-clips 8 --rollout-max-clips 8
+          --stream-steps 100000 --stream-batch 16 --stream-clips 6 --stream-burn 6 --drift-clips 8)
 fi
-COMMON+=(--speech-bank "$IN/speech_bank.npz" --heldout-bank "$IN/heldout_bank.npz")
+# Every network starts from the shipped bundle (INIT_BUNDLE= for random weights): the VAE phase fine-tunes its
+# VAE on the new faces, the DiT phase moves its DiT to the reference scheme on its own rollouts.
+COMMON+=(--speech-bank "$IN/speech_bank.npz" --heldout-bank "$IN/heldout_bank.npz" --photo-bank "$IN/photos.npz")
+INIT_BUNDLE=${INIT_BUNDLE-model/assets/tiny_avatar.safetensors}
+[ -z "$INIT_BUNDLE" ] || COMMON+=(--init-bundle "$INIT_BUNDLE")
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'cuda', torch.cuda.is_available())"
 
@@ -90,7 +142,7 @@ case "$PHASE" in
     mkdir -p "$OUT/phase1"
     rm -rf "$WORK/phase1"
     "$PY" -m training.train_tiny "${COMMON[@]}" --phases vae --wall-s $((WALL_S - SECONDS)) --reserve-s 25 \
-      --work-dir "$WORK/phase1" --parts-dir "$OUT/phase1/parts" 2>&1 | tee "$OUT/phase1/log.txt"
+      --work-dir "$WORK/phase1" --parts-dir "$OUT/phase1/parts" ${EXTRA_VAE:-} 2>&1 | tee "$OUT/phase1/log.txt"
     cp "$WORK/phase1/summary.json" "$OUT/phase1/"
     cp "$WORK/phase1/eval_vae.json" "$OUT/phase1/" 2>/dev/null || true
     ;;
@@ -112,13 +164,14 @@ case "$PHASE" in
     mkdir -p "$OUT/phase2" "$OUT/phase3b"
     rm -rf "$WORK/phase2" "$WORK/phase3b"
     HALF=(--workers $(( $(nproc) / 2 > 1 ? $(nproc) / 2 - 1 : 1 )) --eval-samples 0)
+    # EXTRA_DIT / EXTRA_STREAM: more flags for either process (a continuation's learning rates, say)
     "$PY" -m training.train_tiny "${COMMON[@]}" "${HALF[@]}" --init-from "$IN/phase1/parts" \
       --wall-s $((WALL_S - SECONDS)) --reserve-s 25 --work-dir "$WORK/phase2" --parts-dir "$WORK/phase2/parts" \
-      --out "$WORK/phase2/tiny_avatar.safetensors" >"$OUT/phase2/log.txt" 2>&1 &
+      --out "$WORK/phase2/tiny_avatar.safetensors" ${EXTRA_DIT:-} >"$OUT/phase2/log.txt" 2>&1 &
     DIT_PID=$!
     "$PY" -m training.train_tiny "${COMMON[@]}" "${HALF[@]}" --phases vae_stream --init-from "$IN/phase1/parts" \
       --wall-s $((WALL_S - SECONDS)) --reserve-s 25 --work-dir "$WORK/phase3b" --parts-dir "$WORK/phase3b/parts" \
-      >"$OUT/phase3b/log.txt" 2>&1 &
+      ${EXTRA_STREAM:-} >"$OUT/phase3b/log.txt" 2>&1 &
     STREAM_PID=$!
     RC=0; wait $DIT_PID || RC=$?; wait $STREAM_PID || RC=$?
     tail -n 4 "$OUT/phase2/log.txt" "$OUT/phase3b/log.txt"

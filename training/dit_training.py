@@ -18,6 +18,7 @@ from model.encoders.audio import frame_feature_positions, sample_rows
 from model.net.dit import AvatarDiT
 from model.net.motion import MOTION_LATENT_FRAMES
 from model.stream.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule
+from model.stream.scheme import STILL_VIDEO_FRAMES
 from model.vae.streaming import SPACE_STRIDE, TIME_STRIDE, AvatarVAE
 from training.stream_pool import Stream, StreamGeometry
 from training.vae_training import encode_moments, to_video_tensor
@@ -39,6 +40,8 @@ class LatentStream:
     latents: torch.Tensor  # [16, num_clips * latent_frames_per_clip, h, w]
     windows: torch.Tensor  # float32 [num_clips, context + clip]
     mouth_cells: tuple[int, int, int, int]  # x0, y0, x1, y1 on the latent grid
+    # The reference scheme's static motion latents: the reference as a 73-frame still video [16, 19, h, w].
+    motion: torch.Tensor | None = None
 
     @property
     def num_clips(self) -> int:
@@ -59,7 +62,19 @@ def encode_streams(vae: AvatarVAE, streams: list[Stream], geometry: StreamGeomet
         cells = (x0 // SPACE_STRIDE, y0 // SPACE_STRIDE, -(-x1 // SPACE_STRIDE), -(-y1 // SPACE_STRIDE))
         out.append(LatentStream(ref_latent=latents[:, :1], latents=latents[:, 1:],
                                 windows=torch.from_numpy(stream.windows).to(device), mouth_cells=cells))
+    for start in range(0, len(out), 32):
+        chunk = out[start:start + 32]
+        motion = still_video_latents(vae, np.stack([s.sample.reference for s in streams[start:start + 32]]), device)
+        for latent_stream, latents in zip(chunk, motion, strict=True):
+            latent_stream.motion = latents
     return out
+
+
+def still_video_latents(vae: AvatarVAE, references: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """The reference scheme's motion latents of reference images [B, H, W, 3]: each as a 73-frame still video,
+    encoded [B, 16, 19, h, w] (`model.stream.scheme.motion_start`, through the same `AvatarVAE.encode_video`)."""
+    video = to_video_tensor(np.repeat(references[:, None], STILL_VIDEO_FRAMES, axis=1), device)
+    return vae.encode_video(video.to(vae.dtype)).float().clone()  # clone: a normal tensor, not an inference one
 
 
 def audio_features(wav2vec2: Wav2Vec2Model, windows: torch.Tensor, geometry: StreamGeometry) -> torch.Tensor:

@@ -178,26 +178,57 @@ def write_wav(path: str, samples: np.ndarray, sample_rate_hz: int = SAMPLE_RATE_
         wav.writeframes(pcm.tobytes())
 
 
-def save_speech_bank(path: str, utterances: list[Utterance]) -> None:
-    """Store utterances compactly (clean int16 speech + noise level) so a machine without espeak-ng can train."""
-    clean = [np.round(np.clip(u.clean, -1, 1) * 32767).astype(np.int16) for u in utterances]
+def save_speech_bank(path: str, utterances: list[Utterance], keep_heard: bool = False) -> None:
+    """Store utterances compactly (clean int16 speech + noise level) so a machine without espeak-ng can train.
+
+    `keep_heard` also stores what the model hears: needed when it is not the clean speech plus white noise (a
+    room, a voice change, the Opus round trip). Both are then stored as 8-bit mu-law (the G.711 curve, about
+    38 dB of signal to quantisation noise, below most rooms' noise) so the bank travels to a GPU machine.
+    """
     noise_rms = [float(np.sqrt(np.mean((u.samples - u.clean) ** 2))) for u in utterances]
+    if keep_heard:
+        clean = [mu_law_encode(u.clean) for u in utterances]
+        extra = {"heard": np.concatenate([mu_law_encode(u.samples) for u in utterances]), "mu_law": np.array(1)}
+    else:
+        clean = [np.round(np.clip(u.clean, -1, 1) * 32767).astype(np.int16) for u in utterances]
+        extra = {}
     np.savez_compressed(
         path, clean=np.concatenate(clean), lengths=np.array([len(c) for c in clean], np.int64),
         noise_rms=np.array(noise_rms, np.float32), sample_rate_hz=np.array(utterances[0].sample_rate_hz),
-        texts=np.array([u.text for u in utterances]), voices=np.array([u.voice for u in utterances]))
+        texts=np.array([u.text for u in utterances]), voices=np.array([u.voice for u in utterances]), **extra)
 
 
 def load_speech_bank(path: str) -> list[Utterance]:
-    """Inverse of `save_speech_bank`; the noise is redrawn from a fixed seed per utterance."""
-    with np.load(path) as bank:
-        offsets = np.concatenate([[0], np.cumsum(bank["lengths"])])
-        rate_hz = int(bank["sample_rate_hz"])
-        utterances = []
-        for i in range(len(bank["lengths"])):
-            clean = bank["clean"][offsets[i]: offsets[i + 1]].astype(np.float32) / 32767
+    """Inverse of `save_speech_bank`; white noise (banks without the heard speech) is redrawn from a fixed seed."""
+    with np.load(path) as saved:
+        bank = {name: saved[name] for name in saved.files}  # each access of an npz member decompresses it again
+    offsets = np.concatenate([[0], np.cumsum(bank["lengths"])])
+    rate_hz = int(bank["sample_rate_hz"])
+    utterances = []
+    decode = mu_law_decode if "mu_law" in bank else (lambda pcm: pcm.astype(np.float32) / 32767)
+    for i in range(len(bank["lengths"])):
+        clean = decode(bank["clean"][offsets[i]: offsets[i + 1]])
+        if "heard" in bank:
+            samples = decode(bank["heard"][offsets[i]: offsets[i + 1]])
+        else:
             noise = np.random.default_rng([i, 31]).standard_normal(len(clean)).astype(np.float32)
-            utterances.append(Utterance(samples=clean + noise * float(bank["noise_rms"][i]), clean=clean,
-                                        sample_rate_hz=rate_hz, text=str(bank["texts"][i]),
-                                        voice=str(bank["voices"][i])))
+            samples = clean + noise * float(bank["noise_rms"][i])
+        utterances.append(Utterance(samples=samples, clean=clean, sample_rate_hz=rate_hz, text=str(bank["texts"][i]),
+                                    voice=str(bank["voices"][i])))
     return utterances
+
+
+_MU = 255.0
+
+
+def mu_law_encode(samples: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> uint8 codes on the mu-law curve (mu = 255)."""
+    x = np.clip(samples, -1.0, 1.0)
+    y = np.sign(x) * np.log1p(_MU * np.abs(x)) / np.log1p(_MU)
+    return np.round((y + 1.0) * 127.5).astype(np.uint8)
+
+
+def mu_law_decode(codes: np.ndarray) -> np.ndarray:
+    """Inverse of `mu_law_encode`: float32 in [-1, 1]."""
+    y = codes.astype(np.float32) / 127.5 - 1.0
+    return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(_MU)) / _MU).astype(np.float32)

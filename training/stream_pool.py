@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.speech import Utterance
-from training.synthetic_faces import Identity
-from training.talking_dataset import TalkingSample, render_sample
+from training.synthetic_faces import Identity, random_crop
+from training.talking_dataset import TalkingSample, render_drawn_sample, render_sample, render_still_sample
 
 
 @dataclass(frozen=True)
@@ -51,20 +51,36 @@ def clip_windows(audio: np.ndarray, geometry: StreamGeometry) -> np.ndarray:
         np.zeros((0, context + clip), np.float32)
 
 
-def _render(job: tuple[Identity, Utterance, int, int, float]) -> TalkingSample:
-    identity, utterance, motion_seed, size, fps = job
-    return render_sample(identity, utterance, motion_seed=motion_seed, size=size, fps=fps)
+def _render(job: tuple) -> TalkingSample:
+    kind, subject, utterance, motion_seed, size, fps = job
+    if kind == "drawn":
+        return render_drawn_sample(utterance, size, fps)
+    if kind == "photo":
+        return render_still_sample(subject, utterance, size, fps)
+    return render_sample(subject, utterance, motion_seed=motion_seed, size=size, fps=fps)
 
 
 def build_pool(utterances: list[Utterance], identities: list[Identity], num_streams: int, geometry: StreamGeometry,
-               seed: int, workers: int = 1) -> list[Stream]:
-    """`num_streams` random (identity, utterance) pairings, rendered (in `workers` processes when > 1)."""
+               seed: int, workers: int = 1, drawn_share: float = 0.0, photos: np.ndarray | None = None,
+               photo_share: float = 0.0) -> list[Stream]:
+    """`num_streams` random (identity, utterance) pairings, rendered (in `workers` processes when > 1).
+
+    A `drawn_share` of the streams show the server's drawn default face talking, and a `photo_share` a
+    random crop of one of `photos` that must come back unchanged whatever is said (no mouth to move).
+    """
     rng = np.random.default_rng([seed, 17])
     jobs = []
     for k in range(num_streams):
         identity = identities[int(rng.integers(len(identities)))]
         utterance = utterances[int(rng.integers(len(utterances)))]
-        jobs.append((identity, utterance, int(seed * 100_003 + k), geometry.size, geometry.fps))
+        draw = rng.random()
+        if draw < drawn_share:
+            kind, subject = "drawn", None
+        elif draw < drawn_share + photo_share and photos is not None and len(photos):
+            kind, subject = "photo", random_crop(photos[int(rng.integers(len(photos)))], rng, 2 * geometry.size)
+        else:
+            kind, subject = "face", identity
+        jobs.append((kind, subject, utterance, int(seed * 100_003 + k), geometry.size, geometry.fps))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             samples = list(pool.map(_render, jobs, chunksize=4))

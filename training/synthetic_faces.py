@@ -5,7 +5,8 @@ Geometry is in fractions of the image side, so any square size draws the same fa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,6 +49,16 @@ class Identity:
     eye_spacing: float
     mouth_y: float
     mouth_half_width: float
+    # Where the head sits and how large (the classic faces: centred, 1.0), and what surrounds it.
+    center_x: float = 0.5
+    center_y: float = 0.5
+    scale: float = 1.0
+    glasses: tuple[int, int, int] | None = None
+    light_angle: float = 0.0  # direction the light comes from (radians) ...
+    light_strength: float = 0.0  # ... and how much brighter that side is than the other (0: even light)
+    grain: float = 0.0  # photographic noise, fixed per identity (std in grey levels)
+    # Backdrop drawn behind the person: None = the flat `background` colour; else uint8 [S, S, 3] at any size.
+    backdrop: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def lips(self) -> tuple[int, int, int]:
@@ -96,12 +107,89 @@ def sample_identity(seed: int, name: str | None = None) -> Identity:
     )
 
 
+BACKDROP_KINDS = ("flat", "gradient", "noise", "bokeh", "stripes", "photo")
+_BACKDROP_SIDE = 96  # backdrops are drawn small and scaled with the frame (they are out of focus anyway)
+
+
+def sample_varied_identity(seed: int, name: str | None = None, photos: np.ndarray | None = None) -> Identity:
+    """A person drawn anywhere in the frame at any size, with glasses or not, lit from a side, in front of a
+    gradient, a noise field, out-of-focus lights, stripes or (with `photos`, uint8 [N, S, S, 3]) a photograph."""
+    base = sample_identity(seed, name)
+    rng = np.random.default_rng([seed, 31337])
+    scale = float(rng.uniform(0.72, 1.12))
+    room = max(0.0, (1.0 - scale) * 0.5)  # how far the head may move before the face leaves the frame
+    skin = tuple(int(np.clip(c * rng.uniform(0.9, 1.1) + rng.normal(0, 6), 0, 255)) for c in base.skin)
+    kinds = BACKDROP_KINDS if photos is not None and len(photos) else BACKDROP_KINDS[:-1]
+    kind = str(rng.choice(kinds))
+    glasses = tuple(int(v) for v in rng.integers(0, 200, size=3)) if rng.random() < 0.3 else None
+    return replace(
+        base, skin=skin,  # type: ignore[arg-type]
+        center_x=float(0.5 + rng.uniform(-1, 1) * min(room, 0.1) + rng.uniform(-0.03, 0.03)),
+        center_y=float(0.5 + rng.uniform(-1, 1) * min(room, 0.08) + rng.uniform(-0.02, 0.04)),
+        scale=scale, glasses=glasses,  # type: ignore[arg-type]
+        light_angle=float(rng.uniform(0, 2 * np.pi)),
+        light_strength=float(rng.uniform(0.0, 0.45)) if rng.random() < 0.7 else 0.0,
+        grain=float(rng.uniform(1.0, 5.0)) if rng.random() < 0.5 else 0.0,
+        backdrop=None if kind == "flat" else render_backdrop(kind, rng, photos))
+
+
+def render_backdrop(kind: str, rng: np.random.Generator, photos: np.ndarray | None = None,
+                    side: int = _BACKDROP_SIDE) -> np.ndarray:
+    """A uint8 [side, side, 3] backdrop of one of BACKDROP_KINDS (not "flat"), drawn from `rng`."""
+    c0, c1 = (rng.integers(20, 236, size=3).astype(np.float32) for _ in range(2))
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / (side - 1)
+    if kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.clip(0.5 + (x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle), 0, 1)[..., None]
+        out = c0 * (1 - t) + c1 * t
+    elif kind == "noise":  # value noise over a few octaves, coloured between two tones
+        field_ = np.zeros((side, side), np.float32)
+        for octave, weight in ((4, 0.5), (8, 0.3), (16, 0.2)):
+            grid = Image.fromarray(rng.random((octave, octave)).astype(np.float32), mode="F")
+            field_ += weight * np.asarray(grid.resize((side, side), Image.Resampling.BICUBIC))
+        t = np.clip((field_ - field_.min()) / max(float(np.ptp(field_)), 1e-6), 0, 1)[..., None]
+        out = c0 * (1 - t) + c1 * t
+    elif kind == "bokeh":  # out-of-focus lights on a dim gradient
+        image = Image.fromarray((c0[None, None] * (0.4 + 0.6 * y[..., None])).clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(6, 18))):
+            cx, cy, r = rng.uniform(0, side), rng.uniform(0, side), rng.uniform(3, side / 6)
+            colour = tuple(int(v) for v in rng.integers(80, 256, size=3))
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        from PIL import ImageFilter
+
+        out = np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 4.0))), np.float32)
+    elif kind == "stripes":
+        angle, period = rng.uniform(0, np.pi), rng.uniform(6, 24)
+        t = (0.5 + 0.5 * np.sin(2 * np.pi * ((x * np.cos(angle) + y * np.sin(angle)) * side) / period))[..., None]
+        out = c0 * (1 - t) + c1 * t
+    elif kind == "photo":
+        if photos is None or not len(photos):
+            raise ValueError("a photo backdrop needs a photo bank")
+        out = random_crop(photos[int(rng.integers(len(photos)))], rng, side).astype(np.float32)
+    else:
+        raise ValueError(f"unknown backdrop kind {kind!r}; use one of {BACKDROP_KINDS[1:]}")
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def random_crop(photo: np.ndarray, rng: np.random.Generator, side: int) -> np.ndarray:
+    """A random square crop of 40-100% of the photo's shorter side, resized to `side`, maybe mirrored."""
+    h, w = photo.shape[:2]
+    crop = int(min(h, w) * rng.uniform(0.4, 1.0))
+    top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    out = Image.fromarray(photo[top:top + crop, left:left + crop]).resize((side, side), Image.Resampling.LANCZOS)
+    out = np.asarray(out, np.uint8)
+    return out[:, ::-1].copy() if rng.random() < 0.5 else out
+
+
 def mouth_box(identity: Identity, size: int) -> tuple[int, int, int, int]:
     """Pixel box (x0, y0, x1, y1), end exclusive, that holds the mouth in every pose of this identity."""
-    half_w = identity.mouth_half_width + _SWAY_MAX + _MOUTH_MARGIN
-    half_h = _MOUTH_OPEN_MAX + 0.012 + _SWAY_MAX + _MOUTH_MARGIN
-    x0, x1 = 0.5 - half_w, 0.5 + half_w
-    y0, y1 = identity.mouth_y - half_h, identity.mouth_y + half_h
+    k = identity.scale
+    half_w = (identity.mouth_half_width + _SWAY_MAX + _MOUTH_MARGIN) * k
+    half_h = (_MOUTH_OPEN_MAX + 0.012 + _SWAY_MAX + _MOUTH_MARGIN) * k
+    cx, cy = identity.center_x, identity.center_y + (identity.mouth_y - 0.5) * k
+    x0, x1 = max(0.0, cx - half_w), min(1.0, cx + half_w)
+    y0, y1 = max(0.0, cy - half_h), min(1.0, cy + half_h)
     return (int(np.floor(x0 * size)), int(np.floor(y0 * size)), int(np.ceil(x1 * size)), int(np.ceil(y1 * size)))
 
 
@@ -137,13 +225,17 @@ def still_motion(num_frames: int) -> HeadMotion:
 def render_frame(identity: Identity, pose: FacePose, size: int) -> np.ndarray:
     """One uint8 [size, size, 3] frame of `identity` in `pose`."""
     side = size * _SUPERSAMPLE
-    image = Image.new("RGB", (side, side), identity.background)
+    if identity.backdrop is None:
+        image = Image.new("RGB", (side, side), identity.background)
+    else:
+        image = Image.fromarray(identity.backdrop).resize((side, side), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(image)
+    k, head_x, head_y = identity.scale, identity.center_x, identity.center_y
 
     def box(cx: float, cy: float, half_w: float, half_h: float, moves: bool = True) -> list[float]:
         ox, oy = (pose.dx, pose.dy) if moves else (0.0, 0.0)
-        return [(cx + ox - half_w) * side, (cy + oy - half_h) * side,
-                (cx + ox + half_w) * side, (cy + oy + half_h) * side]
+        x, y = head_x + (cx - 0.5 + ox) * k, head_y + (cy - 0.5 + oy) * k
+        return [(x - half_w * k) * side, (y - half_h * k) * side, (x + half_w * k) * side, (y + half_h * k) * side]
 
     hw, hh = identity.head_half_width, identity.head_half_height
     # shoulders stay put; the head sways above them
@@ -175,10 +267,34 @@ def render_frame(identity: Identity, pose: FacePose, size: int) -> np.ndarray:
                          fill=_shade(identity.skin, 0.9))
     draw.ellipse(box(0.5, 0.49, 0.02, 0.045), fill=_shade(identity.skin, 0.93))  # nose
     draw.ellipse(box(0.5, 0.515, 0.024, 0.01), fill=_shade(identity.skin, 0.8))
+    if identity.glasses is not None:
+        rim = max(2, int(side * 0.008 * k))
+        for side_sign in (-1, 1):
+            ex = 0.5 + side_sign * identity.eye_spacing
+            draw.ellipse(box(ex, eye_y, 0.05, 0.038), outline=identity.glasses, width=rim)
+        bridge = box(0.5, eye_y, identity.eye_spacing - 0.05, 0.0)
+        draw.line(bridge, fill=identity.glasses, width=rim)
 
     _draw_mouth(draw, identity, pose, box)
-    small = image.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.uint8)
+    small = np.asarray(image.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    if identity.light_strength or identity.grain:
+        small = small * _light_field(identity, size)[..., None] + _grain_field(identity, size)
+    return np.clip(small + 0.5, 0, 255).astype(np.uint8)
+
+
+def _light_field(identity: Identity, size: int) -> np.ndarray:
+    """A smooth brightness ramp across the frame (a key light from one side), 1 on average."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    ramp = x * np.cos(identity.light_angle) + y * np.sin(identity.light_angle)
+    return 1.0 + identity.light_strength * ramp
+
+
+def _grain_field(identity: Identity, size: int) -> np.ndarray:
+    """Film/sensor grain fixed by the identity (the reference and every frame share it, as a photo would)."""
+    if not identity.grain:
+        return np.zeros((size, size, 1), np.float32)
+    rng = np.random.default_rng([zlib.crc32(identity.name.encode()), size, 77])
+    return rng.normal(0.0, identity.grain, size=(size, size, 3)).astype(np.float32)
 
 
 def _draw_mouth(draw: ImageDraw.ImageDraw, identity: Identity, pose: FacePose, box) -> None:

@@ -31,11 +31,13 @@ from training.synthetic_faces import (
     reference_image,
     render_video,
     sample_identity,
+    sample_varied_identity,
 )
 
 SPLITS = ("train", "heldout")
 TRAIN_IDENTITY_SEEDS = tuple(range(24))
 HELDOUT_IDENTITY_SEEDS = tuple(range(1000, 1006))
+VARIED_HELDOUT_SEED = 50_000  # varied faces for acceptance: seeds from here on (training stays below 1000)
 _SPLIT_CODE = {"train": 1, "heldout": 2}
 
 
@@ -51,7 +53,7 @@ class TalkingSample:
     spread: np.ndarray  # float32 [T]
     mouth_box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
     reference: np.ndarray  # uint8 [H, W, 3], closed-mouth still of the identity
-    identity: Identity
+    identity: Identity | None  # None: the server's drawn face or a photograph
     text: str
     voice: str
 
@@ -106,6 +108,39 @@ def render_sample(identity: Identity, utterance: Utterance, motion_seed: int, si
                          voice=utterance.voice)
 
 
+def render_drawn_sample(utterance: Utterance, size: int, fps: float) -> TalkingSample:
+    """The server's drawn default face saying `utterance` (no sway: it is a drawing)."""
+    from server.reference_image import drawn_mouth_box, drawn_reference
+
+    track = mouth_track(utterance.clean, utterance.sample_rate_hz, fps)
+    frames = np.stack([drawn_reference(size, size, float(o)) for o in track.opening]) if len(track) else \
+        np.zeros((0, size, size, 3), np.uint8)
+    num_samples = round(len(track) / fps * utterance.sample_rate_hz)
+    return TalkingSample(frames=frames, audio=utterance.samples[:num_samples], sample_rate_hz=utterance.sample_rate_hz,
+                         fps=fps, opening=track.opening, spread=track.spread, mouth_box=drawn_mouth_box(size, size),
+                         reference=drawn_reference(size, size), identity=None, text=utterance.text,
+                         voice=utterance.voice)
+
+
+def render_still_sample(photo: np.ndarray, utterance: Utterance, size: int, fps: float) -> TalkingSample:
+    """A photograph with no mouth to move: whatever is said, every frame is the photo unchanged."""
+    track = mouth_track(utterance.clean, utterance.sample_rate_hz, fps)
+    reference = np.asarray(Image.fromarray(photo).resize((size, size), Image.Resampling.LANCZOS), np.uint8)
+    num_samples = round(len(track) / fps * utterance.sample_rate_hz)
+    zeros = np.zeros(len(track), np.float32)
+    return TalkingSample(frames=np.repeat(reference[None], len(track), axis=0),
+                         audio=utterance.samples[:num_samples], sample_rate_hz=utterance.sample_rate_hz, fps=fps,
+                         opening=zeros, spread=zeros + 0.5, mouth_box=(0, 0, 0, 0), reference=reference,
+                         identity=None, text=utterance.text, voice=utterance.voice)
+
+
+def varied_heldout_identities(count: int) -> list[Identity]:
+    """Faces for acceptance drawn like the varied training faces but from seeds training never uses
+    (procedural backdrops only: no photograph of the training bank)."""
+    return [sample_varied_identity(seed, name=f"heldout-varied-{k}") for k, seed in
+            enumerate(range(VARIED_HELDOUT_SEED, VARIED_HELDOUT_SEED + count))]
+
+
 def write_sample(sample: TalkingSample, out_dir: str | Path, name: str) -> dict[str, Path]:
     """Write NAME.wav, NAME_reference.png, NAME_frames.npz and NAME.json (the ground truth) into `out_dir`."""
     out = Path(out_dir)
@@ -118,7 +153,8 @@ def write_sample(sample: TalkingSample, out_dir: str | Path, name: str) -> dict[
     truth = {"fps": sample.fps, "sample_rate_hz": sample.sample_rate_hz, "num_frames": len(sample.frames),
              "mouth_opening": [round(float(v), 5) for v in sample.opening],
              "mouth_spread": [round(float(v), 5) for v in sample.spread],
-             "mouth_box": list(sample.mouth_box), "identity": asdict(sample.identity),
+             "mouth_box": list(sample.mouth_box),
+             "identity": asdict(sample.identity) if sample.identity is not None else None,
              "text": sample.text, "voice": sample.voice}
     paths["truth"].write_text(json.dumps(truth, indent=1))
     return paths

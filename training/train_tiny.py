@@ -30,11 +30,14 @@ from model.stream.avatar import AvatarModels, StreamingAvatar
 from model.vae.streaming import AvatarVAE, build_vae
 from model.weights import checkpoint as weights
 from training.dit_training import encode_streams, train_dit_steps
-from training.speech import load_speech_bank, make_utterance, save_speech_bank
+from training.photos import load_photo_bank
+from training.self_forcing import train_rollout_steps
+from training.speech import load_speech_bank, save_speech_bank
 from training.stream_pool import StreamGeometry, build_pool
-from training.talking_dataset import split_identities, split_sentences, utterance_seed
+from training.talking_dataset import HELDOUT_IDENTITY_SEEDS, split_sentences, utterance_seed
 from training.vae_stream import decoder_parameters, train_vae_stream_steps
 from training.vae_training import fit_latent_scale, train_vae_steps
+from training.voices import TRAIN_VOICES, make_varied_utterance
 
 PROMPTS = (
     "A person talking to the camera, natural light, looking at the viewer.",
@@ -58,16 +61,29 @@ def geometry_of(cfg: AppConfig) -> StreamGeometry:
 
 
 def speech_bank(path: Path, count: int, sample_rate_hz: int) -> list:
-    """Training utterances, synthesised once with espeak-ng and kept (machines without espeak-ng reuse the file)."""
+    """Training utterances, synthesised once and kept (machines without the synthesizers reuse the file):
+    the train voices of both synthesizers, voice changes, rooms and the Opus round trip (`training.voices`)."""
     if path.exists():
         utterances = load_speech_bank(str(path))
         if len(utterances) >= count:
             return utterances[:count]
-    utterances = [make_utterance(utterance_seed("train", i), sentences=split_sentences("train"),
-                                 sample_rate_hz=sample_rate_hz) for i in range(count)]
+    utterances = [make_varied_utterance(utterance_seed("train", i), split_sentences("train"), TRAIN_VOICES,
+                                        sample_rate_hz=sample_rate_hz) for i in range(count)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_speech_bank(str(path), utterances)
+    save_speech_bank(str(path), utterances, keep_heard=True)
     return utterances
+
+
+def training_identities(count: int, varied_share: float, photos) -> list:
+    """The train faces: seeds 0..count-1, a `varied_share` of them drawn anywhere, at any size, lit, in front of
+    drawn or photographed backdrops (`sample_varied_identity`), the rest the classic centred faces."""
+    from training.synthetic_faces import sample_identity, sample_varied_identity
+
+    if not 1 <= count <= min(HELDOUT_IDENTITY_SEEDS):
+        raise SystemExit(f"--num-identities must be in 1..{min(HELDOUT_IDENTITY_SEEDS)}, got {count}")
+    rng = np.random.default_rng(1234)
+    return [sample_varied_identity(seed, f"train-{seed}", photos) if rng.random() < varied_share
+            else sample_identity(seed, f"train-{seed}") for seed in range(count)]
 
 
 class Trainer:
@@ -176,7 +192,11 @@ def run_phase(trainer: Trainer, phase: str, total_steps: int, time_budget_s: flo
             now = time.perf_counter()
             return now >= deadline or now >= phase_end
 
-        done = step_fn(chunk, trainer.step, lr_at, should_stop)
+        def progress_at(spent_before: float = spent_before, started: float = started) -> float:
+            by_time = (spent_before + time.perf_counter() - started) / horizon_s if math.isfinite(horizon_s) else 0.0
+            return min(1.0, max(trainer.step / total_steps, by_time))
+
+        done = step_fn(chunk, trainer.step, lr_at, should_stop, progress_at)
         trainer.step += done
         trainer.elapsed_s[phase] += time.perf_counter() - started
         took = time.perf_counter() - started
@@ -201,8 +221,10 @@ def train(args: argparse.Namespace) -> int:
     # Render before any CUDA work: the pool forks worker processes.
     utterances = speech_bank(Path(args.speech_bank), args.num_utterances, geometry.sample_rate_hz)
     started = time.perf_counter()
-    streams = build_pool(utterances, split_identities("train", args.num_identities), args.num_streams, geometry,
-                         seed=args.seed, workers=args.workers)
+    photos = load_photo_bank(args.photo_bank)
+    identities = training_identities(args.num_identities, args.varied_share, photos)
+    streams = build_pool(utterances, identities, args.num_streams, geometry, seed=args.seed, workers=args.workers,
+                         drawn_share=args.drawn_share, photos=photos, photo_share=args.photo_share)
     print(f"{len(streams)} streams, {sum(len(s.sample.frames) for s in streams)} frames rendered in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     if args.phases == "vae_stream":
@@ -214,9 +236,13 @@ def train(args: argparse.Namespace) -> int:
         read_parts(trainer, Path(args.init_from))
         trainer.phase = "dit"
         print(f"started from the networks in {args.init_from}: DiT training only", flush=True)
+    elif args.init_bundle:
+        read_bundle(trainer, Path(args.init_bundle))
+        print(f"every network starts from {args.init_bundle} (the VAE phase trains its VAE, the DiT phase its DiT)",
+              flush=True)
     if trainer.phase == "vae":
         run_phase(trainer, "vae", args.vae_steps, args.vae_time_s, work_dir,
-                  lambda n, at, lr_at, stop: train_vae_steps(
+                  lambda n, at, lr_at, stop, _progress: train_vae_steps(
                       trainer.vae, trainer.vae_opt, streams, n, args.vae_batch, args.vae_frames, trainer.device,
                       trainer.rng, log_every=args.log_every, on_log=lambda s, st: trainer.log("vae", at + s, st),
                       lr_at=lr_at, should_stop=stop), args.vae_lr)
@@ -233,9 +259,17 @@ def train(args: argparse.Namespace) -> int:
     vae = AvatarVAE(trainer.vae.eval().requires_grad_(False))
     latent_streams = encode_streams(vae, streams, geometry, trainer.device)
     text_contexts = torch.cat([trainer.text_encoder.encode(p) for p in PROMPTS]).to(trainer.device)
-    if trainer.phase == "dit":
+    if trainer.phase == "dit" and args.dit_recipe == "rollout":
         run_phase(trainer, "dit", args.dit_steps, args.dit_time_s, work_dir,
-                  lambda n, at, lr_at, stop: train_dit_steps(
+                  lambda n, at, lr_at, stop, progress: train_rollout_steps(
+                      trainer.dit, trainer.wav2vec2, trainer.dit_opt, text_contexts, latent_streams, geometry, n,
+                      args.dit_batch, cfg.sampler.sample_steps, cfg.sampler.shift, trainer.rng,
+                      max_clips=args.rollout_max_clips, min_clips=args.rollout_min_clips, log_every=args.log_every,
+                      on_log=lambda s, st: trainer.log("dit", at + s, st), lr_at=lr_at, should_stop=stop,
+                      progress_at=progress, teacher_until=args.teacher_until), args.dit_lr)
+    elif trainer.phase == "dit":
+        run_phase(trainer, "dit", args.dit_steps, args.dit_time_s, work_dir,
+                  lambda n, at, lr_at, stop, _progress: train_dit_steps(
                       trainer.dit, trainer.wav2vec2, trainer.dit_opt, text_contexts, latent_streams, geometry, n,
                       args.dit_batch, cfg.sampler.sample_steps, cfg.sampler.shift, trainer.rng, args.max_clip_index,
                       log_every=args.log_every, on_log=lambda s, st: trainer.log("dit", at + s, st),
@@ -278,7 +312,7 @@ def train_vae_stream(trainer: Trainer, streams: list, args: argparse.Namespace, 
         work_dir.mkdir(parents=True, exist_ok=True)
         before_path.write_text(json.dumps(drift_rows(trainer, args), indent=1))
     run_phase(trainer, "vae_stream", args.stream_steps, args.stream_time_s, work_dir,
-              lambda n, at, lr_at, stop: train_vae_stream_steps(
+              lambda n, at, lr_at, stop, _progress: train_vae_stream_steps(
                   trainer.vae, trainer.vae_opt, streams, n, args.stream_batch, args.stream_clips, args.stream_burn,
                   frames_per_clip, trainer.device, trainer.rng, bptt_clips=args.stream_bptt,
                   micro_batches=trainer.micro_batches, log_every=args.log_every,
@@ -368,6 +402,17 @@ def read_parts(trainer: Trainer, parts_dir: Path) -> None:
             nets[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
+def read_bundle(trainer: Trainer, bundle: Path) -> None:
+    """Fill every network in place from one bundle (the same architecture), e.g. the shipped one."""
+    from safetensors.torch import load_file
+
+    weights.bundle_config(bundle)  # format check with a clear message
+    tensors = load_file(str(bundle), device=str(trainer.device))
+    for name, module in networks(trainer).items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_dir: Path,
              heldout_bank: str | None = None, max_clips: int | None = None) -> None:
     """Lip sync on held-out speakers through the normal loader and the streaming avatar (and the VAE alone)."""
@@ -434,6 +479,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dit-time-s", type=float, default=float("inf"))
     p.add_argument("--dit-batch", type=int, default=96)
     p.add_argument("--dit-lr", type=float, default=8e-4, help="peak (warm-up, then cosine)")
+    p.add_argument("--dit-recipe", choices=("rollout", "teacher"), default="rollout",
+                   help="rollout: on the model's own rollouts under the reference scheme (training/self_forcing.py); "
+                        "teacher: one clip at a time on true context (the earlier scheme's recipe)")
+    p.add_argument("--rollout-max-clips", type=int, default=8, help="rollout: most clips per rollout")
+    p.add_argument("--rollout-min-clips", type=int, default=2, help="rollout: fewest clips per rollout")
+    p.add_argument("--teacher-until", type=float, default=0.3,
+                   help="rollout: share of the phase by which rollouts on true latents fall to 10 percent")
+    p.add_argument("--photo-bank", default=None, help="photographs (training.photos) for backdrops and still streams")
+    p.add_argument("--varied-share", type=float, default=0.75, help="train faces drawn varied (the rest classic)")
+    p.add_argument("--drawn-share", type=float, default=0.06, help="streams of the server's drawn face talking")
+    p.add_argument("--photo-share", type=float, default=0.06, help="streams of a photograph that must stay unchanged")
+    p.add_argument("--init-bundle", default=None,
+                   help="a bundle every network starts from (e.g. the shipped one) instead of random weights: the "
+                        "VAE phase fine-tunes its VAE and hands its DiT and encoders on to the DiT phase")
     p.add_argument("--stream-steps", type=int, default=3000, help="vae_stream: decoder steps")
     p.add_argument("--stream-time-s", type=float, default=float("inf"))
     p.add_argument("--stream-batch", type=int, default=16, help="vae_stream: streams per step")

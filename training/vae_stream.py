@@ -3,7 +3,8 @@
 The first VAE phase trains on one clip (reference + 12 frames). Live, one `StreamingDecoder` decodes the
 reference latent and then clip after clip on the same causal cache, and a decoder that never saw its own
 cache after a clip boundary washes the colours out from clip 2 on. Here the decoder is primed with the
-reference latent (`first_chunk`, its frame discarded as the server does) and then decodes each clip's
+reference scheme's prime (the first 7 latents of the reference's still video, decoded and discarded as the
+server does) and then decodes each clip's
 latents in its own call on the carried cache, with gradients through the cache (or truncated every
 `bptt_clips` clips, the cache detached). The encoder and quant_conv stay frozen: the latents the DiT was
 trained on (the whole stream encoded from its start) are exactly the latents decoded here.
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
+from model.stream.scheme import DECODER_PRIME_LATENTS
 from model.vae.streaming import TIME_STRIDE, _count_causal_convs
 from training.stream_pool import Stream
 from training.vae_training import MOUTH_WEIGHT, _autocast, encode_moments, prefetched, to_video_tensor
@@ -94,7 +96,9 @@ class CachedDecoder:
     def __init__(self, vae: AutoencoderKLWan, prime_latent: torch.Tensor) -> None:
         self.vae = vae
         self.cache: list = [None] * _count_causal_convs(vae.decoder)
-        self._run(prime_latent, first_chunk=True)  # its one frame is discarded, as the server does
+        self._run(prime_latent[:, :, :1], first_chunk=True)  # its frames are discarded, as the server does
+        if prime_latent.shape[2] > 1:
+            self._run(prime_latent[:, :, 1:], first_chunk=False)
 
     def _run(self, latents: torch.Tensor, first_chunk: bool) -> torch.Tensor:
         x = self.vae.post_quant_conv(latents)
@@ -129,12 +133,15 @@ def stream_loss_backward(vae: AutoencoderKLWan, video: torch.Tensor, weight: tor
     """
     per_clip = frames_per_clip // TIME_STRIDE
     z = stream_latents(vae, video)
+    # The reference scheme primes the decoder with the first 7 latents of the reference's still video.
+    still = video[:, :, :1].expand(-1, -1, 1 + (DECODER_PRIME_LATENTS - 1) * TIME_STRIDE, -1, -1)
+    prime = stream_latents(vae, still, sample=False)
     segment = bptt_clips if bptt_clips > 0 else clips
     totals: dict[str, torch.Tensor] = {}
     clip_l1 = []
     with _autocast(video.device):
         with torch.no_grad() if burn else torch.enable_grad():
-            decoder = CachedDecoder(vae, z[:, :, :1])
+            decoder = CachedDecoder(vae, prime)
             for k in range(burn):
                 decoder.decode(z[:, :, 1 + k * per_clip: 1 + (k + 1) * per_clip])
                 if on_clip is not None:
