@@ -95,3 +95,44 @@ async def test_close_when_idle_waits_for_an_unbroken_idle_stretch():
     idle["now"] = True
     await asyncio.wait_for(watcher, 5)
     assert closed.is_set()
+
+
+async def test_whep_viewers_beyond_the_per_client_cap_are_refused():
+    import aiohttp
+
+    from tests.server.webrtc_client import WhepClient
+
+    cfg = small_cfg(**{"server.max_viewers_per_client": 1})
+    async with running_server(cfg) as (server, _), aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/sessions", json={}) as response:
+            created = await response.json()
+        viewer = WhepClient(server.url + created["whep"])
+        await viewer.connect()
+        pc, _sdp = await offer_sdp(audio=False)
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        try:
+            async with http.post(server.url + created["whep"], data=pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as response:
+                refused = await response.json()
+                assert response.status == 429 and "--server.max_viewers_per_client" in refused["message"], refused
+            async with http.delete(server.url + viewer.location) as response:
+                assert response.status == 200  # leaving frees the place
+            assert server_state(server).caps.held("viewer", "127.0.0.1") == 0
+        finally:
+            await pc.close()
+            await viewer.close()
+
+
+async def test_the_server_rtmp_url_goes_to_the_first_session_only():
+    import aiohttp
+
+    cfg = small_cfg(**{"rtmp": "rtmp://127.0.0.1:9/live/key", "server.max_sessions": 2})  # nothing listens there
+    async with running_server(cfg) as (server, _), aiohttp.ClientSession() as http:
+        ids = []
+        for _ in range(2):
+            async with http.post(server.url + "/sessions", json={}) as response:
+                ids.append((await response.json())["id"])
+        async with http.get(server.url + "/sessions") as response:
+            listed = {s["id"]: s["rtmp"] for s in (await response.json())["sessions"]}
+        assert listed[ids[0]]["url"] == "rtmp://127.0.0.1:9/live/…" and listed[ids[1]] is None, listed

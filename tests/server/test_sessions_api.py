@@ -171,7 +171,10 @@ async def test_text_is_spoken_and_an_interrupt_returns_the_avatar_to_idle(queued
         finally:
             await viewer.close()
     pcm, arrival = audio_timeline(viewer.audio)
-    assert align(expected[: RATE_HZ // 2], pcm).peak > 0.8, "the text's speech did not come back"
+    pieces = align_pieces(expected, pcm)  # a playout pause for a late clip splits the piece it falls in
+    found_s = sum(p.samples for p in pieces if p.peak > 0.8) / RATE_HZ
+    assert found_s >= 0.75 * sum(p.samples for p in pieces) / RATE_HZ, [(p.start_samples, round(p.peak, 2))
+                                                                         for p in pieces]
     # within one clip of the interrupt the voice is silent and no frame made for the cut speech is shown
     after = interrupted_s + clip_s
     voice_after = pcm[np.nan_to_num(arrival, nan=0.0) > after]
