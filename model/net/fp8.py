@@ -12,7 +12,10 @@
            tensor whose largest entry is below 1 is not stretched to the full e4m3 range), the product by
            `torch._scaled_mm(..., use_fast_accum=True)` with a bf16 result cast back to the input's dtype.
            Coarser than `gemm` (one outlier sets the step of the whole tensor); it is what the reference
-           scripts run. The same layers as the other modes: `REFERENCE_FP8_EXCLUDED`.
+           scripts run. The same layers as the other modes: `REFERENCE_FP8_EXCLUDED`. The reference never
+           splits the sequence (one GPU, or TPP: a whole sequence per GPU); under Ulysses sequence parallelism
+           each rank takes the activation scale from its own tokens, so with more than one DiT rank the
+           output moves at float8-rounding level (about 1e-2 absolute on the tiny DiT) with the rank count.
   auto     `gemm` on a CUDA GPU with float8 tensor cores (compute capability >= 8.9: Ada, Hopper), `none`
            anywhere else (`resolve_mode`): the 14B preset's default, its fastest one-GPU setting where it runs.
 
