@@ -23,18 +23,19 @@ async def test_made_sink_and_source_are_removed_and_an_existing_sink_is_kept(pul
     before = modules(pulse_daemon)
     mic = PulseNullSinkMic("CallMic")
     await mic.start()
-    assert "CallMic" in pulse_daemon.pactl("list", "short", "sinks")
-    assert "CallMic_mic" in pulse_daemon.pactl("list", "short", "sources")
+    sinks, sources = pulse_daemon.pactl("list", "short", "sinks"), pulse_daemon.pactl("list", "short", "sources")
+    assert "CallMic" in sinks and "CallMic_mic" in sources, (sinks, sources)
     mic.write(np.zeros(960, dtype=np.int16))
     await mic.close()
-    assert modules(pulse_daemon) == before
+    assert modules(pulse_daemon) == before, "the client left modules behind"
 
     pulse_daemon.pactl("load-module", "module-null-sink", "sink_name=Shared")
     before = modules(pulse_daemon)
     mic = PulseNullSinkMic("Shared")
     await mic.start()
     await mic.close()
-    assert modules(pulse_daemon) == before, "a sink someone else made must outlive the client"
+    after = modules(pulse_daemon)
+    assert after == before, f"a sink someone else made must outlive the client: {before} -> {after}"
 
 
 async def test_no_sound_server_is_one_line(tmp_path, monkeypatch):
