@@ -30,10 +30,13 @@ def split_overrides(extra: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"unexpected argument {token!r}: options look like --KEY VALUE")
         name, eq, value = token[2:].partition("=")
         if not eq:
-            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value = extra[i + 1]
+                i += 1
+            elif leaf_keys().get(resolve_key(name)) is bool:
+                value = "true"  # a bare boolean flag: --virtualcam
+            else:
                 raise ConfigError(f"--{name}: needs a value")
-            value = extra[i + 1]
-            i += 1
         overrides[resolve_key(name)] = value
         i += 1
     return overrides
@@ -94,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cluster(cfg, args)
     from model.parallel.group import read_launch_env
 
-    if read_launch_env().world_size > 1:
+    launch = read_launch_env()
+    if launch.rank == 0 and not virtualcam_ready(cfg):
+        return 1
+    if launch.world_size > 1:
         return serve_in_group(cfg)
     from server.app import serve
 
@@ -109,6 +115,21 @@ def weights_ready(cfg: AppConfig) -> bool:
     try:
         check_weights(cfg.model.checkpoint, cfg.model.lora)
     except WeightsNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def virtualcam_ready(cfg: AppConfig) -> bool:
+    """With --virtualcam, the camera device and the microphone's tools must be there before the model loads."""
+    if not cfg.server.virtualcam:
+        return True
+    from client_cam.errors import ClientError
+    from server.virtualcam import check_virtualcam
+
+    try:
+        check_virtualcam(cfg)
+    except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return False
     return True

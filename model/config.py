@@ -258,6 +258,10 @@ class ServerConfig:
     session_idle_timeout_s: float = 600.0  # an API session with no speech, viewer or output for this long ends
     rtmp: str | None = None  # RTMP URL the first session is pushed to (rtmp://host/app/key)
     recording_dir: str = "recordings"  # where `record: true` sessions write their fragmented MP4
+    # the first session on this machine's virtual camera and microphone (server/virtualcam.py, client_cam's sinks)
+    virtualcam: bool = False
+    virtualcam_device: str | None = None  # camera device (/dev/videoN); none: the first v4l2loopback one; off: none
+    virtualcam_mic: str = "auto"  # null sink (Linux) or output device (VB-Cable, BlackHole); auto: the default; off
 
 
 @dataclass(frozen=True)
@@ -391,6 +395,13 @@ def _check(cfg: AppConfig) -> None:
     _require(bool(cfg.server.cert) == bool(cfg.server.key), "server.cert",
              "HTTPS needs both --cert and --key (PEM files), or neither")
     _require(cfg.server.max_queued >= 0, "server.max_queued", f"must be >= 0, got {cfg.server.max_queued}")
+    server = cfg.server
+    _require(server.virtualcam_device is None or server.virtualcam_device.strip() != "", "server.virtualcam_device",
+             "name a camera device (/dev/video10), or off")
+    _require(server.virtualcam_mic.strip() != "", "server.virtualcam_mic",
+             "name a null sink or output device (LiveAvatar, CABLE Input), auto or off")
+    _require(not (server.virtualcam and is_off(server.virtualcam_device) and is_off(server.virtualcam_mic)),
+             "server.virtualcam", "with --virtualcam_device off and --virtualcam_mic off there is nothing to publish")
     _require(cfg.server.connect_timeout_s > 0, "server.connect_timeout_s",
              f"must be > 0 seconds, got {cfg.server.connect_timeout_s}")
     for key in ("max_connections_per_client", "max_pending_offers_per_client", "max_viewers_per_client",
@@ -471,6 +482,11 @@ def apply_scheme(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict):
             node.setdefault(key, value)
     return data
+
+
+def is_off(value: str | None) -> bool:
+    """`off` given for a device name (YAML reads a bare off as false, which a string key keeps as 'False')."""
+    return value is not None and value.strip().lower() in ("off", "false")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -52,6 +52,10 @@ def build_app(cfg: AppConfig, engine: ClipGenerator, default_reference: np.ndarr
         await app[STATE_KEY].close_all()
 
     app.on_shutdown.append(close_sessions)
+    if cfg.server.virtualcam:
+        from server.virtualcam import add_virtualcam
+
+        add_virtualcam(app)  # the first session on this machine's virtual camera and microphone
     return app
 
 
