@@ -403,7 +403,8 @@ class StreamingAvatar:
 
     @torch.inference_mode()
     def denoise_clip(self, window: AudioWindow, sample_steps: int | None = None) -> torch.Tensor:
-        """Audio features -> each block denoised and committed -> motion carried: clean latents [1,16,L,h,w]."""
+        """Audio features -> each block denoised, its K/V in the window(s) -> the sink renewed if the scheme
+        says: clean latents [1,16,L,h,w]."""
         return torch.cat(list(self._denoise_blocks(window, sample_steps)), dim=2)
 
     def _denoise_blocks(self, window: AudioWindow, sample_steps: int | None) -> Iterator[torch.Tensor]:
