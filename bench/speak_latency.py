@@ -87,9 +87,10 @@ async def run(cfg, runs: int, seconds: float) -> list[dict]:
                         if opening.peak > 0.8 or time.monotonic() > deadline_s:
                             break
                     first_s = arrival[since + opening.lag_samples]
-                    every, every_t = made_frames_between(parts, 0.0, float("inf"))
+                    # this run only: the same speech was spoken (and its frames made) in the runs before
+                    every, every_t = made_frames_between(parts, start_s - 1.0, float("inf"))
                     offsets = av_offsets([v for v in viewer.video if v.arrival_s > posted_s], every, every_t, pcm,
-                                         start_s, received, arrival, reference)
+                                         start_s, received[since:], arrival[since:], reference)
                     stats = session.stats()
                     rows.append({"latency_ms": (first_s - posted_s) * 1000, "peak": opening.peak,
                                  "av_offset_ms": float(np.median(offsets)) * 1000 if offsets else None,
