@@ -5,7 +5,8 @@
 Per run: espeak-ng speech goes out through client_cam's file microphone, the avatar and the returned voice come
 back through its connection into its MP4 recorder (the timeline the camera and the microphone get). Prints:
 - mouth->ear latency: from the speech's first sample handed to the sender to that sample in the output;
-- the server's audio->video latency (its stats, what the status line shows);
+- the server's audio->video latency when the speech's first clip played (its stats, what the status line shows),
+  and what the path around it adds (mouth->ear minus that: network, jitter buffers, decoding, the client);
 - A/V offset in the output: clip 0's first frame minus the speech's first sample (> 0: video after voice).
 """
 from __future__ import annotations
@@ -58,9 +59,11 @@ async def one_run(server, engine, speech: Path, folder: Path, parts: list) -> di
         connection = Connection(ServerLink(server.url, None), http, mic, output, state,
                                 {"reference": None, "prompt": None, "sample_steps": None}, lambda text: None)
         task = asyncio.create_task(connection.run())
+        first_latency_ms = None
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.1)
             latency_ms = state.server_stats.get("latency_ms")
+            first_latency_ms = first_latency_ms or latency_ms
             if mic.started_s and latency_ms and time.monotonic() - mic.started_s > speech_s + latency_ms / 1000 + 1.5:
                 break
         task.cancel()
@@ -75,7 +78,7 @@ async def one_run(server, engine, speech: Path, folder: Path, parts: list) -> di
     clip0 = np.concatenate([p.frames for p in parts if p.clip_index == 0])
     first = first_clip_frame(recording.video, resize_rgb(drawn_reference(), *fmt.frame_size), clip0)
     return {"mouth_to_ear_ms": (recording_start_s + sample0_s - mic.started_s) * 1000,
-            "server_latency_ms": latency_ms,
+            "server_latency_ms": first_latency_ms,
             "av_offset_ms": (first.arrival_s - sample0_s) * 1000}
 
 
@@ -97,8 +100,10 @@ async def main(runs: int, text: str) -> None:
             speech = speech_file(Path(tmp), text)
             for index in range(runs):
                 result = await one_run(server, engine, speech, Path(tmp), parts)
-                print(f"run {index + 1}: mouth->ear {result['mouth_to_ear_ms']:.0f} ms, server audio->video "
-                      f"{result['server_latency_ms']:.0f} ms, A/V offset {result['av_offset_ms']:+.1f} ms", flush=True)
+                around_ms = result["mouth_to_ear_ms"] - result["server_latency_ms"]
+                print(f"run {index + 1}: mouth->ear {result['mouth_to_ear_ms']:.0f} ms = server audio->video "
+                      f"{result['server_latency_ms']:.0f} ms + {around_ms:.0f} ms around it, A/V offset "
+                      f"{result['av_offset_ms']:+.1f} ms", flush=True)
     finally:
         await runner.cleanup()
         await engine.close()
