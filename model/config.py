@@ -246,9 +246,9 @@ class ServerConfig:
     max_queued: int = 0  # offers beyond max_sessions that wait in line (told their place); 0 = refuse with busy
     connect_timeout_s: float = 20.0  # a session whose ICE/DTLS is not up by then is closed and its slot freed
     # per client address (server/client_caps.py): open websockets, offers being answered or waiting, WHEP viewers
-    max_connections_per_client: int = 16
-    max_pending_offers_per_client: int = 4
-    max_viewers_per_client: int = 16
+    max_connections_per_client: int = 32  # a school or office behind one NAT address
+    max_pending_offers_per_client: int = 16
+    max_viewers_per_client: int = 32
     offer_timeout_s: float = 30.0  # a websocket that holds no session nor offer for this long is closed
     # the sessions API (server/sessions.py): speech bodies, idle API sessions, outputs
     max_audio_bytes: int = 20_000_000  # one speak request's audio file
