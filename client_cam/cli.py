@@ -173,9 +173,7 @@ async def run(args: argparse.Namespace) -> int:
     output = AvatarOutput(camera_device, use_camera, args.out, mic=None, on_fatal=on_fatal)
     mic_track = None
     tasks: list[asyncio.Task] = []
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    handled = _handle_signals(stop)
     try:
         if mic_sink is not None:
             await mic_sink.start()
@@ -196,8 +194,8 @@ async def run(args: argparse.Namespace) -> int:
             raise fatal[0]
         return 0
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        for sig in handled:
+            asyncio.get_running_loop().remove_signal_handler(sig)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -210,6 +208,19 @@ async def run(args: argparse.Namespace) -> int:
             counters = output.counters
             status.notice(f"stopped: {counters.frames_out} frames out, {counters.filler_frames} of them while no "
                           "frame came" + (f"; recorded to {args.out}" if args.out else ""))
+
+
+def _handle_signals(stop: asyncio.Event) -> list[int]:
+    """Ctrl-C and SIGTERM stop the client cleanly. Windows' event loop has no signal handlers: there Ctrl-C
+    cancels the run (asyncio.run turns it into a cancellation), and the same clean-up runs."""
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return handled
 
 
 async def _show_status(state: LiveState, output: AvatarOutput, status: StatusLine) -> None:
@@ -238,5 +249,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before the handlers were in place
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were in place, or on Windows
         return 0
