@@ -172,3 +172,35 @@ def test_triton_kernels_give_the_eager_bytes_and_streams() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert done.returncode == 0 and "kernels ok" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- under sequence parallelism
+
+def _float8_two_blocks() -> torch.Tensor:
+    """Two blocks of the tiny DiT with a float8 cache, on this process or this rank of the current group."""
+    from tests.model.test_parallel import _run_two_blocks
+
+    cfg = load_config(None)
+    torch.manual_seed(0)  # the same weights on every rank
+    dit = AvatarDiT(cfg.model.dit).eval()
+    dit.kv_cache_dtype = "float8"
+    return _run_two_blocks(dit, cfg, shard_weights=False)["out"]
+
+
+def _float8_rank() -> torch.Tensor:
+    from model.parallel import group as parallel
+
+    group = parallel.start_group("cpu", num_heads=4)
+    try:
+        return _float8_two_blocks()
+    finally:
+        group.shutdown()
+
+
+def test_float8_cache_under_ulysses_equals_one_process() -> None:
+    """Each rank packs its own tokens (one scale per token and head), so sharding changes no bit of the cache."""
+    from tests.model.group_runner import run_in_group
+
+    expected = _float8_two_blocks()
+    for out in run_in_group(_float8_rank, 2):
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
