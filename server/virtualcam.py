@@ -93,13 +93,13 @@ class VirtualCamPublisher:
         self.output.new_connection()
         video, audio = session.output.subscribe("video"), session.output.subscribe("audio")
         pumps = [asyncio.create_task(self._pump_video(video)), asyncio.create_task(self._pump_audio(audio))]
+        closed = asyncio.create_task(session.closed.wait())
         try:
-            await asyncio.wait([pumps[0], asyncio.create_task(session.closed.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([pumps[0], closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in pumps:
+            for task in (*pumps, closed):
                 task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await asyncio.gather(*pumps, closed, return_exceptions=True)
             video.stop()
             audio.stop()
             self.session_id = None
