@@ -1,4 +1,5 @@
-"""The cluster's one address: the page, `/ws`, `POST /offer`, `/config.json`, `/healthz` and `/metrics`.
+"""The cluster's one address: the page, `/ws`, `POST /offer`, the sessions API (cluster/api_relay.py),
+`/config.json`, `/healthz` and `/metrics`.
 
 The front holds no model and no media. For each page it picks a replica (cluster/placement.py), relays
 the page's messages to that replica's `WebSocketConnection` and the replica's messages back; the answer
@@ -23,6 +24,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from cluster.api_relay import ApiRelay
 from cluster.links import CONTROL_TIMEOUT_S, STATUS_TIMEOUT_S, ReplicaGone, ReplicaLink, within
 from cluster.metrics_merge import FrontMetrics, render_cluster_metrics
 from cluster.placement import ReplicaLoad, capacity, pick_any_ready, placement_order
@@ -119,7 +121,8 @@ class ReplicaBoard:
 class FrontServer:
     """Placement, the waiting line and the page relays over a fixed set of replicas."""
 
-    def __init__(self, cfg: AppConfig, links: Sequence[ReplicaLink]) -> None:
+    def __init__(self, cfg: AppConfig, links: Sequence[ReplicaLink], relay_secret: str | None = None) -> None:
+        """`relay_secret`: what the replicas' API ports trust the page addresses the front forwards by."""
         if not links:
             raise ValueError("a front needs at least one replica")
         self.cfg = cfg
@@ -130,6 +133,7 @@ class FrontServer:
         self.http_offers: dict[str, int] = {name: 0 for name in self.links}  # POST /offer being answered
         self.admission = AdmissionQueue(cfg.server.max_sessions * len(links), cfg.server.max_queued)
         self.caps = ClientCaps(cfg)
+        self.api = ApiRelay(self, relay_secret)
 
     # ------------------------------------------------------------------ placement
 
@@ -180,6 +184,7 @@ class FrontServer:
         app.router.add_get("/config.json", self.page_config_handler)
         app.router.add_get("/healthz", self.healthz_handler)
         app.router.add_get("/metrics", self.metrics_handler)
+        self.api.add_routes(app)
 
         async def close_pages(app: web.Application) -> None:
             await self.close()
@@ -283,6 +288,8 @@ class FrontServer:
                 continue  # it filled up since its last report
             if status == 200:
                 self.metrics.placed.labels(replica=name).inc()
+                if body.get("session_id"):
+                    self.api.remember(body["session_id"], name)
             return web.json_response(body, status=status)
 
     async def page_config_handler(self, request: web.Request) -> web.Response:
@@ -472,6 +479,8 @@ class PageRelay:
             for message in result["messages"]:
                 if message.get("type") == "answer":
                     message = {**message, "replica": link.name}
+                    if message.get("session_id"):  # the page's session is reachable by the sessions API too
+                        self._front.api.remember(message["session_id"], link.name)
                 await self._send(message)
             if self.link is not link:
                 return

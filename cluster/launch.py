@@ -123,6 +123,7 @@ def _wait_for_signal() -> None:
 def _run_in_process(cfg: AppConfig, ranks: int) -> int:
     """The front and one `AvatarReplica` in this process: the cluster's code path without Ray."""
     import logging
+    import secrets
 
     from server.app import _ssl_context
 
@@ -136,10 +137,11 @@ def _run_in_process(cfg: AppConfig, ranks: int) -> int:
         from cluster.links import InProcessLink
         from cluster.replica import AvatarReplica
 
-        replica = AvatarReplica(cfg, ranks)
+        secret = secrets.token_hex(16)
+        replica = AvatarReplica(cfg, ranks, relay_secret=secret)
         print(f"loading the {cfg.model.preset} model ...", flush=True)
         await replica.start()
-        front = FrontServer(cfg, [InProcessLink("avatar_0", replica)])
+        front = FrontServer(cfg, [InProcessLink("avatar_0", replica)], secret)
         await front.start()
         runner = web.AppRunner(front.build_app(), access_log=None)
         await runner.setup()

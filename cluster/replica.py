@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from aiohttp import web
 
 from model.config import AppConfig
 from server.app import build_app, default_reference
@@ -42,14 +45,20 @@ from server.signaling import (
 
 log = logging.getLogger(__name__)
 
+RELAY_SECRET_HEADER = "X-Liveavatar-Relay"  # proves a request to a replica's API port came through the front
+RELAY_CLIENT_HEADER = "X-Liveavatar-Client"  # the address the front got it from (per-client caps count it)
 LEASE_S = 20.0  # a relayed connection the front has not polled for this long is closed (the front went away)
 REAPER_INTERVAL_S = 2.0
 MAX_OUTBOX = 256  # messages kept for a front that polls late; the oldest stats go first
 
 
 def replica_config(cfg: AppConfig) -> AppConfig:
-    """The replica's own settings: offers never wait in line here, the front keeps the one line."""
-    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, max_queued=0))
+    """The replica's own settings: offers never wait in line here (the front keeps the one line), and no replica
+    takes over its machine's virtual camera (that is a single server's job)."""
+    server = dataclasses.replace(cfg.server, max_queued=0)
+    if getattr(server, "virtualcam", False):
+        server = dataclasses.replace(server, virtualcam=False)
+    return dataclasses.replace(cfg, server=server)
 
 
 class RelaySocket:
@@ -92,9 +101,14 @@ class _Relayed:
 class AvatarReplica:
     """The engine plus the sessions of the pages the front placed here."""
 
-    def __init__(self, cfg: AppConfig, ranks: int = 1) -> None:
+    def __init__(self, cfg: AppConfig, ranks: int = 1, api_host: str = "127.0.0.1",
+                 relay_secret: str | None = None) -> None:
         self.cfg = replica_config(cfg)
         self.ranks = ranks  # processes of its GPU group (one per GPU); 1: this process alone
+        self.api_host = api_host  # where the single server's HTTP routes (the sessions API) listen for the front
+        self.relay_secret = relay_secret
+        self.api_url: str | None = None
+        self._api_runner: web.AppRunner | None = None
         self.group: Any = None  # cluster.group.ReplicaGroup when ranks > 1
         self.engine: ModelEngine | None = None
         self.state: ServerState | None = None
@@ -113,12 +127,25 @@ class AvatarReplica:
         await self.engine.load()
         # build_app wires metrics and worker-loss notices exactly as the single server does; its routes are
         # never served here (the front is the HTTP face)
-        self.state = build_app(self.cfg, self.engine, default_reference(self.cfg))[STATE_KEY]
+        app = build_app(self.cfg, self.engine, default_reference(self.cfg))
+        self.state = app[STATE_KEY]
+        await self._serve_api(app)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_abandoned(), name="relay-reaper")
         log.info("avatar replica ready (pid %d, host %s, %d rank(s), %d session slots)", os.getpid(),
                  socket.gethostname(), self.ranks, self.engine.max_sessions)
 
+    async def _serve_api(self, app: web.Application) -> None:
+        """The single server's own routes on an inner port, for the front to forward the sessions API to (speech,
+        WHEP, WHIP, recordings: their handlers need the session's process). Token and limits apply as there."""
+        app.middlewares.insert(0, relayed_client_middleware(self.relay_secret))
+        self._api_runner = web.AppRunner(app, access_log=None)
+        await self._api_runner.setup()
+        await web.TCPSite(self._api_runner, self.api_host, 0).start()
+        self.api_url = f"http://{self.api_host}:{self._api_runner.addresses[0][1]}"
+
     async def close(self) -> None:
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()  # its on_shutdown closes the sessions, as the single server's does
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
@@ -141,7 +168,7 @@ class AvatarReplica:
         fmt = self.engine.stream_format
         return {**report, "ready": healthy, "pid": os.getpid(), "host": socket.gethostname(),
                 "relayed_connections": len(self._relayed), "started_unix_s": self.started_s,
-                "fps": fmt.fps, "frames_per_clip": fmt.frames_per_clip, "ranks": self.ranks}
+                "fps": fmt.fps, "frames_per_clip": fmt.frames_per_clip, "ranks": self.ranks, "api_url": self.api_url}
 
     def metrics_text(self) -> str:
         """This replica's Prometheus text (the single server's series); the front adds the replica label."""
@@ -257,6 +284,20 @@ class AvatarReplica:
                     log.info("closing relayed connection %s: the front has not polled it for %.0f s",
                              connection_id, now - relayed.polled_s)
                     await self.close_connection(connection_id)
+
+
+def relayed_client_middleware(secret: str | None) -> Any:
+    """Requests the front forwarded carry the page's address; without the front's secret the header is ignored."""
+
+    @web.middleware
+    async def take_client(request: web.Request, handler: Any) -> web.StreamResponse:
+        client = request.headers.get(RELAY_CLIENT_HEADER)
+        presented = request.headers.get(RELAY_SECRET_HEADER, "")
+        if client and secret and hmac.compare_digest(presented.encode(), secret.encode()):
+            request = request.clone(remote=client)
+        return await handler(request)
+
+    return take_client
 
 
 def message_type(text: str) -> str | None:

@@ -12,6 +12,7 @@ stack (token, origin, limits, TLS) rather than behind Serve's ASGI proxy, which 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import ray
@@ -84,10 +85,12 @@ class AvatarDeployment(AvatarReplica):
     """An `AvatarReplica` as Serve runs it: the model loads in the constructor, so Serve counts the replica as
     running (and the front may place sessions on it) only once it can take them."""
 
-    async def __init__(self, cfg: AppConfig, ranks: int = 1) -> None:  # type: ignore[misc]  # Serve awaits it
+    async def __init__(self, cfg: AppConfig, ranks: int = 1,  # type: ignore[misc]  # Serve awaits it
+                       relay_secret: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("aioice").setLevel(logging.WARNING)
-        super().__init__(cfg, ranks)
+        # its API port listens on the node's address, where the front (on the head) reaches it
+        super().__init__(cfg, ranks, api_host=ray.util.get_node_ip_address(), relay_secret=relay_secret)
         await self.start()
 
     async def __del__(self) -> None:  # Serve's graceful stop (a killed process just goes; its front notices)
@@ -97,11 +100,13 @@ class AvatarDeployment(AvatarReplica):
 class FrontDeployment:
     """The front as Serve runs it: its aiohttp site opens in the constructor, on the configured address."""
 
-    async def __init__(self, cfg: AppConfig, replicas: dict[str, DeploymentHandle]) -> None:  # type: ignore[misc]
+    async def __init__(self, cfg: AppConfig, replicas: dict[str, DeploymentHandle],  # type: ignore[misc]
+                       relay_secret: str | None = None) -> None:
         from server.app import _ssl_context
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.front = FrontServer(cfg, [ServeLink(name, handle) for name, handle in sorted(replicas.items())])
+        links = [ServeLink(name, handle) for name, handle in sorted(replicas.items())]
+        self.front = FrontServer(cfg, links, relay_secret)
         await self.front.start()
         from aiohttp import web
 
@@ -134,6 +139,7 @@ def build_application(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0
                       front_on_head: bool = True) -> serve.Application:
     """The bound application: `replicas` avatar deployments (each a group of `ranks_per_replica` processes over
     its `gpus_per_replica` GPUs) and the front bound to their handles."""
+    relay_secret = secrets.token_hex(16)  # the replicas' API ports trust forwarded page addresses only with it
     avatars = {}
     for index in range(replicas):
         name = replica_name(index)
@@ -142,14 +148,14 @@ def build_application(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0
             health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
             graceful_shutdown_timeout_s=5.0,
             ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
-        ).bind(cfg, ranks_per_replica)
+        ).bind(cfg, ranks_per_replica, relay_secret)
     front_actor: dict[str, Any] = {"num_cpus": 0}
     if front_on_head:  # the address people open is the head node's
         front_actor["resources"] = {"node:__internal_head__": 0.001}
     return serve.deployment(
         FrontDeployment, name=FRONT_NAME, num_replicas=1, max_ongoing_requests=100,
         health_check_period_s=HEALTH_CHECK_PERIOD_S, ray_actor_options=front_actor,
-    ).bind(cfg, avatars)
+    ).bind(cfg, avatars, relay_secret)
 
 
 def deploy(cfg: AppConfig, replicas: int, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
