@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 AUDIO_RATE_HZ = 48000
 AUDIO_TIME_BASE = Fraction(1, AUDIO_RATE_HZ)
+MAX_QUEUED_FRAMES = 64  # frames of both kinds waiting for the writer thread
 
 
 class AvContainerWriter:
@@ -96,7 +97,8 @@ class OutputRecorderTask:
         if on_open is not None:
             on_open()
         video, audio = self._output.subscribe("video"), self._output.subscribe("audio")
-        queue: asyncio.Queue[tuple[str, Any, float] | None] = asyncio.Queue()
+        # bounded: a writer that falls behind makes the subscriptions drop their oldest frames, memory stays flat
+        queue: asyncio.Queue[tuple[str, Any, float] | None] = asyncio.Queue(maxsize=MAX_QUEUED_FRAMES)
         origin_s: float | None = None
 
         async def read(track: Any) -> None:
@@ -105,9 +107,9 @@ class OutputRecorderTask:
                     frame = await track.recv()
                     wall_s = self._output.wall_time_s(track.kind, frame)
                     if wall_s is not None:
-                        queue.put_nowait((track.kind, frame, wall_s))
+                        await queue.put((track.kind, frame, wall_s))
             except Exception:  # noqa: BLE001 - MediaStreamError: the output ended
-                queue.put_nowait(None)
+                await queue.put(None)
 
         readers = [asyncio.create_task(read(track)) for track in (video, audio)]
         try:

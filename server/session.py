@@ -104,6 +104,15 @@ class Session:
     def connection_state(self) -> str:
         return self._pc.connectionState if self._pc is not None else "none"
 
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run `coro` as one of this session's tasks: cancelled when the session closes."""
+        self._spawn(coro, name)
+
+    @property
+    def interrupted_range_s(self) -> tuple[float, float] | None:
+        """Stream times [from, until) the last interrupt silenced (its frames are not shown)."""
+        return self._cut
+
     def start_feeder(self) -> None:
         """No microphone: the queued speech (silence between utterances) is this session's audio in."""
         self._spawn(self.speech.feed(self.push_audio), "speech-feed")
@@ -310,6 +319,8 @@ class Session:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for viewer in list(self.viewers.values()):  # WHEP viewers (server/whep.py) leave with the session
+                await viewer.close()
             for closer in self._closers:
                 try:
                     await closer()

@@ -28,7 +28,7 @@ from server.reference_image import ReferenceImageError, image_from_data_url
 from server.rtmp import RtmpPush, RtmpUrlError, check_rtmp_url
 from server.seam import EngineBusy, SessionLost
 from server.session import Session
-from server.signaling import MAX_PROMPT_CHARS, STATE_KEY, ServerState, error_message
+from server.signaling import MAX_PROMPT_CHARS, STATE_KEY, ServerState, error_message, forget_when_closed
 from server.speech_input import SpeechError, decode_speech
 from server.tts import check_voice, synthesize
 
@@ -153,8 +153,6 @@ def _parse_create(body: Any, state: ServerState) -> dict[str, Any]:
 async def start_session(state: ServerState, kind: str, reference: Any, prompt: str,
                         sample_steps: int | None) -> Session:
     """Admit a session of `kind` into the engine (ApiError busy if full) and register it."""
-    from server.signaling import _forget_when_closed
-
     session = Session(state.cfg, state.engine, reference, kind=kind)
     try:
         await session.start(reference, prompt, sample_steps)
@@ -166,7 +164,7 @@ async def start_session(state: ServerState, kind: str, reference: Any, prompt: s
         raise
     state.sessions.add(session)
     state.metrics.sessions_started.inc()
-    asyncio.get_running_loop().create_task(_forget_when_closed(state, session))
+    asyncio.get_running_loop().create_task(forget_when_closed(state, session))
     return session
 
 
@@ -179,7 +177,7 @@ async def create_handler(request: web.Request) -> web.Response:
         return api_error(exc, state)
     session.start_feeder()
     attach_outputs(state, session, options["record"], options["rtmp"])
-    session._spawn(end_when_unused(session, state.cfg.server.session_idle_timeout_s), "idle-timeout")
+    session.spawn(end_when_unused(session, state.cfg.server.session_idle_timeout_s), "idle-timeout")
     log.info("session %s: created by the API for %s", session.session_id, request.remote)
     body = describe(session)
     return web.json_response(body, status=201, headers={"Location": f"/sessions/{session.session_id}"})

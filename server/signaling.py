@@ -136,12 +136,13 @@ async def open_session(state: ServerState, sdp: str, sdp_type: str, reference: n
         raise
     state.sessions.add(session)
     state.metrics.sessions_started.inc()
-    asyncio.get_running_loop().create_task(_forget_when_closed(state, session))
+    asyncio.get_running_loop().create_task(forget_when_closed(state, session))
     attach_outputs(state, session)
     return session, answer
 
 
-async def _forget_when_closed(state: ServerState, session: Session) -> None:
+async def forget_when_closed(state: ServerState, session: Session) -> None:
+    """Drop a session from the server's set once it has closed (whoever closed it)."""
     await session.closed.wait()
     state.sessions.discard(session)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from aiohttp import web
@@ -125,7 +126,7 @@ async def whep_handler(request: web.Request) -> web.Response:
         await viewer.close()
         return api_error(ApiError("unknown_session", "the session ended"), state)
     session.viewers[viewer.viewer_id] = viewer
-    session.last_used_s = viewer.session.last_used_s
+    session.last_used_s = time.monotonic()
     location = f"/sessions/{session.session_id}/whep/{viewer.viewer_id}"
     log.info("session %s: WHEP viewer %s from %s", session.session_id, viewer.viewer_id, client)
     return web.Response(status=201, text=answer, content_type=SDP_TYPE, headers={"Location": location})

@@ -118,3 +118,33 @@ async def test_kiosk_without_a_microphone_shows_the_avatar_and_speaks_what_a_bot
     assert decoded_after > decoded_before, (decoded_before, decoded_after)
     assert session.speech.queue.utterances_spoken == 1 and session.clips_played > clips_before
     assert audio_bytes > 0, "the kiosk received no audio"
+
+
+async def test_the_whep_player_page_plays_an_api_session(tiny_engine, tiny_cfg, speech_wav, tmp_path):
+    """/static/whep.html (the player an OBS Browser Source opens) shows an API session's avatar."""
+    import aiohttp
+
+    from tests.server.reliability_support import server_state
+
+    server, runner = await start_server(tiny_cfg, tiny_engine)
+    try:
+        async with aiohttp.ClientSession() as http, http.post(server.url + "/sessions", json={}) as response:
+            session_id = (await response.json())["id"]
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=chromium_args(speech_wav))
+            try:
+                page = context.pages[0] if context.pages else await context.new_page()
+                await page.goto(f"{server.url}/static/whep.html?session={session_id}")
+                playing = "(() => { const v = document.getElementById('avatar'); " \
+                          "return v.readyState >= 2 && v.videoWidth > 0 && v.currentTime > 0.5; })()"
+                await wait_for(page, playing, timeout_s=60)
+                session = next(s for s in server_state(server).sessions if s.session_id == session_id)
+                assert len(session.viewers) == 1
+                size = await page.evaluate("[document.getElementById('avatar').videoHeight, "
+                                           "document.getElementById('avatar').videoWidth]")
+            finally:
+                await context.close()
+    finally:
+        await runner.cleanup()
+    assert tuple(size) == tiny_engine.stream_format.frame_size

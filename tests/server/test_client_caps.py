@@ -119,6 +119,14 @@ async def test_whep_viewers_beyond_the_per_client_cap_are_refused():
             async with http.delete(server.url + viewer.location) as response:
                 assert response.status == 200  # leaving frees the place
             assert server_state(server).caps.held("viewer", "127.0.0.1") == 0
+            await viewer.close()
+            viewer = WhepClient(server.url + created["whep"])
+            await viewer.connect()
+            session = next(iter(server_state(server).sessions))
+            assert len(session.viewers) == 1
+            async with http.delete(server.url + f"/sessions/{created['id']}") as response:
+                assert response.status == 200  # the session's end ends its viewers and frees their places
+            assert not session.viewers and server_state(server).caps.held("viewer", "127.0.0.1") == 0
         finally:
             await pc.close()
             await viewer.close()
