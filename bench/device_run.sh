@@ -236,8 +236,11 @@ if [ "$PHASE" = n ]; then
   TXT=(--set runtime.text_encoder_device cpu --set model.text_encoder.tokenizer bytes
        --set model.text_encoder.num_layers 2)
   VAE3="runtime.vae_decode_chunk=3,runtime.vae_channels_last=true,runtime.cudnn_benchmark=true"
-  step n_engine_reference_scheme ${N_LIMIT:-520} $PY $E "${TXT[@]}" --set video.fps 25 --set runtime.fp8 gemm \
-       --set runtime.compile $COMPILE --warmup 1 --clips 3 --window_bytes --profile per_step --flops per_step \
+  # the decode as before the preset's chunk-3 default, so the VAE variant below measures that change
+  VAE1=(--set runtime.vae_decode_chunk 1 --set runtime.vae_channels_last false --set runtime.cudnn_benchmark false)
+  step n_engine_reference_scheme ${N_LIMIT:-520} $PY $E "${TXT[@]}" "${VAE1[@]}" --set video.fps 25 \
+       --set runtime.fp8 gemm --set runtime.compile $COMPILE --warmup 1 --clips 3 --window_bytes --profile per_step \
+       --flops per_step \
        --variant per_step sampler.kv_update=per_step \
        --variant per_step_kv8 sampler.kv_update=per_step,runtime.kv_cache_dtype=float8 \
        --variant per_step_kv8_vae3cl "sampler.kv_update=per_step,runtime.kv_cache_dtype=float8,$VAE3" \
