@@ -16,6 +16,7 @@ import secrets
 from typing import Any
 
 import ray
+from aiohttp import web
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
@@ -24,6 +25,7 @@ from cluster.front import FrontServer
 from cluster.links import CONTROL_TIMEOUT_S, OFFER_TIMEOUT_S, POLL_SLACK_S, ReplicaGone, within
 from cluster.replica import AvatarReplica
 from model.config import AppConfig
+from server.app import _ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +104,10 @@ class FrontDeployment:
 
     async def __init__(self, cfg: AppConfig, replicas: dict[str, DeploymentHandle],  # type: ignore[misc]
                        relay_secret: str | None = None) -> None:
-        from server.app import _ssl_context
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         links = [ServeLink(name, handle) for name, handle in sorted(replicas.items())]
         self.front = FrontServer(cfg, links, relay_secret)
         await self.front.start()
-        from aiohttp import web
-
         self._runner = web.AppRunner(self.front.build_app(), access_log=None)
         await self._runner.setup()
         context = _ssl_context(cfg)
@@ -124,9 +122,6 @@ class FrontDeployment:
 
     async def __del__(self) -> None:  # Serve's graceful stop: close the pages' relays, then the site
         await self._runner.cleanup()
-
-    def health(self) -> dict[str, Any]:
-        return self.front.health()[1]
 
     async def check_health(self) -> None:
         """Serve's probe: the site must still be up (the replicas have their own)."""
