@@ -68,7 +68,7 @@ async def test_avatar_video_and_returned_voice_arrive_in_sync(tiny_engine, tiny_
     clip_frames = [v for v in video if is_clip_frame(v.rgb, reference, made)]
     assert len(clip_frames) >= fmt.frames_per_clip, f"only {len(clip_frames)} clip frames arrived"
 
-    # the returned audio is the user's own voice, nearly every voiced half second of it whole; one with a
+    # the returned audio is the user's own voice, most voiced half seconds of it whole; one with a
     # playout pause inside it (generation slower than real time) comes back in pieces, each unchanged
     pcm, arrival = audio_timeline(client.audio)
     pieces = align_pieces(speech_pcm, pcm)

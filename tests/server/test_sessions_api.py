@@ -281,6 +281,18 @@ async def test_bad_requests_get_clear_errors_and_leave_nothing_running(tmp_path)
         assert engine.active_sessions == 0
 
 
+async def test_a_full_server_refuses_an_api_session_with_busy_and_keeps_nothing(tmp_path):
+    cfg = small_cfg(**{"server.max_sessions": 1, "server.recording_dir": str(tmp_path)})
+    async with running_server(cfg) as (server, engine), aiohttp.ClientSession() as http:
+        status, created = await post(http, server.url + "/sessions", json={"record": True})
+        assert status == 201
+        status, refused = await post(http, server.url + "/sessions", json={})
+        assert (status, refused["code"]) == (503, "busy") and "--max_sessions" in refused["message"], refused
+        async with http.get(server.url + "/sessions") as response:
+            assert [s["id"] for s in (await response.json())["sessions"]] == [created["id"]]
+        assert engine.active_sessions == 1
+
+
 async def test_an_unused_api_session_ends_by_itself():
     cfg = small_cfg(**{"server.session_idle_timeout_s": 1.0})
     async with running_server(cfg) as (server, engine), aiohttp.ClientSession() as http:
