@@ -608,6 +608,25 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flag_value(dotted: str, text: str) -> Any:
+    """A flag's text as the value of key `dotted`: YAML (numbers, booleans, lists, null), except that a string
+    key takes the text as typed, since a prompt or a path is prose, not YAML (`--prompt "..."`, `yes`, `a: b`);
+    `null` still clears a key that may be null. Text that is not YAML is refused naming the flag."""
+    if text == "":
+        return text
+    tp = leaf_keys().get(dotted)
+    if tp is str or tp == (str | None):
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = text
+        return None if parsed is None and tp is not str else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--{dotted}: {text!r} is not a value ({getattr(exc, 'problem', None) or exc})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
     """Read a preset, apply `overrides` (flag name -> value), validate, return typed config."""
     path = Path(path) if path else DEFAULT_CONFIG
@@ -622,7 +641,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for name, value in (overrides or {}).items():
         dotted = resolve_key(name)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value != "" else value
+            value = flag_value(dotted, value)
         _set_dotted(data, dotted, value)
     cfg = _build(AppConfig, apply_scheme(data))
     _check(cfg)

@@ -80,3 +80,21 @@ def test_command_line_overrides_every_key_and_reports_errors(capsys) -> None:
     assert (cfg.server.port, cfg.sampler.sample_steps, cfg.server.host) == (9001, 2, "0.0.0.0")
     assert main(["--sample_steps", "9"]) == 2
     assert "--sampler.sample_steps: must be in 1..8, got 9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["...", "yes", "a person: smiling", "- hi", "[unclosed", "off"])
+def test_string_flags_take_the_text_as_typed(text: str) -> None:
+    _command, _args, cfg = parse_args(["--prompt", text, "--virtualcam_mic", text, "--reference", text])
+    assert (cfg.server.prompt, cfg.server.virtualcam_mic, cfg.server.reference) == (text, text, text)
+
+
+def test_null_clears_a_string_key_that_may_be_null() -> None:
+    assert load_config(overrides={"reference": "face.png"}).server.reference == "face.png"
+    assert load_config(overrides={"reference": "null"}).server.reference is None
+
+
+def test_a_flag_that_is_not_yaml_is_refused_naming_it(capsys) -> None:
+    with pytest.raises(ConfigError, match=r"--sampler.sample_steps: '\[2' is not a value"):
+        load_config(overrides={"sample_steps": "[2"})
+    assert main(["--sample_steps", "[2"]) == 2
+    assert "--sampler.sample_steps" in capsys.readouterr().err
