@@ -13,6 +13,8 @@
 #         l = phase j compiled; m = phase k compiled, as the README's 24 GB recipe runs;
 #     n = one GPU: the reference scheme (per_step, fps 25) through the engine path (bench/engine_gpu.py);
 #     o = one GPU, ~30 s: the float8 KV cache's Triton kernels against eager (bytes equal, ms, GB/s).
+#     p = one GPU: phase o, then LiveAvatar's per-tensor float8 (runtime.fp8 tensor) through the engine path under the
+#         reference scheme, KV windows in bf16 and in float8 with the Triton kernels (beside phase n's gemm rows).
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -220,7 +222,7 @@ if [ "$PHASE" = h ]; then
   step h_tpp_fp8 130 $TR $B --clips 4 --vae_mode stream $C $F --set parallel.mode tpp \
        --set sampler.kv_update per_step --set sampler.sample_steps 2 --label "14B tpp 2 steps fp8 gemm compiled"
 fi
-if [ "$PHASE" = n ] || [ "$PHASE" = o ]; then
+if [ "$PHASE" = n ] || [ "$PHASE" = o ] || [ "$PHASE" = p ]; then
   # The float8 KV cache's one-pass Triton kernels against eager PyTorch at the 14B's shapes (o: this alone, ~30 s).
   K=($PY bench/kv_cache_kernels.py); [ -n "${DRY:-}" ] && K=(env TRITON_INTERPRET=1 $PY bench/kv_cache_kernels.py --dry)
   step o_kv_cache_kernels 120 "${K[@]}"
@@ -247,6 +249,21 @@ if [ "$PHASE" = n ]; then
        --variant last_step "sampler.kv_update=last_step,$VAE3" --variant clean_pass "sampler.kv_update=clean_pass,$VAE3"
   grep -h "^WINDOW\|^LOAD" /tmp/step_n_engine_reference_scheme.log
   sed -n '/^| variant/,$p' /tmp/step_n_engine_reference_scheme.log
+fi
+if [ "$PHASE" = p ]; then
+  # Phase n's first and third rows with runtime.fp8 tensor instead of gemm (a float8 mode is fixed per load).
+  E="bench/engine_gpu.py --config $FULL --random_weights"
+  [ -n "${DRY:-}" ] && E="bench/engine_gpu.py --dry"
+  TXT=(--set runtime.text_encoder_device cpu --set model.text_encoder.tokenizer bytes
+       --set model.text_encoder.num_layers 2)
+  VAE3="runtime.vae_decode_chunk=3,runtime.vae_channels_last=true,runtime.cudnn_benchmark=true"
+  VAE1=(--set runtime.vae_decode_chunk 1 --set runtime.vae_channels_last false --set runtime.cudnn_benchmark false)
+  step p_engine_fp8_tensor ${P_LIMIT:-330} $PY $E "${TXT[@]}" "${VAE1[@]}" --set video.fps 25 \
+       --set runtime.fp8 tensor --set runtime.compile $COMPILE --warmup 1 --clips 3 \
+       --variant per_step_tensor sampler.kv_update=per_step \
+       --variant per_step_tensor_kv8_vae3cl "sampler.kv_update=per_step,runtime.kv_cache_dtype=float8,$VAE3"
+  grep -h "^LOAD" /tmp/step_p_engine_fp8_tensor.log
+  sed -n '/^| variant/,$p' /tmp/step_p_engine_fp8_tensor.log
 fi
 echo "=== table"
 $PY bench/table.py "$RES"

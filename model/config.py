@@ -203,7 +203,7 @@ class RuntimeConfig:
     text_encoder_device: str = "auto"  # auto (= runtime.device) or cpu: the prompt encoder off the GPU
     warmup_clips: int = 0  # clips of silence run once at start-up (kernel choice, compiled shapes) before serving
     # DiT linear layers in float8 (model/net/fp8.py): none | weights (memory) | gemm (memory + FP8 GEMMs, per-row
-    # weight and per-token activation scales) | tensor (per-tensor scales: LiveAvatar's --fp8) | auto (gemm on
+    # weight and per-token activation scales) | tensor (per-tensor scales: LiveAvatar's --fp8) | auto (tensor on
     # GPUs with float8 tensor cores, none elsewhere)
     fp8: str = "none"
     vae_decode_chunk: int = 1  # latent frames per VAE decoder call (more: fewer, larger kernels, more memory)
@@ -287,7 +287,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _PARALLEL_MODES = ("ulysses", "tpp")
 _ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/net/attention.py ATTENTION_BACKENDS
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-FP8_MODES = ("none", "weights", "gemm", "tensor", "auto")  # model/net/fp8.py (auto: gemm where supported)
+FP8_MODES = ("none", "weights", "gemm", "tensor", "auto")  # model/net/fp8.py (auto: tensor where supported)
 OFFLINE_FEATURES = ("whole_file", "window")  # model.encoders.audio
 KV_UPDATE_MODES = ("clean_pass", "last_step", "per_step")
 KV_CACHE_DTYPES = ("model", "float8")  # model/net/kv_quant.py

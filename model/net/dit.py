@@ -422,7 +422,7 @@ class AvatarDiT(nn.Module):
 
         Embeddings, time/text projections, the audio encoder's final linear and the output head stay as they
         are: they are small and set the scale of everything after them; the same layers LiveAvatar's `--fp8`
-        leaves out (`model.net.fp8.REFERENCE_FP8_EXCLUDED`). `auto` is gemm on a GPU with float8 tensor cores,
+        leaves out (`model.net.fp8.REFERENCE_FP8_EXCLUDED`). `auto` is tensor (the reference's) on a GPU with float8 tensor cores,
         none elsewhere (`model.net.fp8.resolve_mode`).
         """
         mode = resolve_mode(mode, self.device)

@@ -16,8 +16,9 @@
            splits the sequence (one GPU, or TPP: a whole sequence per GPU); under Ulysses sequence parallelism
            each rank takes the activation scale from its own tokens, so with more than one DiT rank the
            output moves at float8-rounding level (about 1e-2 absolute on the tiny DiT) with the rank count.
-  auto     `gemm` on a CUDA GPU with float8 tensor cores (compute capability >= 8.9: Ada, Hopper), `none`
-           anywhere else (`resolve_mode`): the 14B preset's default, its fastest one-GPU setting where it runs.
+  auto     `tensor` on a CUDA GPU with float8 tensor cores (compute capability >= 8.9: Ada, Hopper), `none`
+           anywhere else (`resolve_mode`): the 14B preset's default. It is what the reference scripts run
+           (`--fp8`) and, on one H200 through the engine path, as fast as `gemm` (12.7 vs 12.6 FPS, BENCHMARKS.md).
 
 The float8 bits live in a bfloat16 parameter, two per element ([out, in/2], viewed as float8 [out, in] when
 used): per-layer sharding (FSDP2 makes every shard a parameter that may require gradients, so it must be a
@@ -78,13 +79,13 @@ def quantize_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """The mode `runtime.fp8` means on `device`: `auto` becomes gemm on CUDA GPUs of compute capability 8.9+
+    """The mode `runtime.fp8` means on `device`: `auto` becomes tensor on CUDA GPUs of compute capability 8.9+
     and none elsewhere (a model still on `meta` is judged by this process's current CUDA device, if any)."""
     if mode != "auto":
         return mode
     if device.type == "meta" and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    return "gemm" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) else "none"
+    return TENSOR_MODE if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) else "none"
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:
@@ -201,7 +202,9 @@ class Fp8Linear(nn.Module):
         accumulates in the tensor cores' reduced precision, which only a GPU run shows."""
         if not xq.per_tensor:
             raise ValueError("a per-tensor float8 layer needs per-tensor activations (Fp8Linear.quantize_input)")
-        out = torch._scaled_mm(xq.bits, self.fp8_weight.t(), scale_a=xq.scale, scale_b=self.weight_scale[0, 0],
+        # both scales as [1, 1] tensors: torch 2.11's inductor cannot lower a 0-dim scale that is a view
+        out = torch._scaled_mm(xq.bits, self.fp8_weight.t(), scale_a=xq.scale.reshape(1, 1),
+                               scale_b=self.weight_scale[:1, :1],
                                bias=None if self.bias is None else self.bias.to(torch.bfloat16),
                                out_dtype=torch.bfloat16, use_fast_accum=True)
         return out.to(xq.dtype).reshape(*xq.lead_shape, self.out_features)

@@ -16,13 +16,13 @@ def test_the_14b_preset_defaults_to_the_fastest_measured_one_gpu_settings() -> N
     assert (runtime.vae_decode_chunk, runtime.vae_channels_last, runtime.cudnn_benchmark) == (3, True, True)
 
 
-def test_auto_is_float8_gemms_on_ada_and_hopper_only(monkeypatch) -> None:
+def test_auto_is_the_references_per_tensor_float8_on_ada_and_hopper_only(monkeypatch) -> None:
     assert resolve_mode("auto", torch.device("cpu")) == "none"
     for mode in ("none", "weights", "gemm", "tensor"):
         assert resolve_mode(mode, torch.device("cpu")) == mode
     capability = {"cc": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
-    assert resolve_mode("auto", torch.device("cuda", 0)) == "gemm"
+    assert resolve_mode("auto", torch.device("cuda", 0)) == "tensor"
     capability["cc"] = (8, 0)  # A100: no float8 tensor cores
     assert resolve_mode("auto", torch.device("cuda", 0)) == "none"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
