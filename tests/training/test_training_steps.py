@@ -13,6 +13,7 @@ from model.net.dit import AvatarDiT
 from model.vae.streaming import AvatarVAE, build_vae
 from training.dit_training import DiTBatch, dit_loss, encode_streams
 from training.lip_sync_check import heldout_samples, save_heldout_bank
+from training.self_forcing import plan_rollout, rollout_loss
 from training.speech import make_utterance
 from training.stream_pool import build_pool
 from training.talking_dataset import split_identities
@@ -57,6 +58,27 @@ def test_dit_step_reaches_sink_audio_and_block_weights(setup):
                            rng=np.random.default_rng(0), noise_draws=1)
     loss.backward()
     assert np.isfinite(stats["loss"])
+    for name, module in [("frame_packer", dit.frame_packer), ("audio injector", dit.audio_injector),
+                         ("patch embedding", dit.patch_embedding), ("wav2vec2", wav2vec2.feature_extractor)]:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reaches the {name}"
+
+
+def test_rollout_step_under_the_reference_scheme_trains_every_part(setup):
+    """One self-forcing step: the batch rolls out 2 clips on its own per-step windows (sink swapped after clip 0,
+    static still-video motion); the loss reaches the sink's layers, the audio path and wav2vec2."""
+    cfg, geometry, streams = setup
+    torch.manual_seed(3)
+    dit = AvatarDiT(cfg.model.dit)
+    wav2vec2 = Wav2Vec2Model(wav2vec2_config(cfg.model.audio_encoder)).eval()
+    text = TextEncoder.build(cfg.model.text_encoder).encode("a face")
+    latent_streams = encode_streams(AvatarVAE(build_vae(cfg.model.vae)), streams, geometry, "cpu")
+    assert latent_streams[0].motion.shape[1] == 19  # the 73-frame still video's latents
+    rng = np.random.default_rng(0)
+    plan = plan_rollout(latent_streams, 2, max_clips=2, min_clips=2, block_frames=3, teacher=False, rng=rng)
+    loss, stats = rollout_loss(dit, wav2vec2, text, plan, geometry, sample_steps=2, shift=3.0, rng=rng)
+    loss.backward()
+    assert np.isfinite(float(stats["loss"])) and len(stats["clip_errors"]) == 2
     for name, module in [("frame_packer", dit.frame_packer), ("audio injector", dit.audio_injector),
                          ("patch embedding", dit.patch_embedding), ("wav2vec2", wav2vec2.feature_extractor)]:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
