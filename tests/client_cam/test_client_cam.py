@@ -58,15 +58,20 @@ def read_mp4(path: Path) -> Recording:
 
 
 def speech_came_back(server, speech_s: float):
-    """True once the server's session has played the whole speech (its latency plus a margin after it)."""
+    """True once the server's session has played the whole speech: clips played (or dropped) two clips past its end, and
+    its latency plus a margin gone by (a loaded machine's latency grows during the speech, so time alone is not
+    enough)."""
     state = server_state(server)
 
     def done() -> bool:
         sessions = list(state.sessions)
         if not sessions:
             return False
-        latency_ms = sessions[0].stats()["latency_ms"]
-        return latency_ms is not None and time.monotonic() - sessions[0].started_s > speech_s + latency_ms / 1000 + 1.5
+        stats = sessions[0].stats()
+        latency_ms, clip_s = stats["latency_ms"], stats["clip_ms"] / 1000
+        covered_s = (stats["clips_played"] + stats["clips_dropped"]) * clip_s
+        return (latency_ms is not None and covered_s >= speech_s + 2 * clip_s
+                and time.monotonic() - sessions[0].started_s > speech_s + latency_ms / 1000 + 1.5)
 
     return done
 
