@@ -126,7 +126,7 @@ def test_kv_update_is_validated_naming_the_flag():
     with pytest.raises(ConfigError, match="--sampler.kv_update: must be one of"):
         load_config(None, {"sampler.kv_update": "sometimes"})
     with pytest.raises(ConfigError, match="--sampler.kv_update: --parallel.mode tpp .* per_step"):
-        load_config(None, {"parallel.mode": "tpp"})
+        load_config(None, {"parallel.mode": "tpp", "sampler.kv_update": "clean_pass"})
     assert load_config(None, {"parallel.mode": "tpp", "sampler.kv_update": "per_step"}).parallel.mode == "tpp"
 
 
