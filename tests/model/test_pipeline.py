@@ -10,7 +10,9 @@ import torch
 from model.config import load_config
 from model.io_types import AudioWindow
 from model.stream.avatar import AvatarModels, StreamingAvatar, fit_reference_image
+from model.stream.scheme import DECODER_PRIME_LATENTS
 from model.stream.windowing import ClipWindower
+from model.vae.streaming import TIME_STRIDE
 
 SIZE = "64*64"  # smallest frame the DiT's FramePack motion packing accepts; keeps a clip well under a second
 
@@ -67,6 +69,8 @@ def test_each_clip_is_frames_per_clip_uint8_frames_stamped_with_the_window(model
 
 
 def test_sample_steps_sets_the_number_of_denoiser_calls_and_may_change_between_clips(models, cfg):
+    """With one KV window for all steps (`clean_pass`, `last_step`; `per_step` fixes the count, test_kv_update.py)."""
+    cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, kv_update="last_step"))
     avatar = started(models, cfg)
     windows = speech_windows(avatar, 3)
     blocks_per_clip = 12 // 4 // cfg.model.dit.num_frames_per_block
@@ -101,10 +105,14 @@ def test_clips_decode_as_one_continuous_video(models, cfg):
     for window in speech_windows(avatar, 3):
         latents.append(avatar.denoise_clip(window))
         frames.append(avatar.decode_clip(latents[-1]))
-    vae = models.vae
+    vae, session = models.vae, avatar._session
+    # the decoder's prime (its frames discarded): the image latent, or the still video's first latents
+    prime = session.ref_latent if cfg.stream.decoder_prime != "still_video" \
+        else session.motion_latents[:, :, :DECODER_PRIME_LATENTS]
     with torch.inference_mode():
-        whole = vae.vae.decode(vae.denormalize(torch.cat([avatar._session.ref_latent, *latents], dim=2))).sample
-    expected = ((whole[0, :, 1:] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        whole = vae.vae.decode(vae.denormalize(torch.cat([prime, *latents], dim=2))).sample
+    skip = 1 + TIME_STRIDE * (prime.shape[2] - 1)
+    expected = ((whole[0, :, skip:] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
     streamed = np.concatenate(frames)
     assert streamed.shape == expected.shape == (36, 64, 64, 3)
     assert np.abs(streamed.astype(int) - expected).max() <= 1
