@@ -187,15 +187,11 @@ def video_to_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def fixed_steps_message(cfg: AppConfig, asked: object) -> str:
-    """Why a live sample_steps change is refused when each step owns a KV window (or a GPU)."""
+    """Why a live sample_steps change is refused: under tpp each GPU owns one sampling step."""
     steps = cfg.sampler.sample_steps
-    if cfg.parallel.mode == "tpp":
-        why = (f"--parallel.mode tpp gives each of the {steps} GPUs one sampling step, so the step count is "
-               f"the group size")
-    else:
-        why = "--sampler.kv_update per_step keeps one KV window per sampling step for the whole session"
-    return (f"sample_steps is fixed at {steps} (--sampler.sample_steps): {why}; got {asked!r}. "
-            "Use kv_update last_step or clean_pass (with parallel.mode ulysses) to change steps live.")
+    return (f"sample_steps is fixed at {steps} (--sampler.sample_steps): --parallel.mode tpp gives each of the "
+            f"{steps} GPUs one sampling step, so the step count is the group size; got {asked!r}. "
+            "Use parallel.mode ulysses to change steps live.")
 
 
 def generate_block(dit: AvatarDiT, rings: list[StreamCache], noise: torch.Tensor, block_audio: torch.Tensor,
@@ -412,6 +408,8 @@ class StreamingAvatar:
         session = self._require_session()
         steps = self._check_steps(sample_steps)
         self._check_window(window)
+        if self.kv_update == "per_step" and len(session.rings) != steps:
+            self._reopen_windows(session, steps)
         for i, block_audio in enumerate(self._block_audio(window)):
             block = self._generate_block(session, block_audio, steps)
             if i == self.blocks_per_clip - 1:
@@ -522,8 +520,20 @@ class StreamingAvatar:
         return int(steps)
 
     def _fixed_steps(self) -> int | None:
-        """The one step count this avatar can run (one KV window per step), or None if any is fine."""
-        return self._cfg.sampler.sample_steps if self.kv_update == "per_step" else None
+        """The one step count this avatar can run (tpp: one GPU per step), or None if any is fine. Under
+        `per_step` on one process group a change reopens the windows (`_reopen_windows`)."""
+        return self._cfg.sampler.sample_steps if self._cfg.parallel.mode == "tpp" else None
+
+    def _reopen_windows(self, session: _Session, steps: int) -> None:
+        """A live `sample_steps` change under `per_step`: one window per new step, opened at this clip with the
+        sink as it stands (image or swapped latent, and the motion tokens). The earlier blocks' K/V belong to
+        the old steps and are dropped, so this clip's first block attends to the sink and itself, as at a
+        stream's start; memory follows the step count (each window is one KV cache of the DiT)."""
+        for ring in session.rings:
+            ring.clear()
+        motion = session.motion.before(session.next_frame // self.frames_per_block) \
+            if self.stream.motion == "generated" else session.motion.latents
+        session.rings = self._open_rings(self._sink_latent(session), session.text_context, motion, steps)
 
     def _check_window(self, window: AudioWindow) -> None:
         new = len(window.new_samples)  # after the context, before any look-ahead

@@ -112,14 +112,23 @@ def test_last_step_stays_close_to_the_clean_pass_with_the_trained_bundle():
     assert 0 < np.abs(frames["last_step"][1] - frames["clean_pass"][1]).mean() < 4.0  # measured 1.2
 
 
-def test_per_step_refuses_a_live_step_change_naming_the_flag(small_models):
+def test_per_step_takes_a_live_step_change_with_one_window_per_new_step(small_models):
+    """The page's slider under the reference scheme: the next clip runs the new count, with that many windows
+    (opened holding the sink; the old steps' K/V dropped), and going back works the same way."""
     cfg = load_config(None, {**SMALL, "sampler.kv_update": "per_step"})
     avatar = StreamingAvatar(small_models, cfg)
     avatar.start(reference_image(), "hello")
-    window = speech_windows(avatar, 1)[0]
-    with pytest.raises(ValueError, match=r"fixed at 4 \(--sampler.sample_steps\).*per_step"):
-        avatar.next_clip(window, sample_steps=2)
-    assert avatar.next_clip(window, sample_steps=4).frames.shape[0] == 24
+    windows = speech_windows(avatar, 3)
+    blocks = avatar.blocks_per_clip
+    avatar.next_clip(windows[0])
+    assert avatar.denoiser_calls == 4 * blocks and len(avatar._session.rings) == 4
+    clip = avatar.next_clip(windows[1], sample_steps=2)
+    assert avatar.denoiser_calls == 6 * blocks and len(avatar._session.rings) == 2
+    assert clip.frames.shape[0] == 24 and np.isfinite(clip.frames).all()
+    ring = avatar._session.rings[0]
+    assert ring.filled_slots == min(blocks, ring.num_slots)  # this clip's blocks, none from before the change
+    assert avatar.next_clip(windows[2], sample_steps=4).frames.shape[0] == 24
+    assert len(avatar._session.rings) == 4
 
 
 def test_kv_update_is_validated_naming_the_flag():
