@@ -26,7 +26,7 @@ FRAMES = 4  # frames per clip at this test's scale (one latent frame per clip)
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    cfg = load_config(None, {"video.size": "32*32"})
+    cfg = load_config(None, {"video.size": "32*32", "video.sizing": "crop"})  # below the aspect rule's 64-pixel steps
     streams = build_pool([make_utterance(3)], split_identities("train"), 2, geometry_of(cfg), seed=0)
     return cfg, streams
 
