@@ -228,18 +228,21 @@ if [ "$PHASE" = n ] || [ "$PHASE" = o ] || [ "$PHASE" = p ]; then
   step o_kv_cache_kernels 120 "${K[@]}"
   sed -n '/^packing equal/,$p' /tmp/step_o_kv_cache_kernels.log
 fi
-if [ "$PHASE" = n ]; then
-  # One GPU, the reference scheme (kv_update per_step) at fps 25 through the server's engine path, float8 GEMMs,
-  # compiled blocks, one load: per_step with the KV windows in bf16 (its FLOPs and a profile of one clip split
-  # into GEMMs, attention, elementwise, copies, audio, VAE, idle), then in float8, then float8 + the VAE's
-  # chunk-3 channels-last decode, then last_step and clean_pass beside them; the bytes of one KV window.
+if [ "$PHASE" = n ] || [ "$PHASE" = p ]; then
+  # The engine bench on the full preset (random weights, a small prompt encoder on the CPU), and the decode as
+  # before the preset's chunk-3 default (VAE1), so the VAE variants measure that change.
   E="bench/engine_gpu.py --config $FULL --random_weights"
   [ -n "${DRY:-}" ] && E="bench/engine_gpu.py --dry"
   TXT=(--set runtime.text_encoder_device cpu --set model.text_encoder.tokenizer bytes
        --set model.text_encoder.num_layers 2)
   VAE3="runtime.vae_decode_chunk=3,runtime.vae_channels_last=true,runtime.cudnn_benchmark=true"
-  # the decode as before the preset's chunk-3 default, so the VAE variant below measures that change
   VAE1=(--set runtime.vae_decode_chunk 1 --set runtime.vae_channels_last false --set runtime.cudnn_benchmark false)
+fi
+if [ "$PHASE" = n ]; then
+  # One GPU, the reference scheme (kv_update per_step) at fps 25 through the server's engine path, float8 GEMMs,
+  # compiled blocks, one load: per_step with the KV windows in bf16 (its FLOPs and a profile of one clip split
+  # into GEMMs, attention, elementwise, copies, audio, VAE, idle), then in float8, then float8 + the VAE's
+  # chunk-3 channels-last decode, then last_step and clean_pass beside them; the bytes of one KV window.
   step n_engine_reference_scheme ${N_LIMIT:-520} $PY $E "${TXT[@]}" "${VAE1[@]}" --set video.fps 25 \
        --set runtime.fp8 gemm --set runtime.compile $COMPILE --warmup 1 --clips 3 --window_bytes --profile per_step \
        --flops per_step \
@@ -252,12 +255,6 @@ if [ "$PHASE" = n ]; then
 fi
 if [ "$PHASE" = p ]; then
   # Phase n's first and third rows with runtime.fp8 tensor instead of gemm (a float8 mode is fixed per load).
-  E="bench/engine_gpu.py --config $FULL --random_weights"
-  [ -n "${DRY:-}" ] && E="bench/engine_gpu.py --dry"
-  TXT=(--set runtime.text_encoder_device cpu --set model.text_encoder.tokenizer bytes
-       --set model.text_encoder.num_layers 2)
-  VAE3="runtime.vae_decode_chunk=3,runtime.vae_channels_last=true,runtime.cudnn_benchmark=true"
-  VAE1=(--set runtime.vae_decode_chunk 1 --set runtime.vae_channels_last false --set runtime.cudnn_benchmark false)
   step p_engine_fp8_tensor ${P_LIMIT:-330} $PY $E "${TXT[@]}" "${VAE1[@]}" --set video.fps 25 \
        --set runtime.fp8 tensor --set runtime.compile $COMPILE --warmup 1 --clips 3 \
        --variant per_step_tensor sampler.kv_update=per_step \
