@@ -285,7 +285,7 @@ class AppConfig:
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _PARALLEL_MODES = ("ulysses", "tpp")
-_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/net/attention.py ATTENTION_BACKENDS
+_ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "fp8")  # model/net/attention.py ATTENTION_BACKENDS
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 FP8_MODES = ("none", "weights", "gemm", "tensor", "auto")  # model/net/fp8.py (auto: tensor where supported)
 OFFLINE_FEATURES = ("whole_file", "window")  # model.encoders.audio

@@ -17,6 +17,13 @@ the output tokens before the head. With no group set (the default) all three are
 Kernel choice: `set_attention_backend` ('auto', 'flash', 'cudnn', 'efficient', 'math', from
 `runtime.attention_backend`) puts one SDPA backend first for the DiT's attention; the others stay as
 fall-backs, so a shape or device the preferred kernel cannot take (the CPU, say) still runs.
+'fp8' (`model/net/attention_fp8.py`) is a float8 flash-attention kernel that reads keys and values straight
+from a packed float8 KV cache (no widening pass); it is used only inside `attention_into` when the cache is
+packed, the device is CUDA with capability >= 8.9, autograd is off and no sequence-parallel group is set (the
+Ulysses all-to-all moves the cache's rows as values of the model's dtype; the packed rows would need their own
+exchange, untested, so a group keeps the widening path). Everywhere else 'fp8' is 'auto' (PyTorch's SDPA
+choice), with one log line at the first such call saying why. Unlike the widening path, it attends to the
+call's own keys and values as rounded into the cache.
 Compiled DiT blocks reach `attention` through `compiled_attention`, one opaque op for torch.compile,
 so the sequence-parallel all-to-all inside it never breaks the block's graph.
 
@@ -30,6 +37,7 @@ the attention stay in the block's graph and the slices are updated in place. A f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -38,6 +46,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.net import kv_quant
+
+log = logging.getLogger(__name__)
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -84,7 +94,7 @@ def sequence_parallel() -> SequenceParallel:
     return _group
 
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "fp8")
 _BACKEND_ENUMS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -102,7 +112,7 @@ def set_attention_backend(name: str) -> str:
         raise ValueError(f"--runtime.attention_backend: must be one of {ATTENTION_BACKENDS}, got {name!r}")
     previous = _backend_name
     _backend_name = name
-    if name == "auto":
+    if name in ("auto", "fp8"):  # fp8: its fall-back is PyTorch's choice
         _backend_order = None
     else:
         first = _BACKEND_ENUMS[name]
@@ -165,9 +175,58 @@ def _write(k, v, key_cache, value_cache, start: int) -> None:
     kv_quant.store(value_cache[:, start : start + v.shape[1]], v)
 
 
+_fp8_fallbacks: set[str] = set()  # reasons already logged for `runtime.attention_backend fp8`
+
+
+def _fp8_fallback(reason: str) -> None:
+    if reason not in _fp8_fallbacks:
+        _fp8_fallbacks.add(reason)
+        log.warning("runtime.attention_backend fp8: %s; using PyTorch's SDPA here", reason)
+
+
+_fp8_emulated = False  # CPU quality runs: the kernel's arithmetic in PyTorch where the kernel cannot run
+
+
+def emulate_fp8_attention(on: bool) -> bool:
+    """Under 'fp8', run `attention_fp8.reference` (the kernel's arithmetic, CUDA tiles) wherever the kernel
+    cannot run on a packed cache (the CPU): how `bench/kv_cache_quality.py` measures its effect on frames.
+    Returns the old setting."""
+    global _fp8_emulated
+    previous, _fp8_emulated = _fp8_emulated, on
+    return previous
+
+
+def _attend_fp8(q, key_cache, value_cache) -> torch.Tensor | None:
+    """The float8 kernel's attention over the packed cache, or None (logged once per reason) where it cannot
+    serve this read; with `emulate_fp8_attention(True)` its PyTorch emulation where only the device is missing."""
+    try:
+        from model.net import attention_fp8
+    except Exception as exc:  # noqa: BLE001 - no Triton: SDPA is the whole feature
+        _fp8_fallback(f"no Triton kernels ({exc})")
+        return None
+    if _group is not _SINGLE:
+        reason = "a sequence-parallel group is set (the packed cache does not go through the all-to-all)"
+    else:
+        reason = attention_fp8.unsupported(q, key_cache, value_cache)
+        if reason is None and not attention_fp8.agrees(q, key_cache, value_cache):
+            reason = f"the Triton kernel did not build or differs from its PyTorch emulation on {q.device}"
+        if reason is None:
+            return attention_fp8.attention(q, key_cache, value_cache)
+        if _fp8_emulated and kv_quant.is_packed(key_cache) and kv_quant.is_packed(value_cache):
+            tiles = attention_fp8.CUDA_BLOCKS
+            return attention_fp8.reference(q, key_cache, value_cache, tiles.block_n, tiles.pv_fp8)
+    _fp8_fallback(reason)
+    return None
+
+
 def _attend_cache(q, k, v, key_cache, value_cache, start: int) -> torch.Tensor:
     """Attention over the cache slices; a float8 cache (`model.net.kv_quant`) is widened to q's dtype for
-    this call, with the call's own tokens at their unrounded values (a block sees itself as in bf16)."""
+    this call, with the call's own tokens at their unrounded values (a block sees itself as in bf16), or,
+    under `runtime.attention_backend fp8`, read packed by the float8 kernel (the call's own tokens rounded)."""
+    if _backend_name == "fp8":
+        out = _attend_fp8(q, key_cache, value_cache)
+        if out is not None:
+            return out
     if not kv_quant.is_packed(key_cache):
         return attention(q, key_cache, value_cache)
     keys, values = kv_quant.unpack(key_cache, q.dtype), kv_quant.unpack(value_cache, q.dtype)
@@ -197,6 +256,8 @@ def attention_into(
     if torch.compiler.is_compiling() and not grad:
         return _attention_into_op(q, k, v, key_cache, value_cache, start)
     if grad:
+        if _backend_name == "fp8":
+            _fp8_fallback("autograd: the kernel is forward-only")
         if kv_quant.is_packed(key_cache):
             raise ValueError("--runtime.kv_cache_dtype float8 is for inference; train with the model's dtype")
         key_cache[:, start : start + k.shape[1]] = k
