@@ -15,6 +15,9 @@
 #     o = one GPU, ~30 s: the float8 KV cache's Triton kernels against eager (bytes equal, ms, GB/s).
 #     p = one GPU: phase o, then LiveAvatar's per-tensor float8 (runtime.fp8 tensor) through the engine path under the
 #         reference scheme, KV windows in bf16 and in float8 with the Triton kernels (beside phase n's gemm rows).
+#     q = one GPU: the float8 attention kernel (runtime.attention_backend fp8) against SDPA at the 14B's shape per launch
+#         configuration (errors, ms), then, if one passes and beats widening + SDPA, the engine path under the
+#         reference scheme with float8 KV windows with and without it (that configuration, a profile of one clip).
 #     Any --set after the phase goes to every timed row (e.g. --set runtime.attention_backend cudnn).
 #   DRY=1 bash bench/device_run.sh c    (the same steps on the CPU with the tiny config and gloo, to catch mistakes)
 set -u
@@ -261,6 +264,30 @@ if [ "$PHASE" = p ]; then
        --variant per_step_tensor_kv8_vae3cl "sampler.kv_update=per_step,runtime.kv_cache_dtype=float8,$VAE3"
   grep -h "^LOAD" /tmp/step_p_engine_fp8_tensor.log
   sed -n '/^| variant/,$p' /tmp/step_p_engine_fp8_tensor.log
+fi
+if [ "$PHASE" = q ]; then
+  FA=(--fp8_attention "${FP8_BLOCKS:-128,128,8,2,fp8;128,128,8,3,fp8;128,64,4,3,fp8;128,64,8,3,fp8;64,64,4,3,fp8;128,128,8,2,bf16;128,64,4,3,bf16;128,64,8,2,bf16}")
+  K=($PY bench/kv_cache_kernels.py); [ -n "${DRY:-}" ] && K=(env TRITON_INTERPRET=1 $PY bench/kv_cache_kernels.py --dry)
+  [ -n "${DRY:-}" ] && FA=(--fp8_attention "16,16,4,1,fp8;16,32,4,1,bf16")
+  step q_fp8_attention ${QK_LIMIT:-170} "${K[@]}" "${FA[@]}"
+  sed -n '/^fp8 attention/,$p' /tmp/step_q_fp8_attention.log
+  BEST=$(grep -h '^BEST_BLOCKS' /tmp/step_q_fp8_attention.log | awk '{print $2}')
+  if [ -n "$BEST" ]; then
+    export LIVEAVATAR_FP8_ATTENTION_BLOCKS=$BEST
+    E="bench/engine_gpu.py --config $FULL --random_weights"; [ -n "${DRY:-}" ] && E="bench/engine_gpu.py --dry"
+    # the preset's decode (chunk 3, channels-last) and float8 (tensor): the headline's float8-window row
+    step q_engine_fp8_attention ${QE_LIMIT:-230} $PY $E --set runtime.text_encoder_device cpu \
+         --set model.text_encoder.tokenizer bytes --set model.text_encoder.num_layers 2 --set video.fps 25 \
+         --set runtime.fp8 tensor --set runtime.compile $COMPILE --set sampler.kv_update per_step \
+         --set runtime.kv_cache_dtype float8 --warmup 1 --clips 3 --profile kv8_attn_fp8 \
+         --variant kv8_attn_sdpa runtime.attention_backend=auto --variant kv8_attn_fp8 runtime.attention_backend=fp8
+    grep -h "^LOAD" /tmp/step_q_engine_fp8_attention.log
+    grep -h "float8 attention\|attention_backend fp8" /tmp/step_q_engine_fp8_attention.log | head -3
+    echo "engine run with LIVEAVATAR_FP8_ATTENTION_BLOCKS=$BEST"
+    sed -n '/^| variant/,$p' /tmp/step_q_engine_fp8_attention.log
+  else
+    echo "no float8 attention configuration passed and beat widening + SDPA: engine path not run"
+  fi
 fi
 echo "=== table"
 $PY bench/table.py "$RES"

@@ -8,7 +8,7 @@ session and a measured session through `server.engine.ModelEngine`, and optional
     python3 bench/engine_gpu.py --dry       # CPU, tiny config: catches mistakes before a device call
 
 What one variant may change without reloading the weights: `sampler.*`, `stream.*`, `video.fps`,
-`runtime.kv_cache_dtype` (caches made after it) and the VAE decode options (`runtime.vae_decode_chunk`,
+`runtime.kv_cache_dtype` (caches made after it), `runtime.attention_backend` and the VAE decode options (`runtime.vae_decode_chunk`,
 `vae_channels_last`, `cudnn_benchmark`; channels-last stays on once set, so such variants come last).
 A clip is what a live session gets: the window's audio features (wav2vec2), the DiT's blocks, the decode of
 each block and its frames as uint8 on the host, handed to the session part by part. Per variant: the
@@ -252,8 +252,11 @@ def window_bytes(models, cfg: AppConfig, device: torch.device) -> dict:
 
 
 def apply_variant(models, cfg: AppConfig, overrides: dict) -> None:
-    """Settings a loaded model can change: the cache storage and the VAE decode options."""
+    """Settings a loaded model can change: the cache storage, the attention kernel, the VAE decode options."""
+    from model.net.attention import set_attention_backend
+
     models.dit.kv_cache_dtype = cfg.runtime.kv_cache_dtype
+    set_attention_backend(cfg.runtime.attention_backend)  # read per call, inside the compiled blocks' opaque op
     models.vae.apply_runtime(cfg.runtime)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import load_config
+from model.net.attention import set_attention_backend
 from model.stream.avatar import AvatarModels, StreamingAvatar
 from training.lip_sync_check import cut_sample, generate_frames, score_video
 from training.talking_dataset import make_sample
@@ -29,6 +30,7 @@ SETTINGS = {
     "float8 cache": {"runtime.kv_cache_dtype": "float8"},
     "bf16 model and cache": {"runtime.dtype": "bfloat16"},
 }
+FP8_ATTENTION = "float8 cache + fp8 attention (emulated)"
 
 
 def main() -> None:
@@ -38,7 +40,15 @@ def main() -> None:
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override for every setting, e.g. --set sampler.kv_update per_step")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {list(SETTINGS)}")
+    parser.add_argument("--fp8_attention", action="store_true",
+                        help="add the float8 cache read by the float8 attention kernel, emulated in PyTorch")
     args = parser.parse_args()
+    if args.fp8_attention:  # the kernel needs a GPU; its arithmetic runs here as attention_fp8.reference
+        from model.net.attention import emulate_fp8_attention
+
+        SETTINGS[FP8_ATTENTION] = {"runtime.kv_cache_dtype": "float8", "runtime.attention_backend": "fp8"}
+        args.settings += f",{FP8_ATTENTION}"
+        emulate_fp8_attention(True)
     avatars = {}
     for name in args.settings.split(","):
         cfg = load_config(None, {**dict(args.set), **SETTINGS[name]})
@@ -51,6 +61,7 @@ def main() -> None:
     for index in range(args.samples):
         base = None
         for name, (cfg, avatar) in avatars.items():
+            set_attention_backend(cfg.runtime.attention_backend)  # one global, set by each load: this setting's
             sample = cut_sample(make_sample("heldout", index, cfg.video.width, cfg.video.fps,
                                             cfg.audio_sample_rate_hz), args.clips * cfg.video.infer_frames)
             frames = generate_frames(avatar, sample.reference, sample.audio)
