@@ -133,6 +133,11 @@ class VideoConfig:
     fps: float = 25.0
     infer_frames: int = 48
     sizing: str = "aspect"
+    # Show the model's motion on the sharp reference image (model/stream/detail.py): this project's option for
+    # small VAEs that cannot draw an unseen face or photograph; off in the 14B preset (the reference's path).
+    detail_restore: bool = False
+    detail_settle_s: float = 8.0  # the baseline falls to a darker frame over this long (a steady error sinks in)
+    detail_rise_s: float = 0.125  # and rises to a brighter one this fast (a closing mouth is the baseline again)
 
     @property
     def width(self) -> int:
@@ -341,6 +346,10 @@ def _check(cfg: AppConfig) -> None:
     _require(w % 16 == 0 and h % 16 == 0, "video.size",
              f"width and height must be multiples of 16 (VAE 8x and patch 2x), got {size}")
     _require(cfg.video.fps > 0, "video.fps", f"must be > 0, got {cfg.video.fps}")
+    _require(isinstance(cfg.video.detail_restore, bool), "video.detail_restore",
+             f"must be true or false, got {cfg.video.detail_restore!r}")
+    _require(cfg.video.detail_settle_s > 0, "video.detail_settle_s", f"must be > 0 s, got {cfg.video.detail_settle_s}")
+    _require(cfg.video.detail_rise_s > 0, "video.detail_rise_s", f"must be > 0 s, got {cfg.video.detail_rise_s}")
     _require(cfg.video.infer_frames >= 4 and cfg.video.infer_frames % 4 == 0, "video.infer_frames",
              f"must be a positive multiple of 4 (the VAE's time stride), got {cfg.video.infer_frames}")
     latent_frames = cfg.video.infer_frames // 4

@@ -48,6 +48,8 @@ class LongStreamReport:
     lip_sync_best_near_zero: float | None
     clip_s: list[float] = field(repr=False)
     clip_length_s: float = 0.75
+    clip_cpu_s: list[float] = field(default_factory=list, repr=False)  # process CPU seconds per clip
+    bare: LongStreamReport | None = field(default=None, repr=False)  # the same stream without video.detail_restore
 
     @property
     def mean_psnr_db(self) -> float:
@@ -63,7 +65,9 @@ class LongStreamReport:
                 else round(self.lip_sync_best_near_zero, 3),
                 "clip_s_median": round(float(np.median(clip_s)), 3), "clip_s_mean": round(float(clip_s.mean()), 3),
                 "clip_s_max": round(float(clip_s.max()), 3),
-                "clips_over_length": int((clip_s > self.clip_length_s).sum()), "clips": len(clip_s)}
+                "clips_over_length": int((clip_s > self.clip_length_s).sum()), "clips": len(clip_s),
+                **({"clip_cpu_s_median": round(float(np.median(self.clip_cpu_s)), 3),
+                    "clip_cpu_s_max": round(float(np.max(self.clip_cpu_s)), 3)} if self.clip_cpu_s else {})}
 
 
 def heldout_speech(seconds: float, seed: int = 0, voices: tuple[str, ...] = HELDOUT_VOICES,
@@ -116,20 +120,23 @@ def psnr_outside(frames: np.ndarray, reference: np.ndarray, box: tuple[int, int,
     return out
 
 
-def run_stream(avatar, reference: np.ndarray, speech: Utterance, prompt: str = "") -> tuple[np.ndarray, list[float]]:
-    """Every frame the avatar makes for the speech, clip by clip through the live windower, and each clip's
-    wall-clock seconds."""
+def run_stream(avatar, reference: np.ndarray, speech: Utterance, prompt: str = ""
+               ) -> tuple[np.ndarray, list[float], list[float]]:
+    """Every frame the avatar makes for the speech, clip by clip through the live windower, each clip's
+    wall-clock seconds and the process's CPU seconds for it (all its threads: wall time on a busy machine
+    counts waiting, CPU time does not)."""
     windower = ClipWindower(avatar.clip_samples, avatar.context_samples, avatar.sample_rate_hz)
     avatar.start(reference, prompt)
-    frames, clip_s = [], []
+    frames, clip_s, cpu_s = [], [], []
     try:
         for window in windower.push(speech.samples) + windower.flush():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             frames.append(avatar.next_clip(window).frames)
             clip_s.append(time.perf_counter() - started)
+            cpu_s.append(time.process_time() - cpu_started)
     finally:
         avatar.close()
-    return np.concatenate(frames), clip_s
+    return np.concatenate(frames), clip_s, cpu_s
 
 
 def judge(subject: str, frames: np.ndarray, reference: np.ndarray, box, speech: Utterance, fps: float,
@@ -152,9 +159,13 @@ def judge(subject: str, frames: np.ndarray, reference: np.ndarray, box, speech: 
 
 
 def evaluate_bundle(bundle: str | Path, subject: str, seconds: float, window_s: float = 30.0, seed: int = 0,
-                    overrides: dict | None = None, threads: int = 2, voices: tuple[str, ...] = HELDOUT_VOICES
-                    ) -> tuple[LongStreamReport, np.ndarray]:
-    """Load the bundle as served (configs/tiny.yaml), run one long stream of `subject`, judge it."""
+                    overrides: dict | None = None, threads: int = 2, voices: tuple[str, ...] = HELDOUT_VOICES,
+                    compare_restore: bool = False) -> tuple[LongStreamReport, np.ndarray]:
+    """Load the bundle as served (configs/tiny.yaml), run one long stream of `subject`, judge it.
+
+    `compare_restore`: the stream runs without `video.detail_restore` and is judged both as decoded and with the
+    restore applied afterwards (it only reads the decoded frames, so that is the served output up to the uint8
+    rounding of its input); returns the restored report and frames, the bare report in `report.bare`."""
     import torch
 
     from model.config import load_config
@@ -162,13 +173,38 @@ def evaluate_bundle(bundle: str | Path, subject: str, seconds: float, window_s: 
 
     torch.set_num_threads(threads)
     cfg = load_config(None, {"model.checkpoint": str(bundle), **(overrides or {})})
+    restore_after = compare_restore and cfg.video.detail_restore
+    if restore_after:
+        cfg = load_config(None, {"model.checkpoint": str(bundle), **(overrides or {}), "video.detail_restore": False})
     avatar = StreamingAvatar(AvatarModels.load(cfg), cfg)
     reference, box = subject_reference(subject, cfg.video.width)
     speech = heldout_speech(seconds, seed, voices)
-    frames, clip_s = run_stream(avatar, reference, speech, cfg.server.prompt)
-    report = judge(subject, frames, reference, box, speech, cfg.video.fps, clip_s,
-                   cfg.video.infer_frames / cfg.video.fps, window_s)
+    frames, clip_s, cpu_s = run_stream(avatar, reference, speech, cfg.server.prompt)
+    clip_length_s = cfg.video.infer_frames / cfg.video.fps
+    report = judge(subject, frames, reference, box, speech, cfg.video.fps, clip_s, clip_length_s, window_s)
+    report.clip_cpu_s = cpu_s
+    if restore_after:
+        bare = report
+        frames = restore_frames(frames, reference, cfg, per_call=cfg.video.infer_frames)
+        report = judge(subject, frames, reference, box, speech, cfg.video.fps, clip_s, clip_length_s, window_s)
+        report.clip_cpu_s, report.bare = cpu_s, bare
     return report, frames
+
+
+def restore_frames(frames: np.ndarray, reference: np.ndarray, cfg, per_call: int) -> np.ndarray:
+    """`video.detail_restore` applied to decoded uint8 frames [N, H, W, 3], `per_call` frames per call as served."""
+    import torch
+
+    from model.stream.avatar import image_to_tensor, video_to_frames
+    from model.stream.detail import DetailRestore
+
+    restore = DetailRestore(image_to_tensor(reference), cfg.video.fps, cfg.video.detail_settle_s,
+                            cfg.video.detail_rise_s)
+    out = []
+    for start in range(0, len(frames), per_call):
+        video = torch.from_numpy(frames[start:start + per_call]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        out.append(video_to_frames(restore.apply(video)))
+    return np.concatenate(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,11 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voices", default=",".join(HELDOUT_VOICES), help="comma-separated held-out voices")
     p.add_argument("--json", default=None, help="also write the summary here")
     p.add_argument("--frames-png", default=None, help="write 16 frames spread over the stream as one PNG")
+    p.add_argument("--compare-restore", action="store_true", help="one stream judged bare and with "
+                   "video.detail_restore (applied to the decoded frames): before/after from the same run")
     args = p.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
     report, frames = evaluate_bundle(args.bundle, args.subject, args.seconds, args.window_s, args.seed, overrides,
-                                     args.threads, tuple(args.voices.split(",")))
+                                     args.threads, tuple(args.voices.split(",")), args.compare_restore)
     summary = report.summary()
+    if report.bare is not None:
+        summary["bare"] = report.bare.summary()
     print(json.dumps(summary), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

@@ -32,6 +32,7 @@ from model.io_types import AudioWindow, VideoClip
 from model.net.dit import AvatarDiT, StreamCache
 from model.net.motion import MOTION_LATENT_FRAMES
 from model.parallel import group as parallel
+from model.stream.detail import DetailRestore
 from model.stream.sampler import MAX_SAMPLE_STEPS, FlowMatchSchedule, KVUpdate, denoise_steps
 from model.stream.scheme import SinkDistances, clip_noise, motion_start
 from model.stream.sizing import fit_reference_image, rgb_image, session_frame_size
@@ -278,6 +279,7 @@ class _Session:
     first_frame: torch.Tensor | None = None  # the stream's first clean latent frame (stream.sink_swap)
     clip_noise: torch.Tensor | None = None  # stream.noise per_clip: the current clip's noise [1, 16, L, h, w]
     next_frame: int = 0  # latent frame index of the next block in the stream
+    detail: DetailRestore | None = None  # video.detail_restore
 
     @property
     def dit_cache(self) -> StreamCache:
@@ -350,12 +352,18 @@ class StreamingAvatar:
         ref_latent = models.vae.encode_reference(image).to(models.device, models.dtype)
         text_context = models.text_encoder.encode(prompt)
         start = motion_start(self.stream, models.vae, image, ref_latent)
+        detail = self._detail_restore(image) if self._cfg.video.detail_restore else None
         kv = self._kv(self._cfg.sampler.sample_steps)
         rings = self._open_rings(ref_latent, text_context, start.motion_latents, kv.rings)
         generator = torch.Generator(models.device).manual_seed(self._seed)
         self._session = _Session(ref_latent, text_context, rings, models.vae.new_decoder(start.decoder_prime),
                                  MotionHistory(start.motion_latents, kv.motion_lag_blocks), generator,
-                                 SinkDistances.from_config(self.stream, self._seed), frame_size)
+                                 SinkDistances.from_config(self.stream, self._seed), frame_size, detail=detail)
+
+    def _detail_restore(self, image: torch.Tensor) -> DetailRestore:
+        """`video.detail_restore` for a session on `image` [1,3,H,W] in [-1, 1]."""
+        video = self._cfg.video
+        return DetailRestore(image.to(self._models.device), video.fps, video.detail_settle_s, video.detail_rise_s)
 
     def _open_rings(self, ref_latent: torch.Tensor, text_context: torch.Tensor, motion_latents: torch.Tensor,
                     count: int) -> list[StreamCache]:
@@ -425,7 +433,11 @@ class StreamingAvatar:
     @torch.inference_mode()
     def decode_clip(self, latents: torch.Tensor) -> np.ndarray:
         """Online decode on the session's causal cache: uint8 frames [4L, H, W, 3], continuing the last clip."""
-        return video_to_frames(self._require_session().decoder.decode(latents))
+        session = self._require_session()
+        video = session.decoder.decode(latents)
+        if session.detail is not None:
+            video = session.detail.apply(video)
+        return video_to_frames(video)
 
     def close(self) -> None:
         """Free the session's caches (the weights stay loaded)."""
