@@ -136,7 +136,7 @@ class VideoConfig:
     # Show the model's motion on the sharp reference image (model/stream/detail.py): this project's option for
     # small VAEs that cannot draw an unseen face or photograph; off in the 14B preset (the reference's path).
     detail_restore: bool = False
-    detail_settle_s: float = 8.0  # the baseline falls to a darker frame over this long (a steady error sinks in)
+    detail_settle_s: float = 16.0  # the baseline falls to a darker frame over this long (a steady error sinks in)
     detail_rise_s: float = 0.125  # and rises to a brighter one this fast (a closing mouth is the baseline again)
 
     @property

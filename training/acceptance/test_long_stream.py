@@ -5,7 +5,8 @@ window than in the first; the mouth follows the held-out voices (>= 0.7 at lag 0
 `training.long_stream.heldout_speech` (voices never used in training: Flite's SLT, needing `apt-get install
 flite`, and unseen espeak variants), the faces a held-out varied face, the server's drawn default face and
 the astronaut photograph (`evaluation/assets/astronaut.png`, never in training; judged over the whole frame: the
-model finds no mouth to move there). `ACCEPT_SECONDS` shortens the stream.
+model finds no mouth to move there). Judged as served by configs/tiny.yaml (with `video.detail_restore`: the
+model's motion on the sharp reference). `ACCEPT_SECONDS` shortens the stream.
 """
 from __future__ import annotations
 
