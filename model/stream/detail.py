@@ -16,7 +16,7 @@ the opening itself is a darkening; measured: 31.7 against 30.2 dB, same lip sync
 rises to a brighter frame within `rise_s` and falls to a darker one over `settle_s`, because an opening
 mouth darkens the frame, so a closed mouth (the bright state) is the baseline and an open one a darkening
 added to the reference's closed mouth, while a steady error of the model sinks into the baseline and is
-not shown. The baseline starts as the mean of the stream's first frames.
+not shown. The baseline starts at the stream's first frame.
 
 This is this project's option (`video.detail_restore`), on in the tiny preset and off in the 14B preset
 (the reference's path): a model that turns the head would leave a faint copy of the still reference under
@@ -48,7 +48,7 @@ class DetailRestore:
         """Decoded video [1, 3, T, H, W] in [-1, 1] -> the reference plus each frame's change from the baseline."""
         frames = video[0].float().transpose(0, 1)  # [T, 3, H, W]
         if self.baseline is None:
-            self.baseline = frames.mean(dim=0)
+            self.baseline = frames[0].clone()  # the first frame (any split of the stream into calls: same frames)
         out = torch.empty_like(frames)
         baseline = self.baseline
         for t, frame in enumerate(frames):

@@ -26,6 +26,7 @@ from ray import serve
 from cluster.serve_app import deploy
 from model.config import load_config
 from tests.cluster.stream_checks import check_frames_and_voice, speech_done
+from tests.server.conftest import BARE_DECODE
 from tests.server.webrtc_client import LoopbackClient
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,7 +48,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster():
     cfg = load_config(None, {"server.max_sessions": 1, "server.max_queued": 1, "server.stats_interval_s": 0.5,
-                             "server.port": 0})
+                             "server.port": 0, **BARE_DECODE})  # model frames told apart from the reference
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
              _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})

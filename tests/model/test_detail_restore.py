@@ -65,11 +65,9 @@ def test_state_carries_over_calls_so_any_split_gives_the_same_frames():
     frames = [torch.rand(1, 3, H, W) * 2 - 1 for _ in range(12)]
     whole = DetailRestore(reference, FPS, 8.0, 0.125)
     split = DetailRestore(reference, FPS, 8.0, 0.125)
-    split.apply(video_of(frames[:12]))  # the first call's mean starts both baselines alike
-    whole.apply(video_of(frames[:12]))
-    more = [torch.rand(1, 3, H, W) * 2 - 1 for _ in range(9)]
-    a = whole.apply(video_of(more))
-    b = torch.cat([split.apply(video_of(more[:4])), split.apply(video_of(more[4:]))], dim=2)
+    a = whole.apply(video_of(frames))
+    b = torch.cat([split.apply(video_of(frames[:1])), split.apply(video_of(frames[1:5])),
+                   split.apply(video_of(frames[5:]))], dim=2)
     assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -22,7 +22,7 @@ from aiortc import RTCPeerConnection
 from model.config import AppConfig, load_config
 from model.io_types import AudioWindow
 from server.engine import ModelEngine
-from tests.server.conftest import RunningServer, start_server
+from tests.server.conftest import BARE_DECODE, RunningServer, start_server
 
 MIC_RATE_HZ = 48000
 MIC_PTIME_S = 0.020
@@ -30,7 +30,7 @@ MIC_PTIME_S = 0.020
 
 def small_cfg(**overrides: Any) -> AppConfig:
     """The tiny model at the smallest frame size it takes (64*64), one torch thread: cheap on 2 cores."""
-    base = {"video.size": "64*64", "runtime.num_threads": 1, "server.stats_interval_s": 0.5}
+    base = {"video.size": "64*64", "runtime.num_threads": 1, "server.stats_interval_s": 0.5, **BARE_DECODE}
     base.update(overrides)
     return load_config(None, base)
 
