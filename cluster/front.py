@@ -14,7 +14,6 @@ says it is ready.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -37,7 +36,7 @@ from server.client_caps import CapExceeded, ClientCaps, client_address, close_wh
 from server.ice import browser_ice_servers
 from server.limits import MessageLimits, hard_message_limit, limits_middleware
 from server.seam import EngineBusy
-from server.signaling import RequestError, error_message
+from server.signaling import RequestError, error_message, json_body, refusal
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +248,7 @@ class FrontServer:
         """`POST /offer` `{sdp, type, config?}` -> `{sdp, type}` from the least-loaded replica with a free slot."""
         client = client_address(request.remote)
         try:
-            if request.content_length is not None and request.content_length > self.cfg.server.max_message_bytes:
-                raise RequestError("too_large", f"request is {request.content_length} bytes; the limit is "
-                                                f"{self.cfg.server.max_message_bytes}")
-            try:
-                payload = json.loads(await request.text())
-            except json.JSONDecodeError as exc:
-                raise RequestError("bad_json", f"body is not valid JSON ({exc.msg} at {exc.pos})") from None
-            except UnicodeDecodeError as exc:
-                raise RequestError("bad_json", f"body is not UTF-8 text (byte {exc.start}); send JSON") from None
+            payload = await json_body(request, self.cfg.server.max_message_bytes)
             try:
                 with self.caps.hold("offer", client):
                     return await self._place_http_offer(payload, client)
@@ -265,8 +256,7 @@ class FrontServer:
                 raise RequestError(exc.code, str(exc)) from None
         except RequestError as exc:
             self.metrics.error(exc.code)
-            status = {"busy": 503, "too_large": 413, CapExceeded.code: 429}.get(exc.code, 400)
-            return web.json_response(error_message(exc.code, str(exc)), status=status)
+            return refusal(exc)
 
     async def _place_http_offer(self, payload: Any, client: str) -> web.Response:
         tried: set[str] = set()

@@ -22,13 +22,18 @@ from typing import Any
 
 from aiohttp import web
 
-from server.engine import check_sample_steps
 from server.recorder import SessionRecorder
-from server.reference_image import ReferenceImageError, image_from_data_url
 from server.rtmp import RtmpPush, RtmpUrlError, check_rtmp_url
 from server.seam import EngineBusy, SessionLost
 from server.session import Session
-from server.signaling import MAX_PROMPT_CHARS, STATE_KEY, ServerState, error_message, forget_when_closed
+from server.signaling import (
+    STATE_KEY,
+    RequestError,
+    ServerState,
+    error_message,
+    forget_when_closed,
+    session_settings,
+)
 from server.speech_input import SpeechError, decode_speech
 from server.tts import check_voice, synthesize
 
@@ -123,21 +128,10 @@ def _parse_create(body: Any, state: ServerState) -> dict[str, Any]:
     unknown = sorted(set(body) - set(CREATE_KEYS))
     if unknown:
         raise ApiError("bad_config", f"unknown key {unknown[0]!r}; known: {', '.join(CREATE_KEYS)}")
-    reference = state.default_reference
-    if body.get("reference_image"):
-        try:
-            reference = image_from_data_url(body["reference_image"], state.cfg.server.max_message_bytes)
-        except ReferenceImageError as exc:
-            raise ApiError("bad_reference_image", str(exc)) from None
-    prompt = body.get("prompt", state.cfg.server.prompt)
-    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError("bad_config", f"prompt must be a string of at most {MAX_PROMPT_CHARS} characters")
-    steps = None
-    if body.get("sample_steps") is not None:
-        try:
-            steps = check_sample_steps(body["sample_steps"])
-        except ValueError as exc:
-            raise ApiError("bad_sample_steps", str(exc)) from None
+    try:
+        reference, prompt, steps = session_settings(body, state)
+    except RequestError as exc:
+        raise ApiError(exc.code, str(exc)) from None
     record = body.get("record", False)
     if not isinstance(record, bool):
         raise ApiError("bad_config", f"record must be true or false, got {record!r}")

@@ -94,19 +94,43 @@ def parse_offer(payload: dict[str, Any], state: ServerState) -> tuple[str, np.nd
     if unknown:
         raise RequestError("bad_config", f"unknown config key {unknown[0]!r}; known: prompt, reference_image, "
                                          "sample_steps")
+    return (sdp, *session_settings(config, state))
+
+
+def session_settings(settings: dict[str, Any], state: ServerState) -> tuple[np.ndarray, str, int | None]:
+    """A new session's reference image, prompt and sample_steps from an offer's config or an API session's body
+    (absent keys: the server's defaults)."""
     reference = state.default_reference
-    if config.get("reference_image"):
+    if settings.get("reference_image"):
         try:
-            reference = image_from_data_url(config["reference_image"], state.cfg.server.max_message_bytes)
+            reference = image_from_data_url(settings["reference_image"], state.cfg.server.max_message_bytes)
         except ReferenceImageError as exc:
             raise RequestError("bad_reference_image", str(exc)) from None
-    prompt = config.get("prompt", state.cfg.server.prompt)
+    prompt = settings.get("prompt", state.cfg.server.prompt)
     if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError("bad_config", f"prompt must be a string of at most {MAX_PROMPT_CHARS} characters")
     sample_steps = None
-    if config.get("sample_steps") is not None:
-        sample_steps = parse_sample_steps(config["sample_steps"])
-    return sdp, reference, prompt, sample_steps
+    if settings.get("sample_steps") is not None:
+        sample_steps = parse_sample_steps(settings["sample_steps"])
+    return reference, prompt, sample_steps
+
+
+async def json_body(request: web.Request, max_bytes: int) -> Any:
+    """The request's JSON body; RequestError naming why not (larger than `max_bytes`, not UTF-8, not JSON)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise RequestError("too_large", f"request is {request.content_length} bytes; the limit is {max_bytes}")
+    try:
+        return json.loads(await request.text())
+    except json.JSONDecodeError as exc:
+        raise RequestError("bad_json", f"body is not valid JSON ({exc.msg} at {exc.pos})") from None
+    except UnicodeDecodeError as exc:
+        raise RequestError("bad_json", f"body is not UTF-8 text (byte {exc.start}); send JSON") from None
+
+
+def refusal(exc: RequestError) -> web.Response:
+    """The HTTP answer to a refused offer: its JSON error with the status that names the kind of refusal."""
+    status = {"busy": 503, "too_large": 413, CapExceeded.code: 429}.get(exc.code, 400)
+    return web.json_response(error_message(exc.code, str(exc)), status=status)
 
 
 def parse_sample_steps(value: Any) -> int:
@@ -319,15 +343,7 @@ async def offer_handler(request: web.Request) -> web.Response:
     """`POST /offer` `{sdp, type, config?}` -> `{sdp, type}`: the plain-HTTP offer of aiortc's examples."""
     state = request.app[STATE_KEY]
     try:
-        if request.content_length is not None and request.content_length > state.cfg.server.max_message_bytes:
-            raise RequestError("too_large", f"request is {request.content_length} bytes; the limit is "
-                                            f"{state.cfg.server.max_message_bytes}")
-        try:
-            payload = json.loads(await request.text())
-        except json.JSONDecodeError as exc:
-            raise RequestError("bad_json", f"body is not valid JSON ({exc.msg} at {exc.pos})") from None
-        except UnicodeDecodeError as exc:
-            raise RequestError("bad_json", f"body is not UTF-8 text (byte {exc.start}); send JSON") from None
+        payload = await json_body(request, state.cfg.server.max_message_bytes)
         if not isinstance(payload, dict):
             raise RequestError("bad_message", "body must be a JSON object {sdp, type}")
         sdp_type = payload.get("type", "offer")
@@ -341,6 +357,5 @@ async def offer_handler(request: web.Request) -> web.Response:
             raise RequestError(exc.code, str(exc)) from None
     except RequestError as exc:
         state.metrics.error(exc.code)
-        status = {"busy": 503, "too_large": 413, CapExceeded.code: 429}.get(exc.code, 400)
-        return web.json_response(error_message(exc.code, str(exc)), status=status)
+        return refusal(exc)
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id})
