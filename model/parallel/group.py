@@ -470,7 +470,9 @@ def set_current(group: ParallelGroup) -> ParallelGroup:
 
     global _current
     previous, _current = _current, group
-    attention.set_sequence_parallel(group)
+    # one DiT rank shards nothing: the attention seam keeps its plain path (what kernels such as
+    # runtime.attention_backend fp8 check for), the same arithmetic as a one-rank group
+    attention.set_sequence_parallel(group if group.sp_size > 1 else None)
     return previous
 
 

@@ -143,10 +143,23 @@ def test_triton_kernel_matches_the_emulation_interpreted() -> None:
 @pytest.fixture()
 def fp8_backend():
     previous = attention_seam.set_attention_backend("fp8")
+    group = attention_seam.set_sequence_parallel(None)  # one process, whatever ran before
     attention_seam._fp8_fallbacks.clear()
     yield
     attention_seam.set_attention_backend(previous)
+    attention_seam.set_sequence_parallel(group)
     attention_seam._fp8_fallbacks.clear()
+
+
+def test_a_one_rank_group_leaves_the_attention_seam_on_its_plain_path() -> None:
+    """A server on one GPU starts a one-rank group; the fp8 kernel (and the seam) must see a single process."""
+    from model.parallel import group as parallel
+
+    previous = parallel.set_current(parallel.current())  # the one-process group, as start_group makes it
+    try:
+        assert attention_seam.sequence_parallel() is attention_seam._SINGLE
+    finally:
+        parallel.set_current(previous)
 
 
 def _into(key_cache, value_cache, seed: int = 3) -> torch.Tensor:
