@@ -12,7 +12,9 @@ reference plus the change:
 Wherever the model holds still, the viewer sees the reference image itself (sharp, its own colours); where
 it moves something, that movement is added on top as a change of brightness (Rec. 601 luma, the same on all
 three channels: the tiny model's changes of hue around the mouth are its errors, green or pink casts, while
-the opening itself is a darkening; measured: 31.7 against 30.2 dB, same lip sync, no colour casts). The baseline follows each pixel's upper envelope: it
+the opening itself is a darkening; measured: 31.7 against 30.2 dB, same lip sync, no colour casts).
+
+The baseline follows each pixel's upper envelope: it
 rises to a brighter frame within `rise_s` and falls to a darker one over `settle_s`, because an opening
 mouth darkens the frame, so a closed mouth (the bright state) is the baseline and an open one a darkening
 added to the reference's closed mouth, while a steady error of the model sinks into the baseline and is
@@ -29,6 +31,7 @@ import math
 import torch
 
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights of R, G, B in a change of brightness
+
 
 class DetailRestore:
     """Per session: the reference [1, 3, H, W] in [-1, 1] and the running baseline of the frames drawn so far."""
