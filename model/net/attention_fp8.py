@@ -18,7 +18,7 @@ What it reads: the whole slice from the cache, the call's own keys and values in
 rounded float8 values (the widening path puts them back unrounded; here a block sees itself through the
 cache's rounding too). Non-causal, no mask, forward only.
 
-Never run on a GPU yet (no device time was left when it was written): `agrees` runs it against `reference` on
+Not yet run on a GPU (BENCHMARKS.md: `bash bench/device_run.sh q` measures it): `agrees` runs it against `reference` on
 each device's first call and the seam keeps SDPA where they differ or the kernel does not build.
 
 `reference` is the same arithmetic in PyTorch (e4m3 rounding by torch's cast, the same tiling, so the same
