@@ -57,6 +57,9 @@ class VAEConfig:
     """Wan2.1 VAE (diffusers `AutoencoderKLWan`) sizes: 16 latent channels, 4x time, 8x space."""
 
     base_dim: int = 96
+    # The decoder's own width (diffusers `decoder_base_dim`; null = base_dim). A narrower decoder than encoder is
+    # the tiny preset's way to decode in real time on 2 cores: the decode is most of a clip's CPU time.
+    decoder_base_dim: int | None = None
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
@@ -333,6 +336,8 @@ def _check(cfg: AppConfig) -> None:
     _require(dit.num_frames_per_block >= 1, "model.dit.num_frames_per_block", "must be >= 1")
     _require(dit.kv_cache_blocks >= 1, "model.dit.kv_cache_blocks", "must be >= 1")
     vae = cfg.model.vae
+    _require(vae.decoder_base_dim is None or vae.decoder_base_dim >= 2, "model.vae.decoder_base_dim",
+             f"must be >= 2 channels (or null: the encoder's base_dim), got {vae.decoder_base_dim}")
     _require(vae.stream_context_frames >= 0, "model.vae.stream_context_frames",
              f"must be >= 0 latent frames (0 = one continuous decoder cache), got {vae.stream_context_frames}")
     _require(vae.stream_restart_frames >= max(1, vae.stream_context_frames), "model.vae.stream_restart_frames",

@@ -13,6 +13,11 @@
 #   bash training/device_train.sh c         # GPU call: both continued from q's parts (copied into $IN) -> the same
 #   bash training/device_train.sh all       # a GPU machine without a per-call limit: 1, 2s and bundle in a row
 #   bash training/device_train.sh 3         # GPU call: decoder fine-tune on long streams from $IN/phase3/parts
+#   bash training/device_train.sh d         # GPU call: a new, narrower decoder for each width in DECODER_DIMS (default
+#                                           #   "8"), side by side, on the shipped bundle's frozen encoder, trained on
+#                                           #   long streams from random weights -> $OUT/d<width>/{vae.safetensors,log.txt}
+#                                           #   (FRESH_DECODER=0 INIT_BUNDLE=<a dbundle output>: continue that decoder)
+#   bash training/device_train.sh dbundle   # here: the shipped bundle with $IN/d<DECODER_DIM>/vae.safetensors as its VAE
 #                                           #   -> $OUT/phase3b/{parts/*.safetensors,log.txt,eval_drift.json,eval.json}
 #   DRY=1 bash training/device_train.sh 1   # the same code for a few steps on the CPU (then DRY=1 ... 2)
 #
@@ -20,7 +25,7 @@
 # phase 2, phase1/parts/ (copy phase 1's returned phase1/ folder there). Wheels in .whl/ (diffusers and
 # its importlib_metadata) are installed first when present: the GPU machine has no diffusers.
 set -euo pipefail
-PHASE=${1:?usage: device_train.sh prepare|q|c|1|2|2s|bundle|all|3}
+PHASE=${1:?usage: device_train.sh prepare|q|c|1|2|2s|bundle|all|3|d|dbundle}
 IN=${IN:-artifacts/device_in}
 OUT=${OUT:-artifacts/device_out}
 DRY=${DRY:-0}
@@ -91,6 +96,19 @@ if [ "$PHASE" = all ]; then
   bash "$0" 2s
   rm -rf "$IN/phase2" "$IN/phase3b" && cp -r "$OUT/phase2" "$OUT/phase3b" "$IN/"
   bash "$0" bundle
+  exit 0
+fi
+if [ "$PHASE" = dbundle ]; then
+  # The shipped DiT and encoders with the narrower VAE decoder of a `d` call (configs/tiny.yaml names its width).
+  PY=${PY:-.venv/bin/python}
+  DIM=${DECODER_DIM:-8}
+  test -f "$IN/d$DIM/vae.safetensors" || { echo "no $IN/d$DIM/vae.safetensors: copy the d call's d$DIM/ into $IN" >&2; exit 2; }
+  SHIPPED=${INIT_BUNDLE:-model/assets/tiny_avatar.safetensors}
+  MERGED=$IN/merged_parts; rm -rf "$MERGED"; mkdir -p "$MERGED"
+  cp "$IN/d$DIM/vae.safetensors" "$MERGED/"
+  cp "$SHIPPED" "$IN/shipped_before_d.safetensors"
+  PYTHONPATH=. "$PY" -m training.train_tiny --bundle-only --init-bundle "$IN/shipped_before_d.safetensors" --fresh-decoder \
+    --init-from "$MERGED" --set model.vae.decoder_base_dim=$DIM --out "${BUNDLE:-model/assets/tiny_avatar.safetensors}"
   exit 0
 fi
 if [ "$PHASE" = bundle ]; then
@@ -195,8 +213,31 @@ case "$PHASE" in
     cp "$WORK/phase3b/summary.json" "$OUT/phase3b/"
     cp "$WORK/phase3b/eval_drift.json" "$WORK/phase3b/eval.json" "$OUT/phase3b/" 2>/dev/null || true
     ;;
+  d)
+    # One process per width, side by side (each alone leaves the GPU mostly idle): the shipped encoder frozen (the
+    # DiT's latents unchanged), post_quant_conv and a decoder of base width W from random weights, trained on
+    # reference + burn-in + 6 clips through the carried cache, as the server decodes.
+    DIMS=(${DECODER_DIMS:-8})
+    WORKERS=$(( $(nproc) / ${#DIMS[@]} > 1 ? $(nproc) / ${#DIMS[@]} - 1 : 1 ))
+    PIDS=()
+    for W in "${DIMS[@]}"; do
+      mkdir -p "$OUT/d$W"; rm -rf "$WORK/d$W"
+      "$PY" -m training.train_tiny "${COMMON[@]}" --workers $WORKERS --eval-samples 0 --phases vae_stream \
+        $( [ "${FRESH_DECODER:-1}" = 1 ] && echo --fresh-decoder ) --set model.vae.decoder_base_dim=$W \
+        --stream-lr ${DECODER_LR:-1e-3} \
+        --wall-s $((WALL_S - SECONDS)) --reserve-s 20 --work-dir "$WORK/d$W" --parts-dir "$WORK/d$W/parts" \
+        ${EXTRA_DECODER:-} >"$OUT/d$W/log.txt" 2>&1 &
+      PIDS+=($!)
+    done
+    RC=0; for P in "${PIDS[@]}"; do wait $P || RC=$?; done
+    for W in "${DIMS[@]}"; do
+      tail -n 3 "$OUT/d$W/log.txt"; grep -h '"phase"' "$OUT/d$W/log.txt" | tail -n 2
+      cp "$WORK/d$W/parts/vae.safetensors" "$OUT/d$W/" || RC=1
+    done
+    [ $RC -eq 0 ] || { echo "a d process exited $RC" >&2; exit $RC; }
+    ;;
   *)
-    echo "unknown phase $PHASE: use prepare, 1, 2, 2s, bundle, all or 3" >&2
+    echo "unknown phase $PHASE: use prepare, 1, 2, 2s, bundle, all, 3, d or dbundle" >&2
     exit 2
     ;;
 esac

@@ -3,6 +3,8 @@
     python -m training.train_tiny --device cuda --vae-time-s 110 --dit-time-s 170     # the GPU run
     python -m training.train_tiny --vae-steps 20 --dit-steps 20 --num-streams 16      # a small CPU run
     python -m training.train_tiny --phases vae_stream --init-from PARTS --parts-dir OUT  # decoder on long streams
+    python -m training.train_tiny --phases vae_stream --init-bundle B --fresh-decoder \
+        --set model.vae.decoder_base_dim=8                                               # a narrower decoder
 
 Same classes as the 14B path at the tiny config (`configs/tiny.yaml`). The text encoder stays frozen at
 its seeded random init (the DiT learns to read whatever it gives; several prompts teach it to not care);
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Model
 
-from model.config import AppConfig, load_config
+from model.config import AppConfig, flag_value, load_config, resolve_key
 from model.encoders.audio import wav2vec2_config
 from model.encoders.text import TextEncoder
 from model.net.dit import AvatarDiT
@@ -208,14 +210,16 @@ def run_phase(trainer: Trainer, phase: str, total_steps: int, time_budget_s: flo
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, {"runtime.device": args.device})
+    cfg = load_config(args.config, {**config_overrides(args), "runtime.device": args.device})
     geometry = geometry_of(cfg)
     work_dir = Path(args.work_dir)
     if args.bundle_only:
         if not args.init_from:
             raise SystemExit("--bundle-only needs --init-from PARTS_DIR (the part bundles of a training run)")
         trainer = Trainer(cfg, args)
-        read_parts(trainer, Path(args.init_from))
+        if args.init_bundle:  # what the parts do not hold comes from this bundle
+            read_bundle(trainer, Path(args.init_bundle), fresh_decoder=args.fresh_decoder)
+        read_parts(trainer, Path(args.init_from), partial=bool(args.init_bundle))
         write_bundle(trainer, Path(args.out))
         return 0
     # Render before any CUDA work: the pool forks worker processes.
@@ -237,7 +241,7 @@ def train(args: argparse.Namespace) -> int:
         trainer.phase = "dit"
         print(f"started from the networks in {args.init_from}: DiT training only", flush=True)
     elif args.init_bundle:
-        read_bundle(trainer, Path(args.init_bundle))
+        read_bundle(trainer, Path(args.init_bundle), fresh_decoder=args.fresh_decoder)
         print(f"every network starts from {args.init_bundle} (the VAE phase trains its VAE, the DiT phase its DiT)",
               flush=True)
     if trainer.phase == "vae":
@@ -287,9 +291,10 @@ def train(args: argparse.Namespace) -> int:
 
 
 def trainer_for_stream(cfg: AppConfig, args: argparse.Namespace, work_dir: Path) -> Trainer:
-    """A trainer for the streaming decoder fine-tune: resumed from --work-dir, else the --init-from parts."""
-    if not args.init_from:
-        raise SystemExit("--phases vae_stream needs --init-from PARTS_DIR (the trained bundle's parts)")
+    """A trainer for the streaming decoder fine-tune: resumed from --work-dir, else the --init-from parts or the
+    --init-bundle (with --fresh-decoder: its encoder, and a decoder from random weights)."""
+    if not args.init_from and not args.init_bundle:
+        raise SystemExit("--phases vae_stream needs --init-from PARTS_DIR or --init-bundle BUNDLE (a trained avatar)")
     trainer = Trainer(cfg, args)
     if trainer.restore(work_dir):
         if trainer.phase != "vae_stream":
@@ -297,9 +302,14 @@ def trainer_for_stream(cfg: AppConfig, args: argparse.Namespace, work_dir: Path)
                              "use a fresh --work-dir")
         print(f"resumed {work_dir / STATE_FILE}: vae_stream step {trainer.step}", flush=True)
     else:
-        read_parts(trainer, Path(args.init_from))
+        source = args.init_from or args.init_bundle
+        if args.init_from:
+            read_parts(trainer, Path(args.init_from), fresh_decoder=args.fresh_decoder)
+        else:
+            read_bundle(trainer, Path(args.init_bundle), fresh_decoder=args.fresh_decoder)
         trainer.phase, trainer.step = "vae_stream", 0
-        print(f"started from the networks in {args.init_from}: decoder fine-tune on streams", flush=True)
+        fresh = " (a new decoder from random weights)" if args.fresh_decoder else ""
+        print(f"started from the networks in {source}: decoder on streams{fresh}", flush=True)
     return trainer
 
 
@@ -385,32 +395,58 @@ def write_parts(trainer: Trainer, parts_dir: Path) -> None:
         weights.save_bundle(parts_dir / f"{part}.safetensors", {n: nets[n] for n in names}, trainer.cfg)
 
 
-def read_parts(trainer: Trainer, parts_dir: Path) -> None:
+def read_parts(trainer: Trainer, parts_dir: Path, fresh_decoder: bool = False, partial: bool = False) -> None:
     """Fill the networks in place from `write_parts` output (VAE already fitted to the latent scale).
 
     In place (`load_state_dict`), so the parameters the optimizers hold are the ones that get trained.
+    `partial`: part files that are missing are skipped (the networks keep what they hold).
     """
     from safetensors.torch import load_file
 
     nets = networks(trainer)
     for part, names in PARTS.items():
         path = parts_dir / f"{part}.safetensors"
+        if partial and not path.exists():
+            continue
         weights.bundle_config(path)  # format check with a clear message
         tensors = load_file(str(path), device=str(trainer.device))
         for name in names:
-            prefix = f"{name}."
-            nets[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            load_network(nets[name], name, tensors, fresh_decoder)
 
 
-def read_bundle(trainer: Trainer, bundle: Path) -> None:
+def read_bundle(trainer: Trainer, bundle: Path, fresh_decoder: bool = False) -> None:
     """Fill every network in place from one bundle (the same architecture), e.g. the shipped one."""
     from safetensors.torch import load_file
 
     weights.bundle_config(bundle)  # format check with a clear message
     tensors = load_file(str(bundle), device=str(trainer.device))
     for name, module in networks(trainer).items():
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        load_network(module, name, tensors, fresh_decoder)
+
+
+def load_network(module: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], fresh_decoder: bool) -> None:
+    """One network's tensors (`name.` prefix) into `module`; with `fresh_decoder` the VAE takes only its encoder
+    side (the DiT's latents stay as trained) and keeps its decoder side as built (random, any width)."""
+    prefix = f"{name}."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not (fresh_decoder and name == "vae"):
+        module.load_state_dict(state)
+        return
+    missing, unexpected = module.load_state_dict({k: v for k, v in state.items() if is_encoder_side(k)}, strict=False)
+    if unexpected or any(is_encoder_side(k) for k in missing):
+        raise RuntimeError(f"the VAE's encoder side does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """`--set KEY=VALUE` pairs as config overrides (values read as the server's flags read them)."""
+    overrides = {}
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.vae.decoder_base_dim=8")
+        dotted = resolve_key(key.strip())
+        overrides[dotted] = flag_value(dotted, text.strip())
+    return overrides
 
 
 def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_dir: Path,
@@ -419,7 +455,8 @@ def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_
     from training.diagnose import row, vae_round_trip
     from training.lip_sync_check import generate_frames, heldout_samples, score_video
 
-    eval_cfg = load_config(config, {"model.checkpoint": str(bundle), "runtime.device": cfg.runtime.device})
+    eval_cfg = load_config(config, {"model.vae.decoder_base_dim": cfg.model.vae.decoder_base_dim,
+                                    "model.checkpoint": str(bundle), "runtime.device": cfg.runtime.device})
     models = AvatarModels.load(eval_cfg)
     avatar = StreamingAvatar(models, eval_cfg)
     rows = []
@@ -509,7 +546,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--parts-dir", default=None, help="where the three part bundles go (default WORK_DIR/parts)")
     p.add_argument("--init-from", default=None, help="part bundles to start DiT training from (skips the VAE)")
-    p.add_argument("--bundle-only", action="store_true", help="with --init-from: only write --out and stop")
+    p.add_argument("--bundle-only", action="store_true",
+                   help="with --init-from: only write --out and stop (with --init-bundle too: parts missing from "
+                        "--init-from come from that bundle)")
+    p.add_argument("--fresh-decoder", action="store_true",
+                   help="the VAE's decoder side starts from random weights, not from --init-bundle/--init-from "
+                        "(their encoder is kept): a decoder of another width, with --set model.vae.decoder_base_dim=N")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config key of --config changed for this run (repeatable), e.g. model.vae.decoder_base_dim=8")
     p.add_argument("--eval-samples", type=int, default=0, help="held-out samples to score after training")
     p.add_argument("--eval-clips", type=int, default=None, help="score only the first N clips of each sample")
     p.add_argument("--heldout-bank", default=None,

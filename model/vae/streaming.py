@@ -36,6 +36,7 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKLWan:
     """An `AutoencoderKLWan` of the configured size with random weights (load weights afterwards)."""
     vae = AutoencoderKLWan(
         base_dim=cfg.base_dim,
+        decoder_base_dim=cfg.decoder_base_dim,
         z_dim=cfg.z_dim,
         dim_mult=list(cfg.dim_mult),
         num_res_blocks=cfg.num_res_blocks,
