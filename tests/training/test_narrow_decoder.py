@@ -12,7 +12,14 @@ from model.vae.streaming import AvatarVAE, build_vae
 from model.weights import checkpoint as weights
 from model.weights.names import CheckpointError
 from training import train_tiny
-from training.train_tiny import Trainer, config_overrides, is_encoder_side, read_bundle, read_parts, write_parts
+from training.train_tiny import (
+    Trainer,
+    config_overrides,
+    is_encoder_side,
+    read_bundle,
+    read_parts,
+    write_parts,
+)
 
 SHIPPED = "model/assets/tiny_avatar.safetensors"
 WIDTH = 12  # neither the encoder's width (16) nor a width a bundle ships with
