@@ -99,10 +99,10 @@ async def measure(cfg, steps: int, pcm: np.ndarray, delivery: str = "parts") -> 
     first = first_clip_frame(client.video, reference, np.concatenate(engine.made_frames))
     received, arrival = audio_timeline(client.audio)
     chunks = align_chunks(pcm, received)  # the voice may gain short gaps where the delay steps up
-    # When sample 0 came back, from the opening chunks that came back whole (median: a chunk of a sentence
-    # spoken again later in another voice can match there instead)
-    opening = [c for c in chunks if c.peak > 0.8][:10] or chunks[:1]
-    sample0_arrival_s = float(np.median([arrival[c.lag_samples] - c.start_samples / 48000 for c in opening]))
+    # When sample 0 came back, from the first chunk that came back whole (a chunk that did not can match a
+    # sentence spoken again later in another voice; later chunks may have waited for a raised playout delay)
+    opening = next((c for c in chunks if c.peak > 0.8), chunks[0])
+    sample0_arrival_s = arrival[opening.lag_samples] - opening.start_samples / 48000
     sent_s = client.mic._start_s  # wall time the first speech sample was handed to WebRTC
     stats = client.stats()
     generation = [s["generation_ms"] for s in stats if s["generation_ms"] is not None]

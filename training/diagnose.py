@@ -12,7 +12,7 @@ server's `StreamingDecoder`, clip by clip: if that row already loses the mouth, 
 clip of the VAE round trip through one `StreamingDecoder` on one continuous cache (`streamed`), through the
 bounded-context decoder as served (`bounded`: model.vae.stream_* of configs/tiny.yaml, changed with e.g.
 `--set model.vae.stream_context_frames=2`) when its context is > 0, and each clip decoded by a fresh decoder
-primed with the reference (`fresh`); `drift_ratio` is the worst clip over the first. `jump` says whether the
+primed as a session is (`stream.decoder_prime`: the still video's first 7 latents) (`fresh`); `drift_ratio` is the worst clip over the first. `jump` says whether the
 video continues across clips: the mean absolute difference (0-255) from the last frame of each clip to the
 first of the next (`clip_start`), the same between neighbouring frames inside a clip (`inside`), and the
 largest step between two neighbouring frames anywhere (`max`); `truth_jump` is that of the true frames.
@@ -27,8 +27,9 @@ import time
 import numpy as np
 import torch
 
-from model.config import load_config
+from model.config import StreamConfig, load_config
 from model.stream.avatar import AvatarModels, StreamingAvatar, image_to_tensor, video_to_frames
+from model.stream.scheme import motion_start
 from model.vae.streaming import TIME_STRIDE, AvatarVAE
 from training.lip_sync_check import LipSyncReport, generate_frames, heldout_samples, score_video
 from training.talking_dataset import TalkingSample
@@ -36,18 +37,27 @@ from training.vae_training import to_video_tensor
 
 
 @torch.inference_mode()
+def served_prime(vae: AvatarVAE, reference: np.ndarray, stream: StreamConfig | None = None) -> torch.Tensor:
+    """The latents a session primes its decoder with for `reference` (`stream.decoder_prime`; default: the
+    reference scheme's first 7 latents of the still video)."""
+    image = image_to_tensor(reference).to(vae.device)
+    ref_latent = vae.encode_reference(image)
+    return motion_start(stream or StreamConfig(), vae, image.to(vae.dtype), ref_latent).decoder_prime
+
+
+@torch.inference_mode()
 def vae_round_trip(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int, context_frames: int | None = None,
-                   restart_frames: int | None = None, timings: list[float] | None = None) -> np.ndarray:
+                   restart_frames: int | None = None, timings: list[float] | None = None,
+                   stream: StreamConfig | None = None) -> np.ndarray:
     """True frames -> causal encode (reference first) -> streaming decode clip by clip -> uint8 frames.
 
-    The decoder is the served one (the VAE's `apply_stream` settings) unless `context_frames`/`restart_frames`
-    say otherwise; each clip's decode time (s) is appended to `timings` when given."""
+    The decoder is the served one (primed as `stream` says, the VAE's `apply_stream` settings) unless
+    `context_frames`/`restart_frames` say otherwise; each clip's decode time (s) is appended to `timings`."""
     usable = len(sample.frames) // frames_per_clip * frames_per_clip
     video = to_video_tensor(np.concatenate([sample.reference[None], sample.frames[:usable]])[None], vae.device)
     moments = vae.vae._encode(video.to(vae.dtype))
     latents = vae.normalize(moments[:, : vae.latent_channels])
-    ref_latent = vae.encode_reference(image_to_tensor(sample.reference))
-    decoder = vae.new_decoder(ref_latent, context_frames, restart_frames)
+    decoder = vae.new_decoder(served_prime(vae, sample.reference, stream), context_frames, restart_frames)
     per_clip = frames_per_clip // TIME_STRIDE
     clips = []
     for k in range(0, latents.shape[2] - 1, per_clip):
@@ -66,15 +76,16 @@ def clip_errors(frames: np.ndarray, truth: np.ndarray, frames_per_clip: int) -> 
 
 
 @torch.inference_mode()
-def fresh_decoder_round_trip(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int) -> np.ndarray:
-    """Each clip encoded after the reference and decoded by its own new decoder (the single-clip case)."""
-    ref_latent = vae.encode_reference(image_to_tensor(sample.reference))
+def fresh_decoder_round_trip(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int,
+                             stream: StreamConfig | None = None) -> np.ndarray:
+    """Each clip encoded after the reference and decoded by its own new decoder, primed as served."""
+    prime = served_prime(vae, sample.reference, stream)
     clips = []
     for start in range(0, len(sample.frames) // frames_per_clip * frames_per_clip, frames_per_clip):
         video = to_video_tensor(np.concatenate([sample.reference[None], sample.frames[start:start + frames_per_clip]])
                                 [None], vae.device)
         latents = vae.normalize(vae.vae._encode(video.to(vae.dtype))[:, : vae.latent_channels])
-        clips.append(vae.new_decoder(ref_latent, context_frames=0).decode(latents[:, :, 1:]))
+        clips.append(vae.new_decoder(prime, context_frames=0).decode(latents[:, :, 1:]))
     return video_to_frames(torch.cat(clips, dim=2))
 
 
@@ -87,26 +98,29 @@ def frame_jumps(frames: np.ndarray, frames_per_clip: int) -> dict:
 
 
 def _decode_row(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int, context_frames: int | None,
-                restart_frames: int | None) -> dict:
+                restart_frames: int | None, stream: StreamConfig | None) -> dict:
     """Errors, drift ratio, frame steps and decode time of one round trip (None: the VAE's own settings)."""
     timings: list[float] = []
-    frames = vae_round_trip(vae, sample, frames_per_clip, context_frames, restart_frames, timings)
+    frames = vae_round_trip(vae, sample, frames_per_clip, context_frames, restart_frames, timings, stream)
     errors = clip_errors(frames, sample.frames, frames_per_clip)
     return {"errors": errors, "drift_ratio": round(max(errors) / max(errors[0], 1e-6), 2), "worst": max(errors),
             "jump": frame_jumps(frames, frames_per_clip),
             "decode_ms_per_clip": round(1000 * float(np.mean(timings)), 1)}
 
 
-def streaming_drift(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int) -> dict:
+def streaming_drift(vae: AvatarVAE, sample: TalkingSample, frames_per_clip: int,
+                    stream: StreamConfig | None = None) -> dict:
     """Per-clip error of one StreamingDecoder on a continuous cache (`streamed`), of the bounded-context decoder
-    (`bounded`, the VAE's `apply_stream` settings, when its context is > 0) and of fresh decoders per clip."""
-    continuous = _decode_row(vae, sample, frames_per_clip, 0, None)
-    fresh = clip_errors(fresh_decoder_round_trip(vae, sample, frames_per_clip), sample.frames, frames_per_clip)
+    (`bounded`, the VAE's `apply_stream` settings, when its context is > 0) and of fresh decoders per clip, each
+    primed as a session under `stream` primes it."""
+    continuous = _decode_row(vae, sample, frames_per_clip, 0, None, stream)
+    fresh = clip_errors(fresh_decoder_round_trip(vae, sample, frames_per_clip, stream), sample.frames,
+                        frames_per_clip)
     result = {"streamed": continuous.pop("errors"), "fresh": fresh, **continuous}
     if vae.stream_context_frames > 0:
         result["bounded"] = {"context_frames": vae.stream_context_frames, "restart_frames": vae.stream_restart_frames,
                              "crossfade": vae.stream_crossfade,
-                             **_decode_row(vae, sample, frames_per_clip, None, None)}
+                             **_decode_row(vae, sample, frames_per_clip, None, None, stream)}
     result["truth_jump"] = frame_jumps(sample.frames, frames_per_clip)
     return result
 
@@ -121,7 +135,7 @@ def drift(bundle: str, count: int, clips: int, heldout_bank: str | None = None, 
     rows = []
     for index, sample in enumerate(heldout_samples(cfg, count, heldout_bank, clips)):
         rows.append({"sample": index, "clips": len(sample.frames) // cfg.video.infer_frames,
-                     **streaming_drift(vae, sample, cfg.video.infer_frames)})
+                     **streaming_drift(vae, sample, cfg.video.infer_frames, cfg.stream)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -145,7 +159,7 @@ def diagnose(bundle: str, count: int, full: bool, threads: int = 2, overrides: d
     for index, sample in enumerate(heldout_samples(cfg, count)):
         truth = (sample.opening, sample.mouth_box, sample.reference)
         rows.append({"sample": index, **row("truth", score_video(sample.frames, *truth))})
-        recon = vae_round_trip(models.vae, sample, cfg.video.infer_frames)
+        recon = vae_round_trip(models.vae, sample, cfg.video.infer_frames, stream=cfg.stream)
         rows.append({"sample": index, **row("vae", score_video(recon, *truth))})
         if avatar is not None:
             frames = generate_frames(avatar, sample.reference, sample.audio, cfg.server.prompt)

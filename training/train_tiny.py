@@ -363,7 +363,7 @@ def drift_rows(trainer: Trainer, args: argparse.Namespace) -> list[dict]:
     for index, sample in enumerate(heldout_samples(trainer.cfg, args.eval_samples, args.heldout_bank,
                                                    args.drift_clips)):
         rows.append({"sample": index, "clips": len(sample.frames) // trainer.cfg.video.infer_frames,
-                     **streaming_drift(vae, sample, trainer.cfg.video.infer_frames)})
+                     **streaming_drift(vae, sample, trainer.cfg.video.infer_frames, trainer.cfg.stream)})
         print(json.dumps({"drift": rows[-1]}), flush=True)
     return rows
 
@@ -462,7 +462,7 @@ def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_
     rows = []
     for index, sample in enumerate(heldout_samples(eval_cfg, count, heldout_bank, max_clips)):
         truth = (sample.opening, sample.mouth_box, sample.reference)
-        recon = vae_round_trip(models.vae, sample, eval_cfg.video.infer_frames)
+        recon = vae_round_trip(models.vae, sample, eval_cfg.video.infer_frames, stream=eval_cfg.stream)
         frames = generate_frames(avatar, sample.reference, sample.audio, eval_cfg.server.prompt)
         rows += [{"sample": index, **row("vae", score_video(recon, *truth))},
                  {"sample": index, **row("model", score_video(frames, *truth))}]
@@ -480,7 +480,7 @@ def evaluate_vae(trainer: Trainer, args: argparse.Namespace, work_dir: Path) -> 
         rows = []
         for index, sample in enumerate(heldout_samples(trainer.cfg, args.eval_samples, args.heldout_bank,
                                                        args.eval_clips)):
-            recon = vae_round_trip(vae, sample, trainer.cfg.video.infer_frames)
+            recon = vae_round_trip(vae, sample, trainer.cfg.video.infer_frames, stream=trainer.cfg.stream)
             rows.append({"sample": index, **row("vae", score_video(recon, sample.opening, sample.mouth_box,
                                                                     sample.reference))})
             print(json.dumps(rows[-1]), flush=True)

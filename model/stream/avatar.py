@@ -16,6 +16,7 @@ class, so all of them make the same DiT calls.
 """
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from model.stream.scheme import SinkDistances, clip_noise, motion_start
 from model.stream.sizing import fit_reference_image, rgb_image, session_frame_size
 from model.vae.streaming import TIME_STRIDE, AvatarVAE, StreamingDecoder, build_vae
 from model.weights.hub import resolve_checkpoint
+from model.weights.names import CheckpointError
+
+LOG = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,9 +169,33 @@ def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Mod
     from model.weights.published import load_published
 
     if path.is_file():
-        load_bundle(path, modules, device=device, dtype=dtype)
+        trained = _bundle_training_config(path)
+        try:
+            load_bundle(path, modules, device=device, dtype=dtype)
+        except CheckpointError as exc:
+            width, ours = trained.model.vae.decoder_base_dim, cfg.model.vae.decoder_base_dim
+            if width != ours:
+                raise CheckpointError(f"{exc}\n  {path} holds a VAE decoder of base width {width or 'base_dim'}, this "
+                                      f"config builds {ours or 'base_dim'}: --model.vae.decoder_base_dim "
+                                      f"{width if width is not None else 'null'}") from None
+            raise
+        _warn_off_training(cfg, trained, path)
     else:
         load_published(path, cfg, device=device, dtype=dtype, **modules)
+
+
+def _bundle_training_config(path: Path) -> AppConfig:
+    from model.weights.checkpoint import bundle_config
+
+    return bundle_config(path)
+
+
+def _warn_off_training(cfg: AppConfig, trained: AppConfig, path: Path) -> None:
+    """One log line when a session decodes in a way the bundle's decoder never saw: the tiny decoder learned
+    to continue the still video's latents (`stream.decoder_prime`), and primed otherwise it draws a blur."""
+    if trained.stream.decoder_prime != cfg.stream.decoder_prime:
+        LOG.warning("%s was trained with --stream.decoder_prime %s; this config uses %s, which its decoder never saw "
+                    "(expect a blurred picture)", path, trained.stream.decoder_prime, cfg.stream.decoder_prime)
 
 
 # ----------------------------------------------------------------------------- image helpers

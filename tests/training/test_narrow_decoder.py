@@ -100,3 +100,18 @@ def test_set_reads_values_as_flags_do_and_refuses_malformed_pairs() -> None:
         config_overrides(trainer_args(**{"--set": "model.vae.decoder_base_dim"}))
     with pytest.raises(ConfigError, match="unknown option"):
         config_overrides(trainer_args(**{"--set": "model.vae.no_such_key=1"}))
+
+
+def test_the_shipped_bundle_names_its_decoder_width_and_the_prime_its_decoder_was_trained_on(caplog) -> None:
+    from model.stream.avatar import AvatarModels
+
+    shipped = weights.bundle_config(SHIPPED)
+    width = shipped.model.vae.decoder_base_dim
+    assert load_config(None).model.vae.decoder_base_dim == width  # configs/tiny.yaml builds what ships
+    with pytest.raises(CheckpointError, match=f"--model.vae.decoder_base_dim {width}"):
+        AvatarModels.load(load_config(None, {"model.vae.decoder_base_dim": WIDTH}))
+    with caplog.at_level("WARNING", logger="model.stream.avatar"):
+        AvatarModels.load(load_config(None))
+        assert not [r for r in caplog.records if "decoder_prime" in r.getMessage()]
+        AvatarModels.load(load_config(None, {"stream.scheme": "ours"}))  # primes the decoder with the reference alone
+    assert [r for r in caplog.records if f"--stream.decoder_prime {shipped.stream.decoder_prime}" in r.getMessage()]
