@@ -48,8 +48,8 @@ def test_silence_keeps_the_mouth_closed(cfg):
 
 # DRIFT GATE: as served, the colours hold across clips. Through one continuous decoder cache the shipped decoder
 # drifts on held-out samples: 10.4 -> 10.8 -> 12.2 -> 19.2 -> 24.4 /255 over 8 clips (each clip alone ~10.5).
-# configs/tiny.yaml therefore bounds the decoder's context (model.vae.stream_context_frames 1,
-# stream_restart_frames 9, crossfaded; model/vae/streaming.py): 10.4 10.4 10.7 10.5 11.1 11.4 10.4 11.2
+# configs/tiny.yaml therefore bounds the decoder's context (model.vae.stream_context_frames 3,
+# stream_restart_frames 9, crossfaded; model/vae/streaming.py): 10.4 10.4 10.4 10.9 11.4 10.2 11.0 11.7
 # (BENCHMARKS.md, `python -m training.diagnose --drift`).
 STREAM_DRIFT_CLIPS = 5
 STREAM_DRIFT_MAX_RATIO = 2.0  # no clip worse than twice the first
