@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import load_config
+from model.config import load_config, set_overrides
 from model.io_types import VideoClip
 from server.engine import ModelEngine
 from server.reference_image import drawn_reference, resize_rgb
@@ -143,12 +143,7 @@ def main() -> int:
                         "(e.g. minutes of held-out speech: python -m training.long_stream's voices)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model (runtime.num_threads)")
     args = parser.parse_args()
-    overrides = {"runtime.num_threads": args.threads}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key] = value
+    overrides = {"runtime.num_threads": args.threads, **set_overrides(args.overrides)}
     pcm = speech(args.seconds, args.audio)
     rows = []
     frames_per_clip = load_config(args.config, overrides).video.infer_frames

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import load_config
+from model.config import load_config, set_overrides
 from model.io_types import VideoClip
 from server.reference_image import drawn_reference, resize_rgb
 from server.tracks import AvatarVideoTrack
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="runtime.num_threads")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     args = parser.parse_args()
-    overrides = {"runtime.num_threads": args.threads, **dict(kv.split("=", 1) for kv in args.set)}
+    overrides = {"runtime.num_threads": args.threads, **set_overrides(args.set)}
     cfg = load_config(args.config, overrides)
     rows = asyncio.run(run(cfg, args.runs, args.seconds))
     rows = [r for r in rows if r["peak"] > 0.8]  # a run whose speech never came back has no latency

@@ -641,6 +641,18 @@ def flag_value(dotted: str, text: str) -> Any:
         raise ConfigError(f"--{dotted}: {text!r} is not a value ({getattr(exc, 'problem', None) or exc})") from None
 
 
+def set_overrides(items: Iterable[str]) -> dict[str, str]:
+    """The `--set KEY=VALUE` items of a tool as overrides for `load_config` (which checks the keys and reads the
+    values as flags are read)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, e.g. model.vae.decoder_base_dim=8; got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
     """Read a preset, apply `overrides` (flag name -> value), validate, return typed config."""
     path = Path(path) if path else DEFAULT_CONFIG

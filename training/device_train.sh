@@ -13,12 +13,12 @@
 #   bash training/device_train.sh c         # GPU call: both continued from q's parts (copied into $IN) -> the same
 #   bash training/device_train.sh all       # a GPU machine without a per-call limit: 1, 2s and bundle in a row
 #   bash training/device_train.sh 3         # GPU call: decoder fine-tune on long streams from $IN/phase3/parts
+#                                           #   -> $OUT/phase3b/{parts/*.safetensors,log.txt,eval_drift.json,eval.json}
 #   bash training/device_train.sh d         # GPU call: a new, narrower decoder for each width in DECODER_DIMS (default
 #                                           #   "8"), side by side, on the shipped bundle's frozen encoder, trained on
 #                                           #   long streams from random weights -> $OUT/d<width>/{vae.safetensors,log.txt}
 #                                           #   (FRESH_DECODER=0 INIT_BUNDLE=<a dbundle output>: continue that decoder)
 #   bash training/device_train.sh dbundle   # here: the shipped bundle with $IN/d<DECODER_DIM>/vae.safetensors as its VAE
-#                                           #   -> $OUT/phase3b/{parts/*.safetensors,log.txt,eval_drift.json,eval.json}
 #   DRY=1 bash training/device_train.sh 1   # the same code for a few steps on the CPU (then DRY=1 ... 2)
 #
 # $IN (default artifacts/device_in, ignored by git) holds speech_bank.npz, heldout_bank.npz and, for
@@ -104,10 +104,12 @@ if [ "$PHASE" = dbundle ]; then
   DIM=${DECODER_DIM:-8}
   test -f "$IN/d$DIM/vae.safetensors" || { echo "no $IN/d$DIM/vae.safetensors: copy the d call's d$DIM/ into $IN" >&2; exit 2; }
   SHIPPED=${INIT_BUNDLE:-model/assets/tiny_avatar.safetensors}
-  MERGED=$IN/merged_parts; rm -rf "$MERGED"; mkdir -p "$MERGED"
-  cp "$IN/d$DIM/vae.safetensors" "$MERGED/"
-  cp "$SHIPPED" "$IN/shipped_before_d.safetensors"
-  PYTHONPATH=. "$PY" -m training.train_tiny --bundle-only --init-bundle "$IN/shipped_before_d.safetensors" --fresh-decoder \
+  # a copy of the bundle read (the output may overwrite it) and the part, outside $IN (which travels to the GPU)
+  TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT; mkdir -p "$TMP/merged"
+  cp "$IN/d$DIM/vae.safetensors" "$TMP/merged/"
+  cp "$SHIPPED" "$TMP/before.safetensors"
+  MERGED=$TMP/merged
+  PYTHONPATH=. "$PY" -m training.train_tiny --bundle-only --init-bundle "$TMP/before.safetensors" --fresh-decoder \
     --init-from "$MERGED" --set model.vae.decoder_base_dim=$DIM --out "${BUNDLE:-model/assets/tiny_avatar.safetensors}"
   exit 0
 fi

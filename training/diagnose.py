@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from model.config import StreamConfig, load_config
+from model.config import StreamConfig, load_config, set_overrides
 from model.stream.avatar import AvatarModels, StreamingAvatar, image_to_tensor, video_to_frames
 from model.stream.scheme import motion_start
 from model.vae.streaming import TIME_STRIDE, AvatarVAE
@@ -182,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set model.vae.stream_context_frames=2 (repeatable)")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            p.error(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key] = value
+    overrides = set_overrides(args.overrides)
     if args.drift:
         drift(args.bundle, args.count, args.clips, args.heldout_bank, args.threads, overrides)
         return 0

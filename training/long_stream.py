@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from evaluation.metrics import lip_sync, mouth_opening
-from model.config import REPO_ROOT
+from model.config import REPO_ROOT, set_overrides
 from model.stream.windowing import ClipWindower
 from training.mouth_motion import mouth_track
 from training.speech import HELDOUT_SENTENCES, SAMPLE_RATE_HZ, Utterance
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-restore", action="store_true", help="one stream judged bare and with "
                    "video.detail_restore (applied to the decoded frames): before/after from the same run")
     args = p.parse_args(argv)
-    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = set_overrides(args.set)
     report, frames = evaluate_bundle(args.bundle, args.subject, args.seconds, args.window_s, args.seed, overrides,
                                      args.threads, tuple(args.voices.split(",")), args.compare_restore)
     summary = report.summary()

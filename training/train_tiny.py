@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Model
 
-from model.config import AppConfig, flag_value, load_config, resolve_key
+from model.config import AppConfig, load_config, set_overrides
 from model.encoders.audio import wav2vec2_config
 from model.encoders.text import TextEncoder
 from model.net.dit import AvatarDiT
@@ -210,7 +210,7 @@ def run_phase(trainer: Trainer, phase: str, total_steps: int, time_budget_s: flo
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, {**config_overrides(args), "runtime.device": args.device})
+    cfg = load_config(args.config, {**set_overrides(args.set), "runtime.device": args.device})
     geometry = geometry_of(cfg)
     work_dir = Path(args.work_dir)
     if args.bundle_only:
@@ -437,18 +437,6 @@ def load_network(module: torch.nn.Module, name: str, tensors: dict[str, torch.Te
         raise RuntimeError(f"the VAE's encoder side does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
-def config_overrides(args: argparse.Namespace) -> dict:
-    """`--set KEY=VALUE` pairs as config overrides (values read as the server's flags read them)."""
-    overrides = {}
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.vae.decoder_base_dim=8")
-        dotted = resolve_key(key.strip())
-        overrides[dotted] = flag_value(dotted, text.strip())
-    return overrides
-
-
 def evaluate(config: str | None, cfg: AppConfig, bundle: Path, count: int, work_dir: Path,
              heldout_bank: str | None = None, max_clips: int | None = None) -> None:
     """Lip sync on held-out speakers through the normal loader and the streaming avatar (and the VAE alone)."""
@@ -552,7 +540,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-decoder", action="store_true",
                    help="the VAE's decoder side starts from random weights, not from --init-bundle/--init-from "
                         "(their encoder is kept): a decoder of another width, with --set model.vae.decoder_base_dim=N")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config key of --config changed for this run (repeatable), e.g. model.vae.decoder_base_dim=8")
     p.add_argument("--eval-samples", type=int, default=0, help="held-out samples to score after training")
     p.add_argument("--eval-clips", type=int, default=None, help="score only the first N clips of each sample")

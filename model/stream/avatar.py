@@ -165,11 +165,11 @@ def _sharded_modules(cfg: AppConfig, group: parallel.ParallelGroup, checkpoint: 
 def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Module], device: torch.device,
                      dtype: torch.dtype) -> None:
     """Fill the `meta` modules from disk: one .safetensors bundle, or a published checkpoint folder."""
-    from model.weights.checkpoint import load_bundle
+    from model.weights.checkpoint import bundle_config, load_bundle
     from model.weights.published import load_published
 
     if path.is_file():
-        trained = _bundle_training_config(path)
+        trained = bundle_config(path)  # the config it was trained with (decoder width, how its decoder was primed)
         try:
             load_bundle(path, modules, device=device, dtype=dtype)
         except CheckpointError as exc:
@@ -182,12 +182,6 @@ def _load_checkpoint(cfg: AppConfig, path: Path, modules: dict[str, torch.nn.Mod
         _warn_off_training(cfg, trained, path)
     else:
         load_published(path, cfg, device=device, dtype=dtype, **modules)
-
-
-def _bundle_training_config(path: Path) -> AppConfig:
-    from model.weights.checkpoint import bundle_config
-
-    return bundle_config(path)
 
 
 def _warn_off_training(cfg: AppConfig, trained: AppConfig, path: Path) -> None:

@@ -7,14 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.config import ConfigError, load_config
+from model.config import ConfigError, load_config, set_overrides
 from model.vae.streaming import AvatarVAE, build_vae
 from model.weights import checkpoint as weights
 from model.weights.names import CheckpointError
 from training import train_tiny
 from training.train_tiny import (
     Trainer,
-    config_overrides,
     is_encoder_side,
     read_bundle,
     read_parts,
@@ -92,14 +91,14 @@ def test_bundle_only_merges_a_new_vae_part_into_a_bundle(tmp_path) -> None:
 
 
 def test_set_reads_values_as_flags_do_and_refuses_malformed_pairs() -> None:
-    assert config_overrides(trainer_args(**{"--set": "model.vae.decoder_base_dim=8"})) == {
-        "model.vae.decoder_base_dim": 8}
-    assert config_overrides(trainer_args(**{"--set": "model.vae.decoder_base_dim=null"})) == {
-        "model.vae.decoder_base_dim": None}
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        config_overrides(trainer_args(**{"--set": "model.vae.decoder_base_dim"}))
+    assert set_overrides(trainer_args(**{"--set": "model.vae.decoder_base_dim=8"}).set) == {
+        "model.vae.decoder_base_dim": "8"}
+    assert load_config(None, set_overrides(["model.vae.decoder_base_dim=8"])).model.vae.decoder_base_dim == 8
+    assert load_config(None, set_overrides(["model.vae.decoder_base_dim=null"])).model.vae.decoder_base_dim is None
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        set_overrides(trainer_args(**{"--set": "model.vae.decoder_base_dim"}).set)
     with pytest.raises(ConfigError, match="unknown option"):
-        config_overrides(trainer_args(**{"--set": "model.vae.no_such_key=1"}))
+        train_tiny.main(["--bundle-only", "--init-from", "x", "--set", "model.vae.no_such_key=1"])
 
 
 def test_the_shipped_bundle_names_its_decoder_width_and_the_prime_its_decoder_was_trained_on(caplog) -> None:
