@@ -129,14 +129,20 @@ async def test_spoken_wav_reaches_two_whep_viewers_in_sync(speech_pcm, queued_pa
     # a received frame counts only if much nearer a made frame than the reference; the avatar now keeps its
     # reference's face, so after VP8 only frames with a clearly open mouth qualify (about a third of them)
     assert len(seen[0]) >= 0.25 * len(spoken), (len(seen[0]), len(spoken))
-    # near-identical made frames (the face held, the mouth still) are told apart only by codec noise, so a frame
-    # one viewer matched and the other did not counts as different only if no frame the other saw looks like it
-    def rms(i: int, j: int) -> float:
-        return float(np.sqrt(np.mean((every[i].astype(np.float32) - every[j].astype(np.float32)) ** 2)))
+    # Near-identical made frames (the face held, the mouth still) differ by less than VP8's noise at 64*64 (made
+    # frames 2.5-3.5 levels RMS apart, a received frame 3.5-4.5 from its source), so which index a frame lands on
+    # is a coin toss. A frame one viewer matched counts as missing from the other only if none of the other's
+    # received frames comes as near to it: the same frame through another encoder is within codec noise of it,
+    # a different generation would be a made frame's distance further.
+    def nearest(viewer: WhepClient) -> np.ndarray:
+        received = np.stack([v.rgb for v in viewer.video]).astype(np.float32)
+        return np.array([np.sqrt(np.mean((received - frame.astype(np.float32)) ** 2, axis=(1, 2, 3))).min()
+                         for frame in every])
 
-    distinct = [i for k in (0, 1) for i in seen[k] - seen[1 - k]
-                if not seen[1 - k] or min(rms(i, j) for j in seen[1 - k]) >= 2.0]
-    assert len(distinct) <= 0.2 * len(seen[0] | seen[1]), (distinct, sorted(seen[0]), sorted(seen[1]))
+    distances = [nearest(first), nearest(second)]
+    missing = [i for k in (0, 1) for i in seen[k] - seen[1 - k] if distances[1 - k][i] > 1.25 * distances[k][i]]
+    assert len(missing) <= 0.2 * len(seen[0] | seen[1]), (
+        [(i, round(float(distances[0][i]), 2), round(float(distances[1][i]), 2)) for i in missing])
 
     # A/V offset: each speech frame the viewer received against the returned voice at that frame's stream time
     # (found by its own short chunk of speech, so playout pauses before it do not count); the median of them
