@@ -141,6 +141,8 @@ class VideoConfig:
     detail_restore: bool = False
     detail_settle_s: float = 16.0  # the baseline falls to a darker frame over this long (a steady error sinks in)
     detail_rise_s: float = 0.125  # and rises to a brighter one this fast (a closing mouth is the baseline again)
+    # Neither show nor follow a frame's frame-wide change (its median): the model's flashes and exposure drift.
+    detail_steady_exposure: bool = False
 
     @property
     def width(self) -> int:

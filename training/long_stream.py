@@ -199,7 +199,7 @@ def restore_frames(frames: np.ndarray, reference: np.ndarray, cfg, per_call: int
     from model.stream.detail import DetailRestore
 
     restore = DetailRestore(image_to_tensor(reference), cfg.video.fps, cfg.video.detail_settle_s,
-                            cfg.video.detail_rise_s)
+                            cfg.video.detail_rise_s, cfg.video.detail_steady_exposure)
     out = []
     for start in range(0, len(frames), per_call):
         video = torch.from_numpy(frames[start:start + per_call]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0

@@ -20,6 +20,13 @@ mouth darkens the frame, so a closed mouth (the bright state) is the baseline an
 added to the reference's closed mouth, while a steady error of the model sinks into the baseline and is
 not shown. The baseline starts at the stream's first frame.
 
+Steady exposure (`video.detail_steady_exposure`): the frame-wide part of a change (each channel's median change
+over the frame: the mouth is a small part of it) is neither shown nor followed by the baseline. What moves the
+whole frame at once is the model's error, not the talking: a decoder that swaps its cache every few clips
+(`model.vae.stream_context_frames`) draws the first frames after a swap a little brighter, and an upper-envelope
+baseline rises to each such flash within `rise_s` but sinks back only over `settle_s`, so without this the
+viewer's face sits a flash's brightness below the reference.
+
 This is this project's option (`video.detail_restore`), on in the tiny preset and off in the 14B preset
 (the reference's path): a model that turns the head would leave a faint copy of the still reference under
 the moved head. Cost: a handful of elementwise passes per frame.
@@ -36,7 +43,8 @@ LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights of R, G, B in a change of brigh
 class DetailRestore:
     """Per session: the reference [1, 3, H, W] in [-1, 1] and the running baseline of the frames drawn so far."""
 
-    def __init__(self, reference: torch.Tensor, fps: float, settle_s: float, rise_s: float) -> None:
+    def __init__(self, reference: torch.Tensor, fps: float, settle_s: float, rise_s: float,
+                 steady_exposure: bool = False) -> None:
         if reference.ndim != 4 or reference.shape[:2] != (1, 3):
             raise ValueError(f"reference must be [1, 3, H, W], got {tuple(reference.shape)}")
         if settle_s <= 0 or rise_s <= 0:
@@ -44,6 +52,7 @@ class DetailRestore:
         self.reference = reference[0].float()  # [3, H, W]
         self.fall = 1.0 - math.exp(-1.0 / (settle_s * fps))  # per-frame step toward a darker frame
         self.rise = 1.0 - math.exp(-1.0 / (rise_s * fps))  # per-frame step toward a brighter frame
+        self.steady_exposure = steady_exposure  # drop each frame's frame-wide change (see the module docstring)
         self.baseline: torch.Tensor | None = None  # [3, H, W]
         self.luma = torch.tensor(LUMA, dtype=torch.float32, device=reference.device).view(3, 1, 1)
 
@@ -56,6 +65,8 @@ class DetailRestore:
         baseline = self.baseline
         for t, frame in enumerate(frames):
             change = frame - baseline
+            if self.steady_exposure:
+                change = change - change.flatten(1).median(dim=1).values.view(3, 1, 1)
             out[t] = self.reference + (change * self.luma).sum(dim=0, keepdim=True)
             step = torch.where(change > 0, self.rise, self.fall)
             baseline = baseline + step * change

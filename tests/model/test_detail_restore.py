@@ -59,12 +59,36 @@ def test_a_steady_error_of_the_model_sinks_into_the_baseline():
     assert last.abs().max() < 0.01  # five settle times later: gone
 
 
-def test_state_carries_over_calls_so_any_split_gives_the_same_frames():
+def test_steady_exposure_shows_no_frame_wide_flash_and_keeps_the_mouth():
+    """A decoder-swap flash (the whole frame a little brighter for two frames, every 36 frames) lifts a plain
+    upper-envelope baseline for good, darkening what the viewer sees; with steady exposure it shows nothing and
+    the baseline stays, while a mouth opening is shown as before."""
+    reference, drawn = still(0.2), still(-0.1)
+    frames = []
+    for k in range(4 * 36):
+        frame = drawn.clone()
+        if k % 36 in (1, 2):
+            frame += 0.15  # the flash
+        frames.append(frame)
+    opened = drawn.clone()
+    opened[:, :, 6:10, 5:11] -= 0.6
+    frames.append(opened)
+    plain = DetailRestore(reference, FPS, settle_s=16.0, rise_s=0.125).apply(video_of(frames))
+    steady = DetailRestore(reference, FPS, settle_s=16.0, rise_s=0.125, steady_exposure=True).apply(video_of(frames))
+    before_mouth = slice(0, 4 * 36)
+    assert (plain[0, :, before_mouth] - 0.2).min() < -0.1  # the plain baseline kept the flashes: a darker face
+    assert torch.allclose(steady[0, :, before_mouth], torch.full_like(steady[0, :, before_mouth], 0.2), atol=1e-5)
+    assert torch.allclose(steady[0, :, -1, 6:10, 5:11], torch.full((3, 4, 6), 0.2 - 0.6), atol=1e-5)
+    assert torch.allclose(steady[0, :, -1, :2], torch.full((3, 2, W), 0.2), atol=1e-5)
+
+
+@pytest.mark.parametrize("steady_exposure", [False, True])
+def test_state_carries_over_calls_so_any_split_gives_the_same_frames(steady_exposure):
     torch.manual_seed(0)
     reference = torch.rand(1, 3, H, W) * 2 - 1
     frames = [torch.rand(1, 3, H, W) * 2 - 1 for _ in range(12)]
-    whole = DetailRestore(reference, FPS, 8.0, 0.125)
-    split = DetailRestore(reference, FPS, 8.0, 0.125)
+    whole = DetailRestore(reference, FPS, 8.0, 0.125, steady_exposure)
+    split = DetailRestore(reference, FPS, 8.0, 0.125, steady_exposure)
     a = whole.apply(video_of(frames))
     b = torch.cat([split.apply(video_of(frames[:1])), split.apply(video_of(frames[1:5])),
                    split.apply(video_of(frames[5:]))], dim=2)
