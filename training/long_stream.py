@@ -198,8 +198,7 @@ def restore_frames(frames: np.ndarray, reference: np.ndarray, cfg, per_call: int
     from model.stream.avatar import image_to_tensor, video_to_frames
     from model.stream.detail import DetailRestore
 
-    restore = DetailRestore(image_to_tensor(reference), cfg.video.fps, cfg.video.detail_settle_s,
-                            cfg.video.detail_rise_s, cfg.video.detail_steady_exposure)
+    restore = DetailRestore.from_config(image_to_tensor(reference), cfg.video)
     out = []
     for start in range(0, len(frames), per_call):
         video = torch.from_numpy(frames[start:start + per_call]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0

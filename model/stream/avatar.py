@@ -384,9 +384,7 @@ class StreamingAvatar:
 
     def _detail_restore(self, image: torch.Tensor) -> DetailRestore:
         """`video.detail_restore` for a session on `image` [1,3,H,W] in [-1, 1]."""
-        video = self._cfg.video
-        return DetailRestore(image.to(self._models.device), video.fps, video.detail_settle_s, video.detail_rise_s,
-                             video.detail_steady_exposure)
+        return DetailRestore.from_config(image.to(self._models.device), self._cfg.video)
 
     def _open_rings(self, ref_latent: torch.Tensor, text_context: torch.Tensor, motion_latents: torch.Tensor,
                     count: int) -> list[StreamCache]:

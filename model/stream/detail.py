@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from model.config import VideoConfig
+
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights of R, G, B in a change of brightness
 
 
@@ -55,6 +57,11 @@ class DetailRestore:
         self.steady_exposure = steady_exposure  # drop each frame's frame-wide change (see the module docstring)
         self.baseline: torch.Tensor | None = None  # [3, H, W]
         self.luma = torch.tensor(LUMA, dtype=torch.float32, device=reference.device).view(3, 1, 1)
+
+    @classmethod
+    def from_config(cls, reference: torch.Tensor, video: VideoConfig) -> DetailRestore:
+        """The restore as `video.detail_*` configures it (the server's sessions and the offline judges alike)."""
+        return cls(reference, video.fps, video.detail_settle_s, video.detail_rise_s, video.detail_steady_exposure)
 
     def apply(self, video: torch.Tensor) -> torch.Tensor:
         """Decoded video [1, 3, T, H, W] in [-1, 1] -> the reference plus each frame's change from the baseline."""
